@@ -1,0 +1,1 @@
+"""Generated gRPC code for kiam.KiamService; regenerate with ``python -m protos.generate``."""

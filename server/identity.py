@@ -1,0 +1,53 @@
+"""Values shared by the STS gateway, the credentials cache and the gRPC service."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+# The metadata API's time format: UTC, whole seconds, as real IMDS and the SDKs expect.
+AWS_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_aws_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(AWS_TIME_FORMAT)
+
+
+@dataclass(frozen=True, slots=True)
+class RoleIdentity:
+    """Everything that makes two AssumeRole calls interchangeable: pods that share an identity
+    share one set of credentials."""
+
+    role_arn: str
+    session_name: str
+    external_id: str = ""
+    # An opaque, stable name for this identity on the wire (the node stream), so that agents
+    # never see external ids and keys stay short.
+    key: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(
+            f"{self.role_arn}\0{self.session_name}\0{self.external_id}".encode()
+        ).hexdigest()
+        object.__setattr__(self, "key", digest[:24])
+
+
+@dataclass(frozen=True, slots=True)
+class AwsCredentials:
+    access_key_id: str
+    secret_access_key: str
+    token: str
+    # Both timezone-aware UTC, truncated to whole seconds.
+    expiration: datetime
+    last_updated: datetime
+
+    def seconds_left(self, now: datetime | None = None) -> float:
+        return (self.expiration - (now or datetime.now(UTC))).total_seconds()
+
+    def __repr__(self) -> str:
+        # Never let a secret reach a log line through repr().
+        return (
+            f"AwsCredentials(access_key_id={self.access_key_id[:4]}…, "
+            f"expiration={format_aws_time(self.expiration)})"
+        )

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the server. One place, so names stay consistent and documented."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "podiam_server_requests_total",
+    "gRPC requests answered, by RPC and outcome (gRPC status code name).",
+    ["rpc", "outcome"],
+)
+REQUEST_SECONDS = Histogram(
+    "podiam_server_request_duration_seconds",
+    "Time to answer a unary gRPC request.",
+    ["rpc"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+DENIALS = Counter(
+    "podiam_server_denials_total",
+    "Credential or role requests refused, by reason.",
+    ["reason"],
+)
+STS_CALLS = Counter(
+    "podiam_sts_assume_role_total",
+    "AssumeRole calls made to STS, by outcome (success or the AWS error code).",
+    ["outcome"],
+)
+STS_SECONDS = Histogram(
+    "podiam_sts_assume_role_duration_seconds",
+    "Latency of AssumeRole calls to STS.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STS_ERRORS = Counter(
+    "podiam_sts_errors_total",
+    "AssumeRole calls that failed, by AWS error code.",
+    ["code"],
+)
+CACHE_SIZE = Gauge(
+    "podiam_credentials_cache_size",
+    "Role identities with credentials held in the cache.",
+)
+CACHE_HITS = Counter(
+    "podiam_credentials_cache_hits_total",
+    "Credential lookups answered from the cache.",
+)
+CACHE_MISSES = Counter(
+    "podiam_credentials_cache_misses_total",
+    "Credential lookups that had to wait for STS.",
+)
+CACHE_REFRESHES = Counter(
+    "podiam_credentials_refreshes_total",
+    "Background refreshes of cached credentials, by outcome.",
+    ["outcome"],
+)
+PODS_INDEXED = Gauge(
+    "podiam_pods_indexed",
+    "Pods held in the server's index (active and inactive).",
+)
+NAMESPACES_INDEXED = Gauge(
+    "podiam_namespaces_indexed",
+    "Namespaces held in the server's index.",
+)
+WATCH_RESTARTS = Counter(
+    "podiam_kube_watch_restarts_total",
+    "Kubernetes watches restarted, by resource and reason (ended, gone, error).",
+    ["resource", "reason"],
+)
+WATCH_EVENTS = Counter(
+    "podiam_kube_watch_events_total",
+    "Kubernetes watch events processed, by resource and type.",
+    ["resource", "type"],
+)
+NODE_STREAMS = Gauge(
+    "podiam_node_streams",
+    "Agents currently connected to the node stream.",
+)
+KUBE_EVENTS = Counter(
+    "podiam_kube_events_total",
+    "Kubernetes Events about denials, by result (created, updated, suppressed, failed).",
+    ["result"],
+)
