@@ -76,6 +76,6 @@ NODE_STREAMS = Gauge(
 )
 KUBE_EVENTS = Counter(
     "podiam_kube_events_total",
-    "Kubernetes Events about denials, by result (created, updated, suppressed, failed).",
+    "Kubernetes Events about denials, by result (created, exists, suppressed, dropped, failed).",
     ["result"],
 )

@@ -1,0 +1,200 @@
+"""Builds the server from its configuration, runs it, and shuts it down gracefully.
+
+Start-up order matters: everything that can be wrong with the configuration (certificates,
+kubeconfig, base ARN) is checked before anything listens, and gRPC is served only once both
+watches have synced, so that no agent is ever told "unknown pod" by a server still listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import boto3
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from certs.tls import TlsConfigError, TlsFiles, server_credentials
+from protos import kiam_pb2_grpc
+from server.arn import ArnError, RoleResolver, detect_base_arn
+from server.config import ServerConfig
+from server.credentials import CredentialCache
+from server.events import EventRecorder
+from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
+from server.pods import PodRecord
+from server.registry import Registry
+from server.service import KiamService
+from server.sts import StsGateway, session_name_for
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kiam.KiamService"
+# Finished pods are of no interest, and with this selector the API server reports a pod that
+# finishes as DELETED, so the IP it held is released at once.
+ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
+
+
+class StartupError(Exception):
+    """A configuration or environment problem, reported as one line before exiting."""
+
+
+class PodiamServer:
+    def __init__(self, config: ServerConfig, *, boto_session: boto3.Session | None = None) -> None:
+        self.config = config
+        self._boto_session = boto_session
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._closers: list = []
+
+    async def start(self) -> None:
+        config = self.config
+        try:
+            credentials = server_credentials(
+                TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
+            )
+        except TlsConfigError as error:
+            raise StartupError(str(error)) from error
+        resolver = RoleResolver(await self._base_arn())
+        try:
+            api = await load_api_client(config.kubeconfig)
+            self._closers.append(api.close)
+            await check_api_reachable(api)
+        except KubeConfigError as error:
+            raise StartupError(str(error)) from error
+
+        gateway = StsGateway(
+            region=config.region,
+            endpoint_url=config.sts_endpoint,
+            assume_role_arn=config.assume_role_arn,
+            session_duration=config.session_duration,
+            boto_session=self._boto_session,
+        )
+        self._closers.append(_as_async(gateway.close))
+        recorder = EventRecorder(api)
+        recorder.start()
+        self._closers.append(recorder.close)
+        self.recorder = recorder
+
+        registry: Registry | None = None
+
+        def on_update(identity, creds) -> None:
+            if registry is not None:
+                registry.credentials_changed(identity, creds)
+
+        cache = CredentialCache(gateway, refresh_before=config.session_refresh, on_update=on_update)
+        self._closers.append(cache.close)
+
+        def session_name(pod: PodRecord) -> str:
+            return session_name_for(config.session_name, pod.session_name or pod.name)
+
+        registry = Registry(
+            resolver=resolver,
+            session_name=session_name,
+            credentials=cache,
+            on_denied=recorder.record,
+        )
+        self.registry = registry
+        self.cache = cache
+        await self._sync(api, registry)
+        await self._serve(registry, cache, recorder, credentials)
+
+    async def _base_arn(self) -> str:
+        if self.config.role_base_arn:
+            return self.config.role_base_arn
+        try:
+            base = await detect_base_arn(self.config.metadata_endpoint)
+        except ArnError as error:
+            raise StartupError(f"--role-base-arn-autodetect: {error}") from error
+        log.info("role base ARN detected from the instance profile: %s", base)
+        return base
+
+    async def _sync(self, api, registry: Registry) -> None:
+        reflectors = [
+            Reflector(api, resource="namespaces", sink=registry.namespace_sink),
+            Reflector(api, resource="pods", sink=registry.pod_sink, field_selector=ACTIVE_PODS),
+        ]
+        for reflector in reflectors:
+            name = f"watch-{reflector.resource}"
+            self._tasks.append(asyncio.create_task(reflector.run(), name=name))
+        log.info("listing namespaces and pods")
+        # Reflectors retry forever (logging why), so a server that cannot list stays unready.
+        await asyncio.gather(*(reflector.synced.wait() for reflector in reflectors))
+        log.info("synced %d pods in %d namespaces", len(registry.pods), len(registry.namespaces))
+
+    async def _serve(self, registry, cache, recorder, credentials) -> None:
+        config = self.config
+        age_ms = int(config.max_connection_age.total_seconds() * 1000)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", 30_000),
+            ]
+        )
+        service = KiamService(
+            registry=registry,
+            credentials=cache,
+            node_binding=config.node_binding,
+            on_denied=recorder.record,
+        )
+        kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host, port = config.bind
+        try:
+            self.port = server.add_secure_port(f"{_bracket(host)}:{port}", credentials)
+        except RuntimeError as error:
+            raise StartupError(f"cannot listen on {host}:{port}: {error}") from error
+        await server.start()
+        self._grpc = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.prometheus_listen_addr is not None:
+            metrics_host, metrics_port = config.prometheus_listen_addr
+            start_http_server(metrics_port, addr=metrics_host)
+        log.info("serving gRPC on %s:%d", host, self.port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking new RPCs, let in-flight ones finish within ``grace``, then tear down."""
+        if self._grpc is not None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._grpc.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for close in reversed(self._closers):
+            await close()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _as_async(fn):
+    async def call() -> None:
+        fn()
+
+    return call
+
+
+async def run(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = PodiamServer(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await server.start()
+        await stopping.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()

@@ -1,0 +1,246 @@
+"""``podiam-server`` flags: parsing and validation, testable without starting anything."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from server.arn import ArnError, is_role_arn, normalise_base_arn
+from server.flags import EnvDefaultsParser, duration, host_port, log_level
+
+# botocore treats credentials with less than about 25 minutes left as expiring and refreshes
+# them on every call, so podiam never hands out credentials with less than this remaining.
+MIN_REMAINING = timedelta(minutes=30)
+# STS limits on DurationSeconds.
+STS_MIN_DURATION = timedelta(minutes=15)
+STS_MAX_DURATION = timedelta(hours=12)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    bind: tuple[str, int]
+    cert: Path
+    key: Path
+    ca: Path
+    kubeconfig: str | None
+    role_base_arn: str | None
+    role_base_arn_autodetect: bool
+    metadata_endpoint: str
+    region: str | None
+    sts_endpoint: str | None
+    session_duration: timedelta
+    session_refresh: timedelta
+    session_name: str
+    assume_role_arn: str | None
+    node_binding: bool
+    prometheus_listen_addr: tuple[str, int] | None
+    max_connection_age: timedelta
+    log_level: str
+    json_log: bool
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
+    parser = EnvDefaultsParser(
+        prog="podiam-server",
+        description=(
+            "The podiam server: watches pods and namespaces, decides which pod may assume which "
+            "IAM role (the namespace's iam.amazonaws.com/permitted regex against the pod's "
+            "iam.amazonaws.com/role), fetches and caches STS credentials, and serves podiam and "
+            "kiam agents over mutual-TLS gRPC."
+        ),
+        environ=environ,
+    )
+    flag = parser.add_flag
+    flag(
+        "--bind",
+        env="PODIAM_BIND",
+        type=host_port,
+        default="0.0.0.0:443",
+        help="address the gRPC server listens on",
+    )
+    flag(
+        "--cert",
+        env="PODIAM_CERT",
+        type=Path,
+        required=True,
+        help="PEM server certificate (serverAuth)",
+    )
+    flag("--key", env="PODIAM_KEY", type=Path, required=True, help="PEM private key of --cert")
+    flag(
+        "--ca",
+        env="PODIAM_CA",
+        type=Path,
+        required=True,
+        help="PEM CA bundle that agent client certificates must chain to",
+    )
+    flag(
+        "--kubeconfig",
+        env="PODIAM_KUBECONFIG",
+        default=None,
+        help="kubeconfig file; default: in-cluster service account, then ~/.kube/config",
+    )
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument(
+        "--role-base-arn",
+        default=parser._environ.get("PODIAM_ROLE_BASE_ARN"),
+        help="ARN prefix for role short names, e.g. "
+        "arn:aws:iam::123456789012:role/ [env PODIAM_ROLE_BASE_ARN]",
+    )
+    base.add_argument(
+        "--role-base-arn-autodetect",
+        action="store_true",
+        default=_env_switch(parser, "PODIAM_ROLE_BASE_ARN_AUTODETECT"),
+        help="derive the base ARN from the node's instance profile, read from "
+        "--metadata-endpoint [env PODIAM_ROLE_BASE_ARN_AUTODETECT]",
+    )
+    flag(
+        "--metadata-endpoint",
+        env="PODIAM_METADATA_ENDPOINT",
+        default="http://169.254.169.254",
+        help="EC2 instance metadata service, used by --role-base-arn-autodetect",
+    )
+    flag(
+        "--region",
+        env="PODIAM_REGION",
+        default=None,
+        help="AWS region whose regional STS endpoint is used; default: the SDK's "
+        "(AWS_REGION, AWS_DEFAULT_REGION)",
+    )
+    flag(
+        "--sts-endpoint",
+        env="PODIAM_STS_ENDPOINT",
+        default=None,
+        help="STS endpoint URL override, e.g. a VPC endpoint",
+    )
+    flag(
+        "--session-duration",
+        env="PODIAM_SESSION_DURATION",
+        type=duration,
+        default="1h",
+        help="lifetime of the STS sessions podiam requests (15m to 12h; the role's maximum "
+        "session duration must allow it)",
+    )
+    flag(
+        "--session-refresh",
+        env="PODIAM_SESSION_REFRESH",
+        type=duration,
+        default="35m",
+        help="refresh credentials when this much lifetime remains; at least 30m, because SDKs "
+        "treat credentials with under ~25m left as expiring",
+    )
+    flag(
+        "--session-name",
+        env="PODIAM_SESSION_NAME",
+        default="podiam",
+        help="prefix of STS session names: <prefix>-<pod's iam.amazonaws.com/session-name or "
+        "pod name>",
+    )
+    flag(
+        "--assume-role-arn",
+        env="PODIAM_ASSUME_ROLE_ARN",
+        default=None,
+        help="an intermediate role the server assumes first and uses to assume pod roles",
+    )
+    flag(
+        "--no-node-binding",
+        env="PODIAM_NO_NODE_BINDING",
+        action="store_true",
+        help="do not require that the agent asking for a pod runs on the pod's node (the "
+        "peer address equal to the pod's status.hostIP); weakens isolation",
+    )
+    flag(
+        "--prometheus-listen-addr",
+        env="PODIAM_PROMETHEUS_LISTEN_ADDR",
+        type=_optional_host_port,
+        default="0.0.0.0:9620",
+        help="address of the Prometheus /metrics endpoint; empty disables it",
+    )
+    flag(
+        "--max-connection-age",
+        env="PODIAM_MAX_CONNECTION_AGE",
+        type=duration,
+        default="10m",
+        help="agents reconnect after this long, so they spread across server replicas",
+    )
+    flag(
+        "--log-level",
+        env="PODIAM_LOG_LEVEL",
+        type=log_level,
+        default="info",
+        help="debug, info, warning or error",
+    )
+    flag(
+        "--json-log",
+        env="PODIAM_JSON_LOG",
+        action="store_true",
+        help="log one JSON object per line",
+    )
+    return parser
+
+
+def _env_switch(parser: EnvDefaultsParser, env: str) -> bool:
+    raw = parser._environ.get(env)
+    return parser._switch_from_env(env, raw) if raw is not None else False
+
+
+def _optional_host_port(text: str) -> tuple[str, int] | None:
+    return host_port(text) if text.strip() else None
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Parse and validate; invalid input exits through argparse with one clear message."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    return _validate(parser, args)
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    if args.role_base_arn and args.role_base_arn_autodetect:
+        parser.error("--role-base-arn and --role-base-arn-autodetect exclude each other")
+    if not args.role_base_arn and not args.role_base_arn_autodetect:
+        parser.error("one of --role-base-arn or --role-base-arn-autodetect is required")
+    base_arn = None
+    if args.role_base_arn:
+        try:
+            base_arn = normalise_base_arn(args.role_base_arn)
+        except ArnError as error:
+            parser.error(str(error))
+    if args.assume_role_arn and not is_role_arn(args.assume_role_arn):
+        parser.error(f"--assume-role-arn {args.assume_role_arn!r} is not an IAM role ARN")
+    if not STS_MIN_DURATION <= args.session_duration <= STS_MAX_DURATION:
+        parser.error("--session-duration must lie between 15m and 12h (STS limits)")
+    if args.session_refresh < MIN_REMAINING:
+        parser.error(
+            "--session-refresh must be at least 30m: credentials with less time left make "
+            "SDKs refresh on every call"
+        )
+    if args.session_refresh >= args.session_duration:
+        parser.error("--session-refresh must be shorter than --session-duration")
+    if not args.session_name.strip():
+        parser.error("--session-name must not be empty")
+    return ServerConfig(
+        bind=args.bind,
+        cert=args.cert,
+        key=args.key,
+        ca=args.ca,
+        kubeconfig=args.kubeconfig,
+        role_base_arn=base_arn,
+        role_base_arn_autodetect=args.role_base_arn_autodetect,
+        metadata_endpoint=args.metadata_endpoint,
+        region=args.region,
+        sts_endpoint=args.sts_endpoint,
+        session_duration=args.session_duration,
+        session_refresh=args.session_refresh,
+        session_name=args.session_name.strip(),
+        assume_role_arn=args.assume_role_arn,
+        node_binding=not args.no_node_binding,
+        prometheus_listen_addr=args.prometheus_listen_addr,
+        max_connection_age=args.max_connection_age,
+        log_level=args.log_level,
+        json_log=args.json_log,
+    )

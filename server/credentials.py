@@ -1,0 +1,289 @@
+"""The credentials cache: STS is called once per role identity per refresh period, however many
+pods share the identity and however many of them ask at once.
+
+Each identity that pods use (`acquire`) has one background task that fetches credentials as soon
+as the first pod appears, before anyone asks, then sleeps until `refresh_before` is left of
+their lifetime, refreshes, and repeats. New credentials are announced through `on_update`, so the
+server can push them to agents, and withdrawn (`on_update(identity, None)`) when the last pod
+goes away or when they expire while STS keeps failing.
+
+`get` never hands out credentials with less than `MIN_REMAINING` left while fresher ones can be
+had: it waits for a fetch instead, and only when STS fails does it fall back to old credentials
+that have not expired. Concurrent callers share one fetch (an asyncio task awaited through
+`asyncio.shield`, so a caller giving up cannot cancel it for the others).
+
+`get` for an identity nobody acquired (the server normally acquires every identity a pod uses,
+so this is a race with the pod watch) still works: it fetches — sharing the fetch with any other
+caller — and hands the credentials out *without keeping them*. Nothing would refresh them, and
+no agent needs them pushed; if the identity is acquired while that fetch is in flight, the entry
+is kept and the fetch becomes its first one.
+
+Scheduling reads the wall clock through `clock` and sleeps in steps of at most `max_sleep`
+seconds, re-reading the clock after each: a suspended VM or a stepped clock cannot make a refresh
+late by more than one step, and tests move an injected clock instead of waiting minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from server.identity import AwsCredentials, RoleIdentity, format_aws_time
+from server.metrics import CACHE_HITS, CACHE_MISSES, CACHE_REFRESHES, CACHE_SIZE
+from server.sts import StsError, StsGateway
+
+log = logging.getLogger(__name__)
+
+# botocore treats credentials with less than ~25 minutes left as expiring and refreshes them on
+# every call; below this, credentials are handed out only when STS cannot give fresher ones.
+MIN_REMAINING = timedelta(minutes=30)
+DEFAULT_REFRESH_BEFORE = timedelta(minutes=35)
+# However short-lived STS credentials turn out to be, refresh an identity at most this often.
+MIN_REFRESH_INTERVAL = timedelta(minutes=1)
+
+T = TypeVar("T")
+OnUpdate = Callable[[RoleIdentity, AwsCredentials | None], None]
+
+
+class CredentialsUnavailable(Exception):
+    """No usable credentials for an identity: STS failed and nothing still valid is cached."""
+
+    def __init__(self, identity: RoleIdentity, cause: StsError) -> None:
+        self.identity = identity
+        self.cause = cause
+        super().__init__(f"no credentials for {identity.role_arn}: STS said {cause.code}")
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    identity: RoleIdentity
+    refcount: int = 0
+    credentials: AwsCredentials | None = None
+    # The one AssumeRole in flight for this identity, shared by everyone who needs it.
+    inflight: asyncio.Task[AwsCredentials] | None = None
+    # The background refresh task, while the identity is acquired.
+    refresher: asyncio.Task[None] | None = None
+    # While STS fails and old credentials are still valid, get() serves them without calling
+    # STS again until this loop time (the refresher's next retry).
+    retry_at: float = 0.0
+
+
+class CredentialCache:
+    def __init__(
+        self,
+        gateway: StsGateway,
+        *,
+        refresh_before: timedelta = DEFAULT_REFRESH_BEFORE,
+        on_update: OnUpdate | None = None,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        max_sleep: float = 10.0,
+    ) -> None:
+        if refresh_before < MIN_REMAINING:
+            raise ValueError(
+                f"refresh_before ({refresh_before}) must be at least {MIN_REMAINING}: credentials "
+                f"are handed out only while more than {MIN_REMAINING} of their lifetime is left"
+            )
+        if not 0 < retry_initial <= retry_max:
+            raise ValueError("need 0 < retry_initial <= retry_max")
+        if max_sleep <= 0:
+            raise ValueError("max_sleep must be positive")
+        self._gateway = gateway
+        self._refresh_before = refresh_before
+        self._on_update = on_update
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._max_sleep = max_sleep
+        self._entries: dict[RoleIdentity, _Entry] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- the public surface -------------------------------------------------------------------
+
+    def acquire(self, identity: RoleIdentity) -> None:
+        entry = self._entries.get(identity)
+        if entry is None:
+            entry = self._entries[identity] = _Entry(identity)
+            CACHE_SIZE.set(len(self._entries))
+        entry.refcount += 1
+        if entry.refresher is None:
+            entry.refresher = self._spawn(self._refresh_forever(entry))
+
+    def release(self, identity: RoleIdentity) -> None:
+        entry = self._entries.get(identity)
+        if entry is None or entry.refcount <= 0:
+            log.warning("release of %s, which is not acquired; ignored", identity.role_arn)
+            return
+        entry.refcount -= 1
+        if entry.refcount:
+            return
+        del self._entries[identity]
+        CACHE_SIZE.set(len(self._entries))
+        if entry.refresher is not None:
+            entry.refresher.cancel()
+            entry.refresher = None
+        # An AssumeRole in flight runs to its end for whoever awaits it, but is not stored.
+        entry.credentials = None
+        self._announce(entry, None)
+
+    async def get(self, identity: RoleIdentity) -> AwsCredentials:
+        entry = self._entries.get(identity)
+        now = self._clock()
+        if entry is not None and entry.credentials is not None:
+            if entry.credentials.seconds_left(now) > MIN_REMAINING.total_seconds():
+                CACHE_HITS.inc()
+                return entry.credentials
+        if entry is None:
+            entry = self._entries[identity] = _Entry(identity)
+            CACHE_SIZE.set(len(self._entries))
+        old = self._valid(entry)
+        if old is not None and asyncio.get_running_loop().time() < entry.retry_at:
+            # STS is failing and the refresher will retry soon: don't add to the load.
+            CACHE_HITS.inc()
+            return old
+        CACHE_MISSES.inc()
+        try:
+            return await asyncio.shield(self._fetch(entry))
+        except StsError as exc:
+            old = self._valid(entry)
+            if old is not None:
+                log.info(
+                    "serving %s credentials expiring %s: STS said %s",
+                    identity.role_arn,
+                    format_aws_time(old.expiration),
+                    exc.code,
+                )
+                return old
+            raise CredentialsUnavailable(identity, exc) from exc
+
+    def peek(self, identity: RoleIdentity) -> AwsCredentials | None:
+        entry = self._entries.get(identity)
+        if entry is None:
+            return None
+        credentials = self._valid(entry)
+        if credentials is not None:
+            CACHE_HITS.inc()
+        return credentials
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()
+        CACHE_SIZE.set(0)
+
+    # -- fetching -----------------------------------------------------------------------------
+
+    def _fetch(self, entry: _Entry) -> asyncio.Task[AwsCredentials]:
+        """The AssumeRole in flight for this entry, started if there is none."""
+        if entry.inflight is None:
+            entry.inflight = self._spawn(self._assume_role(entry))
+        return entry.inflight
+
+    async def _assume_role(self, entry: _Entry) -> AwsCredentials:
+        try:
+            credentials = await self._gateway.assume_role(entry.identity)
+        finally:
+            entry.inflight = None
+            if entry.refcount == 0 and self._entries.get(entry.identity) is entry:
+                # Fetched for a get() on an identity nobody acquired: hand out, don't keep.
+                del self._entries[entry.identity]
+                CACHE_SIZE.set(len(self._entries))
+        if entry.refcount > 0 and self._entries.get(entry.identity) is entry:
+            entry.credentials = credentials
+            entry.retry_at = 0.0
+            self._announce(entry, credentials)
+        return credentials
+
+    def _valid(self, entry: _Entry) -> AwsCredentials | None:
+        """The entry's credentials if they have not expired."""
+        credentials = entry.credentials
+        if credentials is not None and credentials.seconds_left(self._clock()) > 0:
+            return credentials
+        return None
+
+    # -- the refresher ------------------------------------------------------------------------
+
+    async def _refresh_forever(self, entry: _Entry) -> None:
+        backoff = self._retry_initial
+        while True:
+            self._withdraw_if_expired(entry)
+            try:
+                credentials = await asyncio.shield(self._fetch(entry))
+            except StsError as exc:
+                CACHE_REFRESHES.labels(outcome=exc.code).inc()
+                self._withdraw_if_expired(entry)
+                # Exponential backoff with full jitter; wake up at expiry to withdraw.
+                delay = random.uniform(0, backoff)
+                backoff = min(backoff * 2, self._retry_max)
+                old = self._valid(entry)
+                if old is not None:
+                    delay = min(delay, old.seconds_left(self._clock()))
+                entry.retry_at = asyncio.get_running_loop().time() + delay
+                log.warning(
+                    "refresh of %s failed (%s); retrying in %.1fs%s",
+                    entry.identity.role_arn,
+                    exc.code,
+                    delay,
+                    f", serving credentials expiring {format_aws_time(old.expiration)}"
+                    if old
+                    else "",
+                )
+                await asyncio.sleep(delay)
+                continue
+            CACHE_REFRESHES.labels(outcome="success").inc()
+            backoff = self._retry_initial
+            due = max(
+                credentials.expiration - self._refresh_before,
+                self._clock() + MIN_REFRESH_INTERVAL,
+            )
+            await self._sleep_until(due)
+
+    async def _sleep_until(self, moment: datetime) -> None:
+        while (left := (moment - self._clock()).total_seconds()) > 0:
+            await asyncio.sleep(min(left, self._max_sleep))
+
+    def _withdraw_if_expired(self, entry: _Entry) -> None:
+        if entry.credentials is not None and self._valid(entry) is None:
+            log.warning(
+                "credentials for %s expired while STS was failing; withdrawn",
+                entry.identity.role_arn,
+            )
+            entry.credentials = None
+            self._announce(entry, None)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _announce(self, entry: _Entry, credentials: AwsCredentials | None) -> None:
+        if self._on_update is None:
+            return
+        try:
+            self._on_update(entry.identity, credentials)
+        except Exception:
+            log.exception("on_update for %s failed", entry.identity.role_arn)
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        # Retrieve the exception, so asyncio does not report it as lost. StsErrors reach their
+        # callers; anything else is a bug that killed a task and must be seen.
+        error = task.exception()
+        if error is not None and not isinstance(error, StsError):
+            log.error("credentials task failed", exc_info=error)

@@ -1,0 +1,116 @@
+"""Kubernetes Events for denials, so that `kubectl describe pod` says why a pod got no
+credentials.
+
+Recording never blocks the caller: denials are queued and posted by one background task.
+Each (pod, reason) pair gets a deterministic Event name, so repeats — from this replica, another
+replica, or after a restart — are recognised by the API server (409 Conflict) instead of piling
+up; an in-memory set spares the API server the repeats this replica has already seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+from collections import OrderedDict
+from datetime import UTC, datetime
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from server import metrics
+from server.pods import PodRecord
+from server.policy import Denial
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "podiam-server"
+
+
+class EventRecorder:
+    def __init__(
+        self, api: client.ApiClient, *, queue_size: int = 1000, remember: int = 10_000
+    ) -> None:
+        self._core = client.CoreV1Api(api)
+        self._queue: asyncio.Queue[tuple[PodRecord, Denial]] = asyncio.Queue(queue_size)
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._remember = remember
+        self._instance = socket.gethostname()
+        self._task: asyncio.Task | None = None
+
+    def record(self, pod: PodRecord, denial: Denial) -> None:
+        key = (pod.uid, denial.reason.value)
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            metrics.KUBE_EVENTS.labels(result="suppressed").inc()
+            return
+        try:
+            self._queue.put_nowait((pod, denial))
+        except asyncio.QueueFull:
+            metrics.KUBE_EVENTS.labels(result="dropped").inc()
+            return
+        self._seen[key] = None
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-recorder")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until every queued Event has been posted (for tests and shutdown)."""
+        await self._queue.join()
+
+    async def _run(self) -> None:
+        while True:
+            pod, denial = await self._queue.get()
+            try:
+                await self._post(pod, denial)
+            except Exception as error:  # an Event is best effort; never stop recording
+                metrics.KUBE_EVENTS.labels(result="failed").inc()
+                log.warning(
+                    "cannot record Event for pod %s/%s: %s", pod.namespace, pod.name, error
+                )
+            finally:
+                self._queue.task_done()
+
+    async def _post(self, pod: PodRecord, denial: Denial) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        suffix = hashlib.sha256(f"{pod.uid}/{denial.reason.value}".encode()).hexdigest()[:12]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{pod.name}.podiam-{suffix}", "namespace": pod.namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": pod.namespace,
+                "name": pod.name,
+                "uid": pod.uid,
+            },
+            "reason": denial.reason.event_reason,
+            "message": denial.message,
+            "type": "Warning",
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self._instance,
+        }
+        try:
+            await self._core.create_namespaced_event(pod.namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            metrics.KUBE_EVENTS.labels(result="exists").inc()
+            return
+        metrics.KUBE_EVENTS.labels(result="created").inc()
+        log.info(
+            "recorded Event %s on pod %s/%s", denial.reason.event_reason, pod.namespace, pod.name
+        )

@@ -1,0 +1,395 @@
+"""Keep an in-memory copy of pods or namespaces in step with the Kubernetes API.
+
+The server decides who may have which role from pods and namespaces, so it needs their current
+state, locally, at all times — and must notice deletions, or a new pod reusing a deleted pod's
+IP could be handed the old pod's role. This module does the list-then-watch dance that keeps a
+local copy exact (an "informer"/"reflector" in client-go terms), feeding an ``ObjectSink``:
+
+    Reflector.run                 endless: restarts after errors, with capped backoff
+      _list_then_watch            lists when needed, then watches stream after stream;
+                                  410 Gone means the history we need is lost: list again
+        _list_pages               one full list, page by page (limit/continue)
+        _watch_events             one HTTP watch stream, as decoded events
+          _split_lines            raw bytes to lines, however long a line is
+
+It uses kubernetes_asyncio for configuration, authentication and URLs, but reads raw JSON
+(``_preload_content=False``): the generated model classes are slow and large, and 100,000 pods
+would cost seconds and hundreds of megabytes. Nothing here would be needed with a maintained
+asyncio informer library for Python that streams raw objects; at the time of writing there is
+none that does pagination, bookmarks and re-list reconciliation together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, Protocol
+
+import aiohttp
+import yaml
+from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
+
+from server.metrics import WATCH_EVENTS, WATCH_RESTARTS
+
+log = logging.getLogger(__name__)
+
+_LIST_TIMEOUT = 60.0  # seconds for one list page, connection and body together
+_CONNECT_TIMEOUT = 10.0
+_BACKOFF_INITIAL = 0.5
+
+
+class KubeConfigError(Exception):
+    """The Kubernetes API cannot be used: bad configuration or unreachable. Fatal at start-up."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration.
+
+
+async def load_api_client(kubeconfig: str | None) -> ApiClient:
+    """An API client from ``kubeconfig``, or with None from the pod's service account when
+    running in a cluster, else from $KUBECONFIG or ~/.kube/config as kubectl would."""
+    configuration = Configuration()
+    if kubeconfig is not None:
+        await _load_kubeconfig(kubeconfig, configuration)
+        return ApiClient(configuration)
+    try:
+        load_incluster_config(client_configuration=configuration)
+    except ConfigException as in_cluster_error:
+        try:
+            await _load_kubeconfig(KUBE_CONFIG_DEFAULT_LOCATION, configuration)
+        except KubeConfigError as error:
+            raise KubeConfigError(
+                f"not running in a cluster ({in_cluster_error}), and {error}"
+            ) from error
+    return ApiClient(configuration)
+
+
+async def _load_kubeconfig(paths: str, configuration: Configuration) -> None:
+    # kubernetes_asyncio warns and carries on when a file is missing, and fails later with an
+    # obscure TypeError; check each file ourselves first so the operator gets one clear line.
+    for path in filter(None, paths.split(os.pathsep)):
+        _check_kubeconfig_file(os.path.expanduser(path))
+    try:
+        await load_kube_config(
+            config_file=paths, client_configuration=configuration, persist_config=False
+        )
+    except Exception as error:  # the loader raises many types for a malformed file
+        raise KubeConfigError(f"kubeconfig {paths}: {_describe(error)}") from error
+
+
+def _check_kubeconfig_file(path: str) -> None:
+    try:
+        with open(path) as file:
+            content = yaml.safe_load(file)
+    except OSError as error:
+        raise KubeConfigError(f"kubeconfig {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise KubeConfigError(f"kubeconfig {path}: not valid YAML: {error}") from error
+    if not isinstance(content, dict):
+        raise KubeConfigError(f"kubeconfig {path}: not a kubeconfig (expected a YAML mapping)")
+
+
+async def check_api_reachable(api: ApiClient, timeout: float = 10) -> None:
+    """Ask the API server for its version, so a wrong address fails start-up clearly."""
+    url = api.configuration.host
+    try:
+        async with asyncio.timeout(timeout):
+            await VersionApi(api).get_code(_request_timeout=timeout)
+    except TimeoutError as error:
+        raise KubeConfigError(
+            f"Kubernetes API at {url} unreachable: no answer in {timeout:g}s"
+        ) from error
+    except ApiException as error:
+        raise KubeConfigError(
+            f"Kubernetes API at {url} unreachable: HTTP {error.status} {error.reason}"
+        ) from error
+    except (aiohttp.ClientError, OSError) as error:
+        raise KubeConfigError(f"Kubernetes API at {url} unreachable: {_describe(error)}") from error
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The reflector.
+
+
+class ObjectSink(Protocol):
+    """Where a Reflector delivers objects: raw dictionaries as the API returns them."""
+
+    def begin_relist(self) -> None:
+        """A full list is starting. It may start again before ending, if a list fails."""
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        """An object exists in this state (ADDED, MODIFIED, or an item of a list)."""
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        """An object is gone (DELETED); ``obj`` is its last state."""
+
+    def end_relist(self) -> None:
+        """The list is complete: drop every object not upserted since begin_relist."""
+
+
+class _Gone(Exception):
+    """410 Gone: the resourceVersion we hold has been compacted away (or a continue token
+    has expired). The events since are lost; only a fresh list can tell what changed."""
+
+
+class _ApiError(Exception):
+    """The API server answered with an error other than 410, or with something unreadable."""
+
+
+# Failures worth retrying: the network, the API server being unwell, or unreadable answers.
+_RETRYABLE = (aiohttp.ClientError, OSError, TimeoutError, _ApiError)
+
+
+class Reflector:
+    """Mirrors one resource (``pods`` or ``namespaces``, all namespaces) into a sink."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        resource: str,
+        sink: ObjectSink,
+        field_selector: str | None = None,
+        page_size: int = 500,
+        watch_timeout: float = 300,
+        backoff_max: float = 30,
+    ) -> None:
+        core = CoreV1Api(api)
+        listers: dict[str, Callable[..., Any]] = {
+            "pods": core.list_pod_for_all_namespaces,
+            "namespaces": core.list_namespace,
+        }
+        if resource not in listers:
+            raise ValueError(f"cannot reflect {resource!r}: only {sorted(listers)}")
+        self._list = listers[resource]
+        self._resource = resource
+        self._sink = sink
+        self._field_selector = field_selector
+        self._page_size = page_size
+        self._watch_timeout = watch_timeout
+        self._backoff_max = backoff_max
+        self._resource_version: str | None = None  # None: we must list before watching
+        self._failures = 0
+        self.synced = asyncio.Event()
+
+    @property
+    def resource_version(self) -> str | None:
+        """The version the sink is up to date with; None when a list is needed."""
+        return self._resource_version
+
+    async def run(self) -> None:
+        """Keep the sink in step with the API until cancelled."""
+        while True:
+            try:
+                await self._list_then_watch()
+            except _RETRYABLE as error:
+                self._failures += 1
+                delay = self._backoff(self._failures)
+                WATCH_RESTARTS.labels(resource=self._resource, reason="error").inc()
+                log.warning(
+                    "%s watch failed (%s); retrying in %.1fs",
+                    self._resource,
+                    _describe(error),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        # Exponential, capped, with jitter so many servers do not retry in lockstep.
+        ceiling = min(self._backoff_max, _BACKOFF_INITIAL * 2 ** (failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def _list_then_watch(self) -> None:
+        """List if we hold no usable resourceVersion, then watch from it, resuming after each
+        stream ends. Returns only by raising a retryable error."""
+        while True:
+            try:
+                if self._resource_version is None:
+                    await self._relist()
+                async with aclosing(self._watch_events()) as events:
+                    async for event in events:
+                        self._apply(event)
+            except _Gone as gone:
+                log.info("%s watch: %s; listing again", self._resource, gone)
+                WATCH_RESTARTS.labels(resource=self._resource, reason="gone").inc()
+                self._resource_version = None
+                continue
+            # Watches end normally and often (timeoutSeconds, API server restarts): carry on
+            # from the last version seen; the API server replays what happened since.
+            log.debug("%s watch ended at %s", self._resource, self._resource_version)
+            WATCH_RESTARTS.labels(resource=self._resource, reason="ended").inc()
+
+    # --- listing ----------------------------------------------------------------------------
+
+    async def _relist(self) -> None:
+        self._sink.begin_relist()
+        count, version = 0, None
+        async for page in self._list_pages():
+            for obj in page.get("items") or ():
+                self._deliver(self._sink.upsert, "LIST", obj)
+                count += 1
+            version = page["metadata"]["resourceVersion"]
+        self._sink.end_relist()
+        self._resource_version = version
+        self._failures = 0
+        self.synced.set()
+        log.info("listed %d %s at resourceVersion %s", count, self._resource, version)
+
+    async def _list_pages(self) -> AsyncIterator[dict[str, Any]]:
+        """One full list, a page at a time so a huge cluster is never held in memory at once.
+        All pages come from one snapshot; its resourceVersion is where the watch starts."""
+        token: str | None = None
+        while True:
+            # No resource_version: a consistent read of the latest state, not a cache that
+            # may be behind what we have already seen.
+            response = await self._list(
+                limit=self._page_size,
+                _continue=token,
+                field_selector=self._field_selector,
+                _preload_content=False,
+                _request_timeout=_LIST_TIMEOUT,
+            )
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            _raise_for_status(response.status, body)
+            page = _parse_page(body)
+            yield page
+            token = page["metadata"].get("continue")
+            if not token:
+                return
+
+    # --- watching ---------------------------------------------------------------------------
+
+    async def _watch_events(self) -> AsyncIterator[dict[str, Any]]:
+        """The events of one watch stream from our resourceVersion, until the stream ends."""
+        response = await self._list(
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=self._resource_version,
+            timeout_seconds=max(1, round(self._watch_timeout)),
+            field_selector=self._field_selector,
+            _preload_content=False,
+            # The server ends the stream after timeout_seconds; silence for much longer than
+            # that means the connection is dead without us having been told.
+            _request_timeout=aiohttp.ClientTimeout(
+                sock_connect=_CONNECT_TIMEOUT, sock_read=self._watch_timeout + 30
+            ),
+        )
+        try:
+            if response.status != 200:
+                _raise_for_status(response.status, await response.read())
+            self._failures = 0
+            async for line in _split_lines(response.content):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    log.warning("%s watch: skipping a line that is not JSON", self._resource)
+        finally:
+            response.close()  # never reuse a connection left mid-stream
+
+    def _apply(self, event: Any) -> None:
+        kind = event.get("type") if isinstance(event, dict) else None
+        obj = event.get("object") if isinstance(event, dict) else None
+        if not isinstance(kind, str) or not isinstance(obj, dict):
+            log.warning("%s watch: skipping a malformed event", self._resource)
+            return
+        WATCH_EVENTS.labels(resource=self._resource, type=kind).inc()
+        if kind == "ERROR":
+            # The API server ends a watch it cannot serve with an ERROR event carrying a
+            # Status; 410 means our resourceVersion is older than the history it keeps.
+            if obj.get("code") == 410:
+                raise _Gone(obj.get("message") or "resource version too old")
+            raise _ApiError(f"watch error {obj.get('code')}: {obj.get('message')}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if not version:
+            log.warning(
+                "%s watch: skipping a %s event without resourceVersion", self._resource, kind
+            )
+            return
+        if kind == "BOOKMARK":
+            # A bookmark only says "nothing you watch changed up to here": no object to apply,
+            # but a newer version to resume from, which may spare us a 410 and a re-list.
+            pass
+        elif kind in ("ADDED", "MODIFIED"):
+            self._deliver(self._sink.upsert, kind, obj)
+        elif kind == "DELETED":
+            self._deliver(self._sink.delete, kind, obj)
+        else:
+            log.warning("%s watch: skipping an event of unknown type %r", self._resource, kind)
+            return
+        # Applied (or skipped as bad, which retrying would not fix): resume after it.
+        self._resource_version = version
+
+    def _deliver(self, method: Callable[[dict[str, Any]], None], kind: str, obj: Any) -> None:
+        """Hand one object to the sink; a bad object is logged and skipped, never fatal."""
+        try:
+            method(obj)
+        except Exception:
+            log.exception("%s %s: sink failed on %s", self._resource, kind, _name_of(obj))
+        else:
+            log.debug("%s %s %s", self._resource, kind, _name_of(obj))
+
+
+async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Lines of a newline-delimited stream, however long. (StreamReader.readline refuses lines
+    above its buffer limit, and one pod with large annotations can exceed it.)"""
+    partial: list[bytes] = []
+    async for chunk in stream.iter_any():
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            partial.append(chunk[start:end])
+            line = b"".join(partial)
+            partial.clear()
+            if line.strip():
+                yield line
+            start = end + 1
+        if start < len(chunk):
+            partial.append(chunk[start:])
+    line = b"".join(partial)
+    if line.strip():
+        yield line
+
+
+def _parse_page(body: bytes) -> dict[str, Any]:
+    try:
+        page = json.loads(body)
+        page["metadata"]["resourceVersion"]  # noqa: B018 - every page must carry it
+    except (ValueError, KeyError, TypeError) as error:
+        raise _ApiError(f"unreadable list answer: {_describe(error)}") from error
+    return page
+
+
+def _raise_for_status(status: int, body: bytes) -> None:
+    if 200 <= status < 300:
+        return
+    try:
+        message = json.loads(body).get("message") or ""
+    except (ValueError, AttributeError):
+        message = body[:200].decode(errors="replace")
+    if status == 410:
+        raise _Gone(message or "410 Gone")
+    raise _ApiError(f"HTTP {status}: {message}")
+
+
+def _name_of(obj: Any) -> str:
+    try:
+        metadata = obj["metadata"]
+        namespace = metadata.get("namespace")
+        return f"{namespace}/{metadata['name']}" if namespace else str(metadata["name"])
+    except (KeyError, TypeError, AttributeError):
+        return "<unnamed>"

@@ -1,0 +1,93 @@
+"""Slim records of the Kubernetes objects podiam cares about, built from raw API dictionaries.
+
+Full model objects cost kilobytes each; podiam keeps a handful of strings per pod so that a
+100,000-pod cluster fits in a few tens of megabytes and a re-list is a dictionary walk.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+ROLE_ANNOTATION = "iam.amazonaws.com/role"
+PERMITTED_ANNOTATION = "iam.amazonaws.com/permitted"
+EXTERNAL_ID_ANNOTATION = "iam.amazonaws.com/external-id"
+SESSION_NAME_ANNOTATION = "iam.amazonaws.com/session-name"
+
+# Pods in these phases have stopped; their IP may already belong to another pod.
+_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    uid: str
+    namespace: str
+    name: str
+    ip: str  # status.podIP; empty until the pod has one
+    host_ip: str  # status.hostIP: the node the pod runs on
+    phase: str
+    host_network: bool
+    role: str  # the role annotation as written (short name or ARN); empty if none
+    external_id: str
+    session_name: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def active(self) -> bool:
+        """Whether this pod may be identified by its IP: running on the pod network and not
+        finished. hostNetwork pods share the node's IP, so an IP can never name one of them."""
+        return bool(self.ip) and not self.host_network and self.phase not in _FINISHED_PHASES
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRecord:
+    name: str
+    permitted: str  # the raw annotation; empty when missing
+    pattern: re.Pattern[str] | None  # compiled when permitted is a valid, non-empty regex
+    error: str  # why permitted could not be compiled; empty otherwise
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
+def object_key(obj: dict[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "", meta.get("name") or "")
+
+
+def pod_from_object(obj: dict[str, Any]) -> PodRecord:
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    # Namespaces and node IPs repeat across thousands of pods: share one string for each.
+    return PodRecord(
+        uid=meta.get("uid") or "",
+        namespace=sys.intern(meta.get("namespace") or ""),
+        name=meta.get("name") or "",
+        ip=status.get("podIP") or "",
+        host_ip=sys.intern(status.get("hostIP") or ""),
+        phase=sys.intern(status.get("phase") or ""),
+        host_network=bool(spec.get("hostNetwork")),
+        role=(annotations.get(ROLE_ANNOTATION) or "").strip(),
+        external_id=annotations.get(EXTERNAL_ID_ANNOTATION) or "",
+        session_name=(annotations.get(SESSION_NAME_ANNOTATION) or "").strip(),
+    )
+
+
+def namespace_from_object(obj: dict[str, Any]) -> NamespaceRecord:
+    name = (obj.get("metadata") or {}).get("name") or ""
+    permitted = (_annotations(obj).get(PERMITTED_ANNOTATION) or "").strip()
+    pattern, error = None, ""
+    if permitted:
+        try:
+            pattern = re.compile(permitted)
+        except re.error as exc:
+            error = f"invalid {PERMITTED_ANNOTATION} regular expression: {exc}"
+    return NamespaceRecord(name=name, permitted=permitted, pattern=pattern, error=error)

@@ -1,0 +1,168 @@
+"""kiam.KiamService as podiam serves it: kiam's three unary RPCs, answered from the registry and
+the credentials cache, and the node stream. Each RPC body says what to answer or raises a
+``Refusal``; ``_answering`` turns either into the response, the metrics and the log line, so all
+RPCs count and log alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from urllib.parse import unquote
+
+import grpc
+
+from protos import kiam_pb2, kiam_pb2_grpc
+from server import metrics
+from server.credentials_proto import credentials_message
+from server.node_stream import NodeStream
+from server.pods import PodRecord
+from server.policy import Denial, Reason, check_request
+from server.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+def peer_ip(peer: str) -> str | None:
+    """The IP of a gRPC peer string such as ``ipv4:10.0.0.1:5050`` or ``ipv6:[::1]:5050``;
+    IPv4-mapped IPv6 addresses are given as IPv4 (a dual-stack listener reports them so)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]")
+    else:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+class KiamService(kiam_pb2_grpc.KiamServiceServicer):
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        credentials,  # server.credentials.CredentialCache (get/peek)
+        node_binding: bool = True,
+        on_denied: Callable[[PodRecord, Denial], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._credentials = credentials
+        self._node_binding = node_binding
+        self._on_denied = on_denied
+
+    # ---- kiam's RPCs ------------------------------------------------------------------------
+
+    async def GetPodCredentials(self, request, context) -> kiam_pb2.Credentials:
+        async with _answering("GetPodCredentials", context, request.ip):
+            _pod, grant = self._permitted(request.ip, context, requested_role=request.role)
+            creds = self._credentials.peek(grant.identity)
+            if creds is None:
+                metrics.CACHE_MISSES.inc()
+                try:
+                    creds = await self._credentials.get(grant.identity)
+                except Exception as error:  # CredentialsUnavailable: STS trouble
+                    raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            else:
+                metrics.CACHE_HITS.inc()
+            return credentials_message(creds)
+
+    async def GetPodRole(self, request, context) -> kiam_pb2.Role:
+        async with _answering("GetPodRole", context, request.ip):
+            pod, _grant = self._permitted(request.ip, context, requested_role=None)
+            return kiam_pb2.Role(name=pod.role)
+
+    async def GetHealth(self, request, context) -> kiam_pb2.HealthStatus:
+        async with _answering("GetHealth", context, ""):
+            return kiam_pb2.HealthStatus(message="ok")
+
+    # ---- podiam's node stream ---------------------------------------------------------------
+
+    async def WatchNode(self, request, context) -> AsyncIterator[kiam_pb2.NodeUpdate]:
+        caller = peer_ip(context.peer())
+        host_ip = request.host_ip or caller or ""
+        if self._node_binding and host_ip != caller:
+            metrics.REQUESTS.labels(rpc="WatchNode", outcome="PERMISSION_DENIED").inc()
+            log.warning("node stream refused: caller %s asked for node %s", caller, host_ip)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller} may only watch its own node, not {host_ip}",
+            )
+        log.info("node stream opened for %s", host_ip)
+        metrics.REQUESTS.labels(rpc="WatchNode", outcome="OK").inc()
+        stream = NodeStream(self._registry, self._credentials, host_ip)
+        try:
+            async for update in stream.updates():
+                yield update
+        finally:
+            log.info("node stream closed for %s", host_ip)
+
+    # ---- policy -----------------------------------------------------------------------------
+
+    def _permitted(self, ip: str, context, *, requested_role: str | None):
+        if not ip:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no pod IP")
+        found = self._registry.lookup(ip)
+        if found.pod is None:
+            code = (
+                grpc.StatusCode.NOT_FOUND
+                if found.denial.reason is Reason.UNKNOWN_POD
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            raise Refusal(code, found.denial.message, found.denial.reason)
+        caller = peer_ip(context.peer()) if self._node_binding else None
+        denial = check_request(
+            found.pod,
+            found.grant,
+            caller_ip=caller,
+            requested_role=requested_role,
+            resolver=self._registry.resolver,
+        )
+        if denial is not None:
+            if self._on_denied is not None and denial.reason is not Reason.NO_ROLE:
+                self._on_denied(found.pod, denial)
+            code = (
+                grpc.StatusCode.NOT_FOUND
+                if denial.reason is Reason.NO_ROLE
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            raise Refusal(code, denial.message, denial.reason)
+        return found.pod, found.grant
+
+
+@asynccontextmanager
+async def _answering(rpc: str, context, ip: str):
+    """Counts, times and logs one unary RPC, and turns a Refusal into its gRPC status."""
+    started = time.perf_counter()
+    outcome = "OK"
+    try:
+        yield
+    except Refusal as refusal:
+        outcome = refusal.code.name
+        if refusal.reason is not None:
+            metrics.DENIALS.labels(reason=refusal.reason.value).inc()
+        log.info("%s for %s refused (%s): %s", rpc, ip or "-", outcome, refusal.message)
+        await context.abort(refusal.code, refusal.message)
+    except Exception:
+        outcome = "INTERNAL"
+        log.exception("%s for %s failed", rpc, ip or "-")
+        raise
+    finally:
+        metrics.REQUESTS.labels(rpc=rpc, outcome=outcome).inc()
+        metrics.REQUEST_SECONDS.labels(rpc=rpc).observe(time.perf_counter() - started)
