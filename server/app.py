@@ -52,8 +52,9 @@ class PodiamServer:
     async def start(self) -> None:
         config = self.config
         try:
+            # Reloaded when the files change, so certificate rotation needs no restart.
             credentials = server_credentials(
-                TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
+                TlsFiles(cert=config.cert, key=config.key, ca=config.ca), reload=True
             )
         except TlsConfigError as error:
             raise StartupError(str(error)) from error

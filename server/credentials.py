@@ -9,8 +9,10 @@ goes away or when they expire while STS keeps failing.
 
 `get` never hands out credentials with less than `MIN_REMAINING` left while fresher ones can be
 had: it waits for a fetch instead, and only when STS fails does it fall back to old credentials
-that have not expired. Concurrent callers share one fetch (an asyncio task awaited through
-`asyncio.shield`, so a caller giving up cannot cancel it for the others).
+that have not expired (and while the refresher is backing off after a failure, `get` serves
+those without calling STS itself, so an outage does not multiply the load on STS).
+Concurrent callers share one fetch (an asyncio task awaited through `asyncio.shield`, so a
+caller giving up cannot cancel it for the others).
 
 `get` for an identity nobody acquired (the server normally acquires every identity a pod uses,
 so this is a race with the pod watch) still works: it fetches — sharing the fetch with any other
@@ -46,6 +48,7 @@ DEFAULT_REFRESH_BEFORE = timedelta(minutes=35)
 # However short-lived STS credentials turn out to be, refresh an identity at most this often.
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)
 
+_LONG_AGO = datetime.min.replace(tzinfo=UTC)
 T = TypeVar("T")
 OnUpdate = Callable[[RoleIdentity, AwsCredentials | None], None]
 
@@ -71,6 +74,8 @@ class _Entry:
     # While STS fails and old credentials are still valid, get() serves them without calling
     # STS again until this loop time (the refresher's next retry).
     retry_at: float = 0.0
+    # When the refresher renews the credentials (on `clock`), set whenever new ones are stored.
+    refresh_at: datetime = _LONG_AGO
 
 
 class CredentialCache:
@@ -202,6 +207,11 @@ class CredentialCache:
         if entry.refcount > 0 and self._entries.get(entry.identity) is entry:
             entry.credentials = credentials
             entry.retry_at = 0.0
+            # However short-lived the credentials, never refresh in a tight loop.
+            entry.refresh_at = max(
+                credentials.expiration - self._refresh_before,
+                self._clock() + MIN_REFRESH_INTERVAL,
+            )
             self._announce(entry, credentials)
         return credentials
 
@@ -218,8 +228,11 @@ class CredentialCache:
         backoff = self._retry_initial
         while True:
             self._withdraw_if_expired(entry)
+            if entry.credentials is not None and entry.refresh_at > self._clock():
+                await self._sleep_until_refresh(entry)
+                continue
             try:
-                credentials = await asyncio.shield(self._fetch(entry))
+                await asyncio.shield(self._fetch(entry))
             except StsError as exc:
                 CACHE_REFRESHES.labels(outcome=exc.code).inc()
                 self._withdraw_if_expired(entry)
@@ -243,14 +256,15 @@ class CredentialCache:
                 continue
             CACHE_REFRESHES.labels(outcome="success").inc()
             backoff = self._retry_initial
-            due = max(
-                credentials.expiration - self._refresh_before,
-                self._clock() + MIN_REFRESH_INTERVAL,
-            )
-            await self._sleep_until(due)
 
-    async def _sleep_until(self, moment: datetime) -> None:
-        while (left := (moment - self._clock()).total_seconds()) > 0:
+    async def _sleep_until_refresh(self, entry: _Entry) -> None:
+        # Deliberately polls: the deadline is on the wall clock (`clock`), which asyncio's
+        # monotonic timers do not follow across suspends, steps, or an injected test clock. It is
+        # re-read each step, so a refresh made meanwhile by get() pushes the deadline on.
+        while entry.credentials is not None:
+            left = (entry.refresh_at - self._clock()).total_seconds()
+            if left <= 0:
+                return
             await asyncio.sleep(min(left, self._max_sleep))
 
     def _withdraw_if_expired(self, entry: _Entry) -> None:

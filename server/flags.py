@@ -32,9 +32,9 @@ def duration(text: str) -> timedelta:
 
 
 def host_port(text: str) -> tuple[str, int]:
-    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``."""
+    """``host:port``, ``:port`` (all interfaces) or ``[v6]:port``; port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
 

@@ -33,7 +33,6 @@ from typing import Any, Protocol
 import aiohttp
 import yaml
 from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
-from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
 
@@ -76,14 +75,18 @@ async def load_api_client(kubeconfig: str | None) -> ApiClient:
 async def _load_kubeconfig(paths: str, configuration: Configuration) -> None:
     # kubernetes_asyncio warns and carries on when a file is missing, and fails later with an
     # obscure TypeError; check each file ourselves first so the operator gets one clear line.
-    for path in filter(None, paths.split(os.pathsep)):
-        _check_kubeconfig_file(os.path.expanduser(path))
+    _check_kubeconfig_files(paths)
     try:
         await load_kube_config(
             config_file=paths, client_configuration=configuration, persist_config=False
         )
     except Exception as error:  # the loader raises many types for a malformed file
         raise KubeConfigError(f"kubeconfig {paths}: {_describe(error)}") from error
+
+
+def _check_kubeconfig_files(paths: str) -> None:
+    for path in filter(None, paths.split(os.pathsep)):
+        _check_kubeconfig_file(os.path.expanduser(path))
 
 
 def _check_kubeconfig_file(path: str) -> None:
@@ -98,22 +101,24 @@ def _check_kubeconfig_file(path: str) -> None:
         raise KubeConfigError(f"kubeconfig {path}: not a kubeconfig (expected a YAML mapping)")
 
 
-async def check_api_reachable(api: ApiClient, timeout: float = 10) -> None:
+async def check_api_reachable(api: ApiClient, timeout: float = 10) -> None:  # noqa: ASYNC109
     """Ask the API server for its version, so a wrong address fails start-up clearly."""
     url = api.configuration.host
     try:
         async with asyncio.timeout(timeout):
-            await VersionApi(api).get_code(_request_timeout=timeout)
+            response = await VersionApi(api).get_code(_preload_content=False)
+            async with response:
+                body = await response.read()
     except TimeoutError as error:
         raise KubeConfigError(
             f"Kubernetes API at {url} unreachable: no answer in {timeout:g}s"
         ) from error
-    except ApiException as error:
-        raise KubeConfigError(
-            f"Kubernetes API at {url} unreachable: HTTP {error.status} {error.reason}"
-        ) from error
     except (aiohttp.ClientError, OSError) as error:
         raise KubeConfigError(f"Kubernetes API at {url} unreachable: {_describe(error)}") from error
+    if response.status != 200:
+        # Reachable but refusing us (401, 403) is as fatal at start-up, and as clear.
+        detail = _status_message(body) or response.reason
+        raise KubeConfigError(f"Kubernetes API at {url} answered HTTP {response.status}: {detail}")
 
 
 def _describe(error: BaseException) -> str:
@@ -149,8 +154,9 @@ class _ApiError(Exception):
     """The API server answered with an error other than 410, or with something unreadable."""
 
 
-# Failures worth retrying: the network, the API server being unwell, or unreadable answers.
-_RETRYABLE = (aiohttp.ClientError, OSError, TimeoutError, _ApiError)
+# Failures worth retrying after a pause: the network, the API server being unwell or answering
+# something unreadable, or a list that could not complete before its snapshot expired.
+_RETRYABLE = (aiohttp.ClientError, OSError, TimeoutError, _ApiError, _Gone)
 
 
 class Reflector:
@@ -186,6 +192,11 @@ class Reflector:
         self.synced = asyncio.Event()
 
     @property
+    def resource(self) -> str:
+        """The resource reflected: ``pods`` or ``namespaces``."""
+        return self._resource
+
+    @property
     def resource_version(self) -> str | None:
         """The version the sink is up to date with; None when a list is needed."""
         return self._resource_version
@@ -198,9 +209,10 @@ class Reflector:
             except _RETRYABLE as error:
                 self._failures += 1
                 delay = self._backoff(self._failures)
-                WATCH_RESTARTS.labels(resource=self._resource, reason="error").inc()
+                reason = "gone" if isinstance(error, _Gone) else "error"
+                WATCH_RESTARTS.labels(resource=self._resource, reason=reason).inc()
                 log.warning(
-                    "%s watch failed (%s); retrying in %.1fs",
+                    "%s list/watch failed (%s); retrying in %.1fs",
                     self._resource,
                     _describe(error),
                     delay,
@@ -216,9 +228,12 @@ class Reflector:
         """List if we hold no usable resourceVersion, then watch from it, resuming after each
         stream ends. Returns only by raising a retryable error."""
         while True:
+            if self._resource_version is None:
+                # A 410 here means a continue token expired mid-list (the list took longer
+                # than the API server keeps snapshots): it goes up to run(), which backs off
+                # before listing again, so a misbehaving server cannot make us spin.
+                await self._relist()
             try:
-                if self._resource_version is None:
-                    await self._relist()
                 async with aclosing(self._watch_events()) as events:
                     async for event in events:
                         self._apply(event)
@@ -355,20 +370,21 @@ async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             partial.append(chunk[start:end])
             line = b"".join(partial)
             partial.clear()
-            if line.strip():
+            if line and not line.isspace():
                 yield line
             start = end + 1
         if start < len(chunk):
             partial.append(chunk[start:])
     line = b"".join(partial)
-    if line.strip():
+    if line and not line.isspace():
         yield line
 
 
 def _parse_page(body: bytes) -> dict[str, Any]:
     try:
         page = json.loads(body)
-        page["metadata"]["resourceVersion"]  # noqa: B018 - every page must carry it
+        if "resourceVersion" not in page["metadata"]:
+            raise KeyError("metadata.resourceVersion")
     except (ValueError, KeyError, TypeError) as error:
         raise _ApiError(f"unreadable list answer: {_describe(error)}") from error
     return page
@@ -377,13 +393,18 @@ def _parse_page(body: bytes) -> dict[str, Any]:
 def _raise_for_status(status: int, body: bytes) -> None:
     if 200 <= status < 300:
         return
-    try:
-        message = json.loads(body).get("message") or ""
-    except (ValueError, AttributeError):
-        message = body[:200].decode(errors="replace")
+    message = _status_message(body)
     if status == 410:
         raise _Gone(message or "410 Gone")
     raise _ApiError(f"HTTP {status}: {message}")
+
+
+def _status_message(body: bytes) -> str:
+    """The message of a Kubernetes Status body, or the start of whatever else came back."""
+    try:
+        return str(json.loads(body).get("message") or "")
+    except (ValueError, AttributeError):
+        return body[:200].decode(errors="replace")
 
 
 def _name_of(obj: Any) -> str:

@@ -124,13 +124,24 @@ class StsGateway:
         # explicitly in the sessions built here, so an inherited AWS_STS_REGIONAL_ENDPOINTS=legacy
         # cannot send us to the global endpoint. A session passed in is used as configured.
         session = boto_session or boto3.Session(botocore_session=self._botocore_session())
-        base_client = self._client(session)
+        base_client = self._client(session, self._region)
         if assume_role_arn:
+            # The same region as the base client, wherever that one found it.
             self._client_for_pods = self._client(
-                self._intermediate_session(base_client, assume_role_arn)
+                self._intermediate_session(base_client, assume_role_arn),
+                base_client.meta.region_name,
             )
         else:
             self._client_for_pods = base_client
+        if self._client_for_pods.meta.region_name in (None, "aws-global") and not endpoint_url:
+            log.warning("no AWS region configured: using the global STS endpoint")
+        if assume_role_arn and session_duration > INTERMEDIATE_SESSION_DURATION:
+            log.warning(
+                "sessions assumed through an intermediate role are limited to %s by AWS "
+                "(role chaining); AssumeRole with %s will fail",
+                INTERMEDIATE_SESSION_DURATION,
+                session_duration,
+            )
         log.info(
             "STS gateway using %s%s",
             self._client_for_pods.meta.endpoint_url,
@@ -143,10 +154,10 @@ class StsGateway:
         session.set_config_variable("sts_regional_endpoints", "regional")
         return session
 
-    def _client(self, session: boto3.Session) -> Any:
+    def _client(self, session: boto3.Session, region: str | None) -> Any:
         return session.client(
             "sts",
-            region_name=self._region,
+            region_name=region,
             endpoint_url=self._endpoint_url,
             config=self._config,
         )

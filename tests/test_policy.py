@@ -105,9 +105,7 @@ def _permitted_pod(role="app-reader", host_ip="10.0.0.1"):
 def test_requested_role_matches_after_both_resolve_to_arns(requested):
     pod, grant = _permitted_pod()
     assert (
-        check_request(
-            pod, grant, caller_ip="10.0.0.1", requested_role=requested, resolver=resolver
-        )
+        check_request(pod, grant, caller_ip="10.0.0.1", requested_role=requested, resolver=resolver)
         is None
     )
 

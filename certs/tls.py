@@ -1,0 +1,246 @@
+"""Load the mutual-TLS material and turn it into gRPC credentials, for both agent and server.
+
+gRPC itself accepts any bytes and only complains at the first handshake, with an error that
+names neither the file nor the problem ("handshake failed"). This module reads and checks the
+files up front — all parse, the key belongs to the certificate, the certificate is in its
+validity window — so a misconfigured pod fails at start-up with one line naming the file.
+
+On the server side, ``server_credentials(files, reload=True)`` re-reads the files when they
+change (a Kubernetes Secret update, a cert-manager renewal), keeping the previous material
+while the new files are missing, half-written or invalid. gRPC asks for it on every new
+connection; connections already open keep the certificate they were made with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import types
+
+log = logging.getLogger(__name__)
+
+# The file names written by ``podiam-certs generate`` and expected by ``podiam-certs check``.
+CA_FILE = "ca.pem"
+SERVER_CERT_FILE = "server.pem"
+SERVER_KEY_FILE = "server-key.pem"
+AGENT_CERT_FILE = "agent.pem"
+AGENT_KEY_FILE = "agent-key.pem"
+
+
+class TlsConfigError(Exception):
+    """The TLS files cannot be used; the message is one line that names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """Where one side's TLS material lives: its own certificate and key, and the CA it trusts."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def server_in(cls, directory: Path) -> TlsFiles:
+        """The server's files in a directory written by ``podiam-certs generate``."""
+        directory = Path(directory)
+        return cls(
+            cert=directory / SERVER_CERT_FILE,
+            key=directory / SERVER_KEY_FILE,
+            ca=directory / CA_FILE,
+        )
+
+    @classmethod
+    def agent_in(cls, directory: Path) -> TlsFiles:
+        """The agent's files in a directory written by ``podiam-certs generate``."""
+        directory = Path(directory)
+        return cls(
+            cert=directory / AGENT_CERT_FILE,
+            key=directory / AGENT_KEY_FILE,
+            ca=directory / CA_FILE,
+        )
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of ``path``, or a TlsConfigError saying ``<what> <path>: <problem>``."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise TlsConfigError(f"{what} {path}: no such file") from None
+    except PermissionError:
+        raise TlsConfigError(f"{what} {path}: permission denied") from None
+    except IsADirectoryError:
+        raise TlsConfigError(f"{what} {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise TlsConfigError(f"{what} {path}: cannot read: {exc.strerror}") from None
+
+
+def parse_certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
+    """All PEM certificates in ``data`` (a leaf and its chain, or a CA bundle), at least one."""
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TlsConfigError(f"{what} {path}: not a PEM certificate") from None
+
+
+def parse_private_key(data: bytes, path: Path) -> types.PrivateKeyTypes:
+    """The unencrypted PEM private key in ``data``."""
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        # Raised by cryptography when the key is encrypted and no password was given.
+        raise TlsConfigError(f"key {path}: is encrypted; podiam needs an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TlsConfigError(f"key {path}: not a PEM private key") from None
+
+
+def public_key_bytes(key: types.PublicKeyTypes) -> bytes:
+    """A canonical encoding of a public key, to compare a key with a certificate."""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def key_matches(cert: x509.Certificate, key: types.PrivateKeyTypes) -> bool:
+    return public_key_bytes(cert.public_key()) == public_key_bytes(key.public_key())
+
+
+def check_validity(
+    cert: x509.Certificate, path: Path, what: str, *, now: dt.datetime | None = None
+) -> None:
+    """Raise if ``cert`` is expired or not yet valid at ``now`` (default: the current time)."""
+    now = now or dt.datetime.now(dt.UTC)
+    if cert.not_valid_after_utc <= now:
+        raise TlsConfigError(f"{what} {path}: expired on {_when(cert.not_valid_after_utc)}")
+    if cert.not_valid_before_utc > now:
+        raise TlsConfigError(f"{what} {path}: not valid until {_when(cert.not_valid_before_utc)}")
+
+
+def load_tls_material(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
+    """``(cert, key, ca)`` PEM bytes from ``files``, checked to be usable together.
+
+    Checked: every file parses; the key is the certificate's; the certificate and (at least
+    one certificate in) the CA file are within their validity. Not checked: that the
+    certificate was issued by this CA — the CA verifies the *other* side, whose issuer may
+    legitimately differ (``podiam-certs check`` verifies a generated directory as a whole).
+    """
+    cert_pem = read_file(files.cert, "certificate")
+    key_pem = read_file(files.key, "key")
+    ca_pem = read_file(files.ca, "CA certificate")
+
+    cert = parse_certificates(cert_pem, files.cert, "certificate")[0]
+    key = parse_private_key(key_pem, files.key)
+    cas = parse_certificates(ca_pem, files.ca, "CA certificate")
+
+    if not key_matches(cert, key):
+        raise TlsConfigError(f"key {files.key}: key does not match certificate {files.cert}")
+    check_validity(cert, files.cert, "certificate")
+    # A CA file may hold the old and the new CA during a CA rotation; one valid CA is enough.
+    problems = []
+    for ca in cas:
+        try:
+            check_validity(ca, files.ca, "CA certificate")
+        except TlsConfigError as exc:
+            problems.append(exc)
+    if len(problems) == len(cas):
+        raise problems[0]
+    return cert_pem, key_pem, ca_pem
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    """Agent side: trust only ``files.ca`` and present ``files.cert`` as the client certificate."""
+    cert_pem, key_pem, ca_pem = load_tls_material(files)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
+def server_credentials(files: TlsFiles, *, reload: bool = False) -> grpc.ServerCredentials:
+    """Server side: present ``files.cert``; require a client certificate issued by ``files.ca``.
+
+    With ``reload=True`` the files are re-read whenever one of them changes (checked at each
+    new connection, by inode, size and modification time). Invalid new files are logged once
+    and ignored: the server keeps serving with the last good material.
+    """
+    # Stamped before reading: a change while reading is re-read at the first handshake.
+    stamp = _stamp(files)
+    cert_pem, key_pem, ca_pem = load_tls_material(files)
+    if not reload:
+        return grpc.ssl_server_credentials(
+            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+        )
+    fetcher = _ReloadingFetcher(files, loaded=stamp)
+    initial = grpc.ssl_server_certificate_configuration(
+        [(key_pem, cert_pem)], root_certificates=ca_pem
+    )
+    return grpc.dynamic_ssl_server_credentials(initial, fetcher, require_client_authentication=True)
+
+
+_FileStamp = tuple[int, int, int] | None  # (inode, size, mtime_ns), None when missing
+_Stamp = tuple[_FileStamp, _FileStamp, _FileStamp]
+
+
+def _stamp(files: TlsFiles) -> _Stamp:
+    def one(path: Path) -> _FileStamp:
+        try:
+            st = os.stat(path)  # follows symlinks: Kubernetes swaps the ..data link on update
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    return (one(files.cert), one(files.key), one(files.ca))
+
+
+class _ReloadingFetcher:
+    """The certificate-configuration fetcher gRPC calls before each new TLS handshake.
+
+    Returns None ("keep what you have") unless the files changed since the material in use was
+    read and the new files are valid. Called from gRPC's own threads, hence the lock.
+    """
+
+    def __init__(self, files: TlsFiles, *, loaded: _Stamp) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        self._current = loaded  # the files' stamp when the material in use was read
+        self._rejected: _Stamp | None = None
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            return self._fetch()
+        except Exception:  # an exception here would fail the handshake; keep serving instead
+            log.exception("TLS reload failed unexpectedly; keeping the previous material")
+            return None
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp = _stamp(self._files)
+        with self._lock:
+            if stamp == self._current or stamp == self._rejected:
+                return None
+            try:
+                cert_pem, key_pem, ca_pem = load_tls_material(self._files)
+            except TlsConfigError as exc:
+                self._rejected = stamp
+                log.warning("TLS files changed but are not usable, keeping the previous: %s", exc)
+                return None
+            self._current, self._rejected = stamp, None
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        log.info(
+            "TLS material reloaded from %s (certificate expires %s)",
+            self._files.cert,
+            _when(cert.not_valid_after_utc),
+        )
+        return grpc.ssl_server_certificate_configuration(
+            [(key_pem, cert_pem)], root_certificates=ca_pem
+        )
+
+
+def _when(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,0 +1,3 @@
+"""Shared fixtures: real TLS material and a real STS (moto in server mode)."""
+
+pytest_plugins = ["tests.support.tls", "tests.support.moto_sts"]
