@@ -171,10 +171,7 @@ class CredentialCache:
         entry = self._entries.get(identity)
         if entry is None:
             return None
-        credentials = self._valid(entry)
-        if credentials is not None:
-            CACHE_HITS.inc()
-        return credentials
+        return self._valid(entry)
 
     def __len__(self) -> int:
         return len(self._entries)

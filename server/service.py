@@ -17,6 +17,7 @@ import grpc
 
 from protos import kiam_pb2, kiam_pb2_grpc
 from server import metrics
+from server.credentials import CredentialCache, CredentialsUnavailable
 from server.credentials_proto import credentials_message
 from server.node_stream import NodeStream
 from server.pods import PodRecord
@@ -58,7 +59,7 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         self,
         *,
         registry: Registry,
-        credentials,  # server.credentials.CredentialCache (get/peek)
+        credentials: CredentialCache,
         node_binding: bool = True,
         on_denied: Callable[[PodRecord, Denial], None] | None = None,
     ) -> None:
@@ -72,15 +73,10 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
     async def GetPodCredentials(self, request, context) -> kiam_pb2.Credentials:
         async with _answering("GetPodCredentials", context, request.ip):
             _pod, grant = self._permitted(request.ip, context, requested_role=request.role)
-            creds = self._credentials.peek(grant.identity)
-            if creds is None:
-                metrics.CACHE_MISSES.inc()
-                try:
-                    creds = await self._credentials.get(grant.identity)
-                except Exception as error:  # CredentialsUnavailable: STS trouble
-                    raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
-            else:
-                metrics.CACHE_HITS.inc()
+            try:
+                creds = await self._credentials.get(grant.identity)
+            except CredentialsUnavailable as error:
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
             return credentials_message(creds)
 
     async def GetPodRole(self, request, context) -> kiam_pb2.Role:
