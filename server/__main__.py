@@ -18,7 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(run(config))
     except StartupError as error:
-        logging.getLogger("podiam.server").error("cannot start: %s", error)
+        # One line, whatever the cause's own formatting (YAML errors span several).
+        logging.getLogger("podiam.server").error("cannot start: %s", " ".join(str(error).split()))
         return 1
     except KeyboardInterrupt:
         return 130

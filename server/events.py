@@ -73,9 +73,7 @@ class EventRecorder:
                 await self._post(pod, denial)
             except Exception as error:  # an Event is best effort; never stop recording
                 metrics.KUBE_EVENTS.labels(result="failed").inc()
-                log.warning(
-                    "cannot record Event for pod %s/%s: %s", pod.namespace, pod.name, error
-                )
+                log.warning("cannot record Event for pod %s/%s: %s", pod.namespace, pod.name, error)
             finally:
                 self._queue.task_done()
 

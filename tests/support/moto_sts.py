@@ -11,6 +11,7 @@ botocore parses the code as it would from AWS — and forwards everything else t
 from __future__ import annotations
 
 import http.client
+import logging
 import re
 import threading
 import uuid
@@ -73,6 +74,8 @@ class MotoSts:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        # One access-log line per request from two servers drowns every other log line.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._moto.start()
         self._moto_address = self._moto.get_host_and_port()
         self._front = make_server("127.0.0.1", 0, self._app, threaded=True)
