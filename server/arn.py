@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import aiohttp
 
@@ -55,7 +56,8 @@ class RoleResolver:
         name = role.lstrip("/")
         if not name or not _ROLE_NAME.match(name) or "//" in name:
             raise ArnError(f"{role!r} is not a valid IAM role name")
-        return self.base_arn + name
+        # Thousands of pods share a few roles: keep one copy of each ARN.
+        return sys.intern(self.base_arn + name)
 
     def short_name(self, role_arn: str) -> str | None:
         """The name under the base ARN, or None when the role lies elsewhere (another account

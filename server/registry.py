@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,8 @@ from server.pods import (
 from server.policy import Denial, Grant, Reason, SessionNamer, grant_for_pod
 
 log = logging.getLogger(__name__)
+
+_FINISHED = frozenset({"Succeeded", "Failed"})
 
 PodKey = tuple[str, str]
 
@@ -80,15 +82,18 @@ class Registry:
         self._on_denied = on_denied
         self.pods: dict[PodKey, PodRecord] = {}
         self._grants: dict[PodKey, Grant] = {}
-        self._held: dict[PodKey, RoleIdentity] = {}
         self._by_ip: dict[str, tuple[PodKey, ...]] = {}
         self._by_node: dict[str, set[PodKey]] = {}
         self._by_namespace: dict[str, set[PodKey]] = {}
-        self._by_identity: dict[RoleIdentity, set[PodKey]] = {}
+        self._by_role: dict[str, set[PodKey]] = {}  # role ARN → pods holding credentials
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._watches: dict[str, set[NodeWatch]] = {}
-        self.pod_sink = _Sink(self._upsert_pod_object, self._delete_pod_key)
-        self.namespace_sink = _Sink(self._upsert_namespace_object, self._delete_namespace_key)
+        self.pod_sink = _Sink(self._upsert_pod_object, self._delete_pod_key, self.pods.keys)
+        self.namespace_sink = _Sink(
+            self._upsert_namespace_object,
+            self._delete_namespace_key,
+            lambda: (("", name) for name in self.namespaces),
+        )
 
     # ---- lookups (the gRPC service) -------------------------------------------------------
 
@@ -147,7 +152,11 @@ class Registry:
 
     def credentials_changed(self, identity: RoleIdentity, _creds: AwsCredentials | None) -> None:
         """Called by the credentials cache when it stores or drops credentials."""
-        hosts = {self.pods[key].host_ip for key in self._by_identity.get(identity, ())}
+        hosts = {
+            self.pods[key].host_ip
+            for key in self._by_role.get(identity.role_arn, ())
+            if self._grants[key].identity == identity
+        }
         for host in hosts:
             for watch in self._watches.get(host, ()):
                 watch.dirty_identities.add(identity.key)
@@ -157,12 +166,10 @@ class Registry:
 
     def _upsert_pod_object(self, obj: dict[str, Any]) -> PodKey:
         pod = pod_from_object(obj)
-        if pod.phase in ("Succeeded", "Failed"):
-            # A finished pod's IP may already be reused; it is of no further interest.
-            self._store_pod(pod.key, None)
-        else:
-            self._store_pod(pod.key, pod)
-        return pod.key
+        key = pod.key
+        # A finished pod's IP may already be reused; it is of no further interest.
+        self._store_pod(key, None if pod.phase in _FINISHED else pod)
+        return key
 
     def _delete_pod_key(self, key: PodKey) -> None:
         self._store_pod(key, None)
@@ -172,7 +179,7 @@ class Registry:
         if new == old and not regrant:
             return
         grant = self._grant(new) if new is not None else None
-        self._move_identity(key, new, grant)
+        self._move_identity(key, old, self._grants.get(key), new, grant)
         if old is not None:
             self._unindex(key, old)
         if new is None:
@@ -203,24 +210,27 @@ class Registry:
             session_name=self._session_name,
         )
 
-    def _move_identity(self, key: PodKey, pod: PodRecord | None, grant: Grant | None) -> None:
-        # Take the new identity before releasing the old one, so that a pod whose identity did
-        # not change never drops (and refetches) its cached credentials.
-        old = self._held.get(key)
-        new = grant.identity if grant is not None and pod is not None and _wants(pod) else None
+    def _move_identity(
+        self,
+        key: PodKey,
+        old_pod: PodRecord | None,
+        old_grant: Grant | None,
+        new_pod: PodRecord | None,
+        new_grant: Grant | None,
+    ) -> None:
+        """Keep the cache's reference counts and the by-role index in step with what the pod
+        holds. The new identity is taken before the old one is released, so that a pod whose
+        identity did not change never drops (and refetches) its cached credentials."""
+        old = _held(old_pod, old_grant)
+        new = _held(new_pod, new_grant)
         if new == old:
             return
         if new is not None:
-            self._held[key] = new
-            self._by_identity.setdefault(new, set()).add(key)
+            self._by_role.setdefault(new.role_arn, set()).add(key)
             self._credentials.acquire(new)
-        else:
-            self._held.pop(key, None)
         if old is not None:
-            users = self._by_identity[old]
-            users.discard(key)
-            if not users:
-                del self._by_identity[old]
+            if new is None or new.role_arn != old.role_arn:
+                _discard(self._by_role, old.role_arn, key)
             self._credentials.release(old)
 
     def _index(self, key: PodKey, pod: PodRecord) -> None:
@@ -273,10 +283,13 @@ class Registry:
             self._store_pod(key, self.pods[key], regrant=True)
 
 
-def _wants(pod: PodRecord) -> bool:
-    """Pods that may ask for credentials soon: worth prefetching for, even before they have an
-    IP. hostNetwork pods can never be told apart from their node, so they never get any."""
-    return not pod.host_network and pod.phase not in ("Succeeded", "Failed")
+def _held(pod: PodRecord | None, grant: Grant | None) -> RoleIdentity | None:
+    """The identity a pod holds in the cache. Pods that may ask soon hold theirs even before
+    they have an IP (that is the prefetch); hostNetwork pods can never be told apart from their
+    node, so they never hold one."""
+    if pod is None or grant is None or pod.host_network or pod.phase in _FINISHED:
+        return None
+    return grant.identity
 
 
 def _discard(index: dict[str, set[PodKey]], name: str, key: PodKey) -> None:
@@ -292,11 +305,14 @@ class _Sink:
     bookkeeping: objects not seen again in a full list were deleted while the watch was away."""
 
     def __init__(
-        self, upsert: Callable[[dict[str, Any]], PodKey], delete: Callable[[PodKey], None]
+        self,
+        upsert: Callable[[dict[str, Any]], PodKey],
+        delete: Callable[[PodKey], None],
+        stored: Callable[[], Iterable[PodKey]],
     ) -> None:
         self._upsert = upsert
         self._delete = delete
-        self._known: set[PodKey] = set()
+        self._stored = stored
         self._seen: set[PodKey] | None = None
 
     def begin_relist(self) -> None:
@@ -304,17 +320,13 @@ class _Sink:
 
     def upsert(self, obj: dict[str, Any]) -> None:
         key = self._upsert(obj)
-        self._known.add(key)
         if self._seen is not None:
             self._seen.add(key)
 
     def delete(self, obj: dict[str, Any]) -> None:
-        key = object_key(obj)
-        self._known.discard(key)
-        self._delete(key)
+        self._delete(object_key(obj))
 
     def end_relist(self) -> None:
         seen, self._seen = self._seen or set(), None
-        for key in self._known - seen:
+        for key in [key for key in self._stored() if key not in seen]:
             self._delete(key)
-        self._known = seen
