@@ -167,6 +167,7 @@ class PodiamServer:
         if self._grpc is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.registry.close_watches()
             await self._grpc.stop(grace)
         for task in self._tasks:
             task.cancel()

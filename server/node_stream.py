@@ -30,6 +30,8 @@ class NodeStream:
             yield self._snapshot()
             while True:
                 await watch.changed.wait()
+                if watch.closed:
+                    return
                 update = self._delta(watch)
                 if update is not None:
                     yield update

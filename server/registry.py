@@ -50,6 +50,7 @@ class NodeWatch:
     dirty_ips: set[str] = field(default_factory=set)
     dirty_identities: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
 
     def take(self) -> tuple[set[str], set[str]]:
         ips, identities = self.dirty_ips, self.dirty_identities
@@ -88,6 +89,7 @@ class Registry:
         self._by_role: dict[str, set[PodKey]] = {}  # role ARN → pods holding credentials
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._watches: dict[str, set[NodeWatch]] = {}
+        self._closed = False
         self.pod_sink = _Sink(self._upsert_pod_object, self._delete_pod_key, self.pods.keys)
         self.namespace_sink = _Sink(
             self._upsert_namespace_object,
@@ -112,10 +114,19 @@ class Registry:
     # ---- node streams -----------------------------------------------------------------------
 
     def subscribe(self, host_ip: str) -> NodeWatch:
-        watch = NodeWatch(host_ip)
+        watch = NodeWatch(host_ip, closed=self._closed)
         self._watches.setdefault(host_ip, set()).add(watch)
         metrics.NODE_STREAMS.inc()
         return watch
+
+    def close_watches(self) -> None:
+        """End every node stream (at shutdown), so agents reconnect to another replica at once
+        instead of waiting for the grace period to run out."""
+        self._closed = True
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.closed = True
+                watch.changed.set()
 
     def unsubscribe(self, watch: NodeWatch) -> None:
         watches = self._watches.get(watch.host_ip)

@@ -1,0 +1,54 @@
+"""Node binding: how the server tells which node an agent runs on, and turning it off."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_asyncio
+
+from protos import kiam_pb2
+from server.service import peer_ip
+from tests.kubeapi import KubeApiServer
+from tests.support.server import running_server
+from tests.support.waiting import eventually
+
+
+@pytest.mark.parametrize(
+    ("peer", "ip"),
+    [
+        ("ipv4:10.0.0.1:5050", "10.0.0.1"),
+        ("ipv6:[fd00::1]:5050", "fd00::1"),
+        ("ipv6:%5Bfd00::1%5D:5050", "fd00::1"),
+        ("ipv6:[::ffff:10.0.0.1]:5050", "10.0.0.1"),  # a dual-stack listener's IPv4 caller
+        ("unix:/run/podiam.sock", None),
+        ("ipv4:garbage:1", None),
+    ],
+)
+def test_peer_addresses_are_read_as_node_ips(peer, ip):
+    assert peer_ip(peer) == ip
+
+
+@pytest_asyncio.fixture(scope="module")
+async def unbound(moto_sts, tls_dirs, tmp_path_factory):
+    async with KubeApiServer() as kube:
+        kube.add_namespace("apps", annotations={"iam.amazonaws.com/permitted": ".*"})
+        tmp = tmp_path_factory.mktemp("unbound")
+        async with running_server(
+            kube, moto_sts, tls_dirs, tmp, extra=["--no-node-binding"]
+        ) as running:
+            yield running
+
+
+async def test_without_node_binding_any_agent_may_ask_for_any_pod(unbound):
+    unbound.kube.add_pod(
+        "apps", "far", ip="10.7.0.1", host_ip="10.99.0.9",
+        annotations={"iam.amazonaws.com/role": "far-role"},
+    )  # fmt: skip
+    await eventually(lambda: unbound.server.registry.lookup("10.7.0.1").pod is not None)
+    async with unbound.channel() as channel:
+        stub = unbound.stub(channel)
+        request = kiam_pb2.GetPodCredentialsRequest(ip="10.7.0.1", role="far-role")
+        assert (await stub.GetPodCredentials(request)).access_key_id
+        stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip="10.99.0.9"))
+        snapshot = await stream.read()
+        assert [pod.ip for pod in snapshot.pods] == ["10.7.0.1"]
+        stream.cancel()
