@@ -22,24 +22,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        return value
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+    return parse
 
 
 def _truthy(text: str | None) -> bool:
@@ -92,7 +85,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     gen.add_argument(
         "--days",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=env.get("PODIAM_CERTS_DAYS", "365"),
         help="validity of every certificate, in days (default 365) [env PODIAM_CERTS_DAYS]",
     )
@@ -130,7 +123,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     check.add_argument(
         "--warn-days",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=env.get("PODIAM_CERTS_WARN_DAYS", "30"),
         help="fail if a certificate expires within this many days (default 30)"
         " [env PODIAM_CERTS_WARN_DAYS]",
