@@ -70,8 +70,12 @@ class NodeStream:
         if grant is None:
             return kiam_pb2.PodState(ip=ip, denied=f"IP {ip} is held by several active pods")
         if grant.denial is not None:
-            return kiam_pb2.PodState(ip=ip, role=pod.role, denied=grant.denial.message)
-        return kiam_pb2.PodState(ip=ip, role=pod.role, identity=grant.identity.key)
+            return kiam_pb2.PodState(
+                ip=ip, role=pod.role, role_arn=grant.role_arn, denied=grant.denial.message
+            )
+        return kiam_pb2.PodState(
+            ip=ip, role=pod.role, role_arn=grant.role_arn, identity=grant.identity.key
+        )
 
     def _sync_credentials(self, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]) -> None:
         identities = self._registry.node_identities(self.host_ip)

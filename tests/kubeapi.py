@@ -452,10 +452,12 @@ class KubeApiServer:
         self,
         *,
         port: int = 0,
+        host: str = "127.0.0.1",
         token: str = DEFAULT_TOKEN,
         bookmark_interval: float = 60.0,
     ) -> None:
         self.port = port
+        self.host = host
         self.token = token
         self.bookmark_interval = bookmark_interval
         self.url = ""
@@ -480,10 +482,10 @@ class KubeApiServer:
         app.router.add_get("/api/v1/{resource}", self._collection)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         for watcher in list(self.store.watchers):

@@ -59,7 +59,9 @@ class AssumeRoleCall:
 
 
 class MotoSts:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        # moto itself stays on loopback; only the front listens on ``host``.
+        self._host = host
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._lock = threading.Lock()
         self._calls: list[AssumeRoleCall] = []
@@ -78,12 +80,12 @@ class MotoSts:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._moto.start()
         self._moto_address = self._moto.get_host_and_port()
-        self._front = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._front = make_server(self._host, 0, self._app, threaded=True)
         self._front_thread = threading.Thread(
             target=self._front.serve_forever, name="moto-sts-front", daemon=True
         )
         self._front_thread.start()
-        self.endpoint_url = f"http://127.0.0.1:{self._front.server_port}"
+        self.endpoint_url = f"http://{self._host}:{self._front.server_port}"
 
     def stop(self) -> None:
         if self._front is not None:

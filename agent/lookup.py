@@ -1,0 +1,131 @@
+"""Who is calling, and what they may have: the node stream's answer when it has one, else a
+short wait for the stream, else the server's unary RPCs — all within one time budget, because
+SDKs give the metadata service about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from agent import metrics
+from agent.client import ServerClient
+from agent.refusal import Refused
+from agent.state import NodeState, PodEntry, credentials_body, role_name
+
+# Of the --pod-wait budget, this much (at most) is kept for the unary call after waiting on the
+# stream, so the answer still arrives within the budget.
+_UNARY_RESERVE = 0.3
+_MIN_UNARY_TIMEOUT = 0.05
+
+_REFUSAL_FOR_CODE = {
+    grpc.StatusCode.NOT_FOUND: (404, "unknown-pod"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "denied"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server-timeout"),
+}
+
+
+class PodLookup:
+    def __init__(
+        self,
+        state: NodeState,
+        client: ServerClient,
+        *,
+        pod_wait: float,
+        connected: asyncio.Event,
+    ) -> None:
+        self._state = state
+        self._client = client
+        self._pod_wait = pod_wait
+        self._connected = connected
+
+    async def entry(self, ip: str) -> PodEntry:
+        """The calling pod's entry, for the role name; refuses pods without a permitted role."""
+        budget = _Budget(self._pod_wait)
+        entry = self._state.pods.get(ip) or await self._from_stream(ip, budget)
+        if entry is None:
+            entry = await self._from_server(ip, budget)
+        _check_permitted(entry)
+        return entry
+
+    async def credentials(self, ip: str, requested: str) -> bytes:
+        """The IMDS credentials document for the calling pod, if ``requested`` is its role."""
+        # The hot path: a pod the stream knows, asking for credentials the stream brought.
+        entry = self._state.pods.get(ip)
+        if entry is not None and entry.identity:
+            body = self._state.credentials.get(entry.identity)
+            if body is not None:
+                _check_requested(entry, requested)
+                return body
+        budget = _Budget(self._pod_wait)
+        entry = await self._from_stream(ip, budget)
+        if entry is not None:
+            _check_permitted(entry)
+            _check_requested(entry, requested)
+            body = self._state.credentials.get(entry.identity)
+            if body is not None:
+                return body
+        else:
+            entry = await self._from_server(ip, budget)
+            _check_permitted(entry)
+            _check_requested(entry, requested)
+        try:
+            creds = await self._client.pod_credentials(
+                ip, entry.role, seconds=budget.unary_timeout()
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _refusal(error) from None
+        return credentials_body(creds)
+
+    async def _from_stream(self, ip: str, budget: _Budget) -> PodEntry | None:
+        if not self._connected.is_set():
+            raise Refused(503, "not-connected", "the agent is not connected to a podiam server")
+        if not self._state.live:
+            return None
+        arrived = await self._state.wait_ready(ip, budget.stream_wait())
+        metrics.POD_WAITS.labels(outcome="arrived" if arrived else "timeout").inc()
+        return self._state.pods.get(ip) if arrived else None
+
+    async def _from_server(self, ip: str, budget: _Budget) -> PodEntry:
+        try:
+            role = await self._client.pod_role(ip, seconds=budget.unary_timeout())
+        except grpc.aio.AioRpcError as error:
+            raise _refusal(error) from None
+        # The unary path has no identity key or ARN; the server checks policy on every call.
+        return PodEntry(role=role, role_name=role_name(role), role_arn="", identity="", denied="")
+
+
+class _Budget:
+    """One request's time: a wait on the stream, then what is left for a unary call."""
+
+    def __init__(self, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + seconds
+        self._reserve = min(_UNARY_RESERVE, seconds / 3)
+
+    def stream_wait(self) -> float:
+        return max(0.0, self._deadline - self._reserve - self._loop.time())
+
+    def unary_timeout(self) -> float:
+        return max(_MIN_UNARY_TIMEOUT, self._deadline - self._loop.time())
+
+
+def _check_permitted(entry: PodEntry) -> None:
+    # A pod without a role is like an instance without a profile (404); one whose role is
+    # not permitted is refused with the reason (403).
+    if not entry.role:
+        raise Refused(404, "no-role", "this pod has no iam.amazonaws.com/role annotation")
+    if entry.denied:
+        raise Refused(403, "denied", entry.denied)
+
+
+def _check_requested(entry: PodEntry, requested: str) -> None:
+    # Real IMDS answers 404 for a role that is not the instance's; so do we for the pod's.
+    if requested != entry.role_name:
+        raise Refused(404, "wrong-role", f"{requested!r} is not this pod's role")
+
+
+def _refusal(error: grpc.aio.AioRpcError) -> Refused:
+    status, reason = _REFUSAL_FOR_CODE.get(error.code(), (503, "server-unavailable"))
+    return Refused(status, reason, f"podiam server: {error.details() or error.code().name}")

@@ -1,0 +1,73 @@
+"""podiam-agent's flags: defaults, environment twins, and clear refusals of bad values."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from agent.config import parse_config
+
+REQUIRED = ["--host", "10.0.0.5", "--cert", "a.pem", "--key", "k.pem", "--ca", "ca.pem"]
+
+
+def refused(capsys, *args: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(list(args), environ=environ or {})
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_defaults():
+    config = parse_config(REQUIRED, environ={})
+    assert config.port == 8181
+    assert config.server_address == "podiam-server:443"
+    assert config.host_interface == "eni+"
+    assert config.iptables is False and config.iptables_remove is True
+    assert config.pod_wait == timedelta(seconds=0.9)
+    assert config.metadata_endpoint == "http://169.254.169.254"
+    assert config.require_imdsv2 is False
+    assert config.prometheus_listen_addr == ("0.0.0.0", 9620)
+    allow = config.allow_route_regexp
+    assert allow.fullmatch("/latest/meta-data/placement/region")
+    assert allow.fullmatch("/latest/meta-data/placement/availability-zone")
+    assert allow.fullmatch("/latest/dynamic/instance-identity/document")
+    assert not allow.fullmatch("/latest/meta-data/iam/info")
+
+
+def test_host_comes_from_host_ip_as_kubernetes_sets_it():
+    environ = {"HOST_IP": "10.1.2.3", "PODIAM_CERT": "c", "PODIAM_KEY": "k", "PODIAM_CA": "ca"}
+    environ |= {"PODIAM_IPTABLES": "true", "PODIAM_HOST_INTERFACE": "cali+"}
+    environ |= {"PODIAM_POD_WAIT": "500ms", "PODIAM_REQUIRE_IMDSV2": "yes"}
+    config = parse_config([], environ=environ)
+    assert config.host == "10.1.2.3"
+    assert config.iptables is True
+    assert config.host_interface == "cali+"
+    assert config.pod_wait == timedelta(milliseconds=500)
+    assert config.require_imdsv2 is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "node-1"], "not an IP address"),
+        (["--port", "99999"], "invalid"),
+        (["--host-interface", "eth0; rm -rf /"], "invalid interface"),
+        (["--allow-route-regexp", "(unclosed"], "invalid regular expression"),
+        (["--pod-wait", "0s"], "--pod-wait"),
+        (["--server-address", "podiam-server"], "host:port"),
+        (["--metadata-endpoint", "169.254.169.254"], "http://"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(capsys, args, message):
+    assert message in refused(capsys, *REQUIRED, *args)
+
+
+def test_host_is_required(capsys):
+    assert "--host" in refused(capsys, "--cert", "a", "--key", "k", "--ca", "c")
+
+
+def test_inverted_interface_is_accepted():
+    assert parse_config([*REQUIRED, "--host-interface", "!docker0"], environ={}).host_interface == (
+        "!docker0"
+    )
