@@ -1,0 +1,80 @@
+"""podiam-agent as an operator runs it: --help, and start-up errors on one line."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+
+import pytest
+
+from tests.support.netns import Cluster, requires_root
+
+AGENT = [sys.executable, "-m", "agent"]
+
+
+async def run_to_exit(*argv: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, out.decode(), err.decode()
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+async def test_help_explains_every_flag_and_its_twin():
+    code, out, _ = await run_to_exit(*AGENT, "--help")
+    assert code == 0
+    for text in ("--host", "HOST_IP", "--iptables", "NET_ADMIN", "--pod-wait", "cali+", "lxc+"):
+        assert text in out
+
+
+async def test_missing_certificate_is_one_clear_line(tls_dirs, tmp_path):
+    missing = tmp_path / "agent.pem"
+    files = tls_dirs.agent
+    code, _, err = await run_to_exit(
+        *AGENT, "--host", "127.0.0.1", "--port", "0", "--prometheus-listen-addr", "",
+        "--cert", str(missing), "--key", str(files.key), "--ca", str(files.ca),
+    )  # fmt: skip
+    assert code == 1
+    assert str(missing) in one_line(err)
+
+
+async def test_port_in_use_is_one_clear_line(tls_dirs):
+    files = tls_dirs.agent
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        code, _, err = await run_to_exit(
+            *AGENT, "--host", "127.0.0.1", "--port", str(port), "--prometheus-listen-addr", "",
+            "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
+        )  # fmt: skip
+    finally:
+        blocker.close()
+    assert code == 1
+    assert f"127.0.0.1:{port}" in one_line(err)
+
+
+@requires_root
+async def test_iptables_without_net_admin_is_one_clear_line(tls_dirs):
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("setpriv (util-linux) is needed to drop NET_ADMIN")
+    files = tls_dirs.agent
+    # Inside a node namespace of its own, so nothing could touch this machine's rules.
+    async with Cluster(prefix="agentcap") as cluster:
+        node = cluster.node("n")
+        result = await node.arun(
+            setpriv, "--inh-caps", "-net_admin", "--bounding-set", "-net_admin", "--",
+            *AGENT, "--iptables", "--host", node.ip, "--port", "0",
+            "--prometheus-listen-addr", "",
+            "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
+            check=False, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "NET_ADMIN" in one_line(result.stderr)
