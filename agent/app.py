@@ -15,7 +15,7 @@ import signal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.client import ServerClient, StreamFollower, open_channel
+from agent.client import ServerClient, ServerConnection, StreamFollower
 from agent.config import AgentConfig
 from agent.handlers.credentials import CredentialsHandler
 from agent.handlers.health import HealthHandler
@@ -55,21 +55,27 @@ class PodiamAgent:
     async def start(self) -> None:
         config = self.config
         try:
-            channel = open_channel(
+            connection = ServerConnection(
                 config.server_address, TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
             )
         except TlsConfigError as error:
             raise StartupError(str(error)) from error
-        self._closers.append(channel.close)
+        self._closers.append(connection.close)
         if config.iptables:
             await self._install_redirect()
 
-        client = ServerClient(channel)
+        client = ServerClient(connection)
         follower = StreamFollower(
-            client, self.state, host_ip=config.host, server=config.server_address
+            client,
+            self.state,
+            host_ip=config.host,
+            server=config.server_address,
+            rotated=connection.rotated,
         )
         self.follower = follower
+        self.connection = connection
         self._tasks.append(asyncio.create_task(follower.run(), name="node-stream"))
+        self._tasks.append(asyncio.create_task(connection.watch_files(), name="tls-files"))
         proxy = MetadataProxy(config.metadata_endpoint, allow=config.allow_route_regexp)
         self._closers.append(proxy.close)
 

@@ -1,5 +1,6 @@
-"""The agent's side of the gRPC contract: one mutual-TLS channel to the podiam servers, the
-node stream that keeps ``NodeState`` current, and the unary calls used when it cannot answer.
+"""The agent's side of the gRPC contract: a mutual-TLS channel to the podiam servers (rebuilt
+when the certificate files are rotated), the node stream that keeps ``NodeState`` current, and
+the unary calls used when the stream cannot answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import grpc
 
 from agent import metrics
 from agent.state import NodeState
-from certs.tls import TlsFiles, channel_credentials
+from certs.tls import TlsConfigError, TlsFiles, channel_credentials, files_stamp
 from protos import kiam_pb2, kiam_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,58 @@ def open_channel(server_address: str, tls: TlsFiles) -> grpc.aio.Channel:
     )
 
 
+class ServerConnection:
+    """The channel to the servers. When the TLS files change (a certificate rotation), a new
+    channel is opened with the new files; calls in flight finish on the old one, which is closed
+    after a grace period, and ``rotated`` tells the node stream to move over."""
+
+    def __init__(self, server_address: str, tls: TlsFiles, *, check_every: float = 10.0) -> None:
+        self._address = server_address
+        self._tls = tls
+        self._check_every = check_every
+        self._stamp = files_stamp(tls)
+        self.channel = open_channel(server_address, tls)
+        self.stub = kiam_pb2_grpc.KiamServiceStub(self.channel)
+        self.rotated = asyncio.Event()
+        self._retired: set[asyncio.Task] = set()
+
+    async def watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_every)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        stamp = files_stamp(self._tls)
+        if stamp == self._stamp:
+            return False
+        try:
+            channel = open_channel(self._address, self._tls)
+        except TlsConfigError as error:
+            # Half-written or mismatched files: keep the working channel, try again later.
+            log.warning("TLS files changed but are not usable yet, keeping the old: %s", error)
+            return False
+        self._stamp = stamp
+        old, self.channel = self.channel, channel
+        self.stub = kiam_pb2_grpc.KiamServiceStub(channel)
+        retire = asyncio.create_task(old.close(grace=30))
+        self._retired.add(retire)
+        retire.add_done_callback(self._retired.discard)
+        log.info("TLS files changed: reconnecting to the podiam server with the new certificate")
+        self.rotated.set()
+        return True
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+
+
 class ServerClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = kiam_pb2_grpc.KiamServiceStub(channel)
+    def __init__(self, connection: ServerConnection) -> None:
+        self._connection = connection
+
+    @property
+    def _stub(self) -> kiam_pb2_grpc.KiamServiceStub:
+        return self._connection.stub
 
     async def pod_role(self, ip: str, *, seconds: float) -> str:
         request = kiam_pb2.GetPodRoleRequest(ip=ip)
@@ -68,14 +118,27 @@ async def _counted(rpc: str, call):
     return answer
 
 
+class _Rotated(Exception):
+    """The certificate files changed: follow the stream again on the new channel."""
+
+
 class StreamFollower:
     """Keeps ``state`` in step with the server's node stream, reconnecting with backoff."""
 
-    def __init__(self, client: ServerClient, state: NodeState, *, host_ip: str, server: str):
+    def __init__(
+        self,
+        client: ServerClient,
+        state: NodeState,
+        *,
+        host_ip: str,
+        server: str,
+        rotated: asyncio.Event | None = None,
+    ) -> None:
         self._client = client
         self._state = state
         self._host_ip = host_ip
         self._server = server
+        self._rotated = rotated or asyncio.Event()
         # Set once the first snapshot arrived: until then the agent serves no credentials.
         self.connected = asyncio.Event()
 
@@ -84,13 +147,16 @@ class StreamFollower:
         while True:
             try:
                 await self._follow()
-                reason = "the server ended the stream"
+                reason, failures = "the server ended the stream", 0
+            except _Rotated:
+                reason, failures = "the certificate was rotated", 0
             except grpc.aio.AioRpcError as error:
-                reason = f"{error.code().name}: {error.details()}"
+                reason, failures = f"{error.code().name}: {error.details()}", failures + 1
+            # Whatever the stream said may be stale now (a deleted pod's IP may be reused
+            # before we are back): forget it; requests go to the server meanwhile.
             self._state.lost()
             metrics.STREAM_CONNECTED.set(0)
             metrics.STREAM_RECONNECTS.inc()
-            failures = 0 if reason.startswith("the server ended") else failures + 1
             delay = _backoff(failures)
             log.warning(
                 "node stream from podiam server %s lost (%s); reconnecting in %.1fs",
@@ -101,17 +167,30 @@ class StreamFollower:
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
+        self._rotated.clear()
         stream = self._client.watch_node(self._host_ip)
+        updates = asyncio.ensure_future(self._apply_all(stream))
+        rotation = asyncio.ensure_future(self._rotated.wait())
         try:
-            async for update in stream:
-                self._state.apply(update)
-                if update.synced and not self.connected.is_set():
+            await asyncio.wait({updates, rotation}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            rotation.cancel()
+            if not updates.done():
+                stream.cancel()
+                updates.cancel()
+                await asyncio.gather(updates, return_exceptions=True)
+        if updates.cancelled():
+            raise _Rotated
+        updates.result()  # the stream's end, or its error
+
+    async def _apply_all(self, stream) -> None:
+        async for update in stream:
+            self._state.apply(update)
+            if update.synced:
+                metrics.STREAM_CONNECTED.set(1)
+                if not self.connected.is_set():
                     log.info("node stream from %s synced", self._server)
                     self.connected.set()
-                if update.synced:
-                    metrics.STREAM_CONNECTED.set(1)
-        finally:
-            stream.cancel()
 
 
 def _backoff(failures: int) -> float:

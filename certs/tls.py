@@ -171,7 +171,7 @@ def server_credentials(files: TlsFiles, *, reload: bool = False) -> grpc.ServerC
     and ignored: the server keeps serving with the last good material.
     """
     # Stamped before reading: a change while reading is re-read at the first handshake.
-    stamp = _stamp(files)
+    stamp = files_stamp(files)
     cert_pem, key_pem, ca_pem = load_tls_material(files)
     if not reload:
         return grpc.ssl_server_credentials(
@@ -185,10 +185,13 @@ def server_credentials(files: TlsFiles, *, reload: bool = False) -> grpc.ServerC
 
 
 _FileStamp = tuple[int, int, int] | None  # (inode, size, mtime_ns), None when missing
-_Stamp = tuple[_FileStamp, _FileStamp, _FileStamp]
+FilesStamp = tuple[_FileStamp, _FileStamp, _FileStamp]
 
 
-def _stamp(files: TlsFiles) -> _Stamp:
+def files_stamp(files: TlsFiles) -> FilesStamp:
+    """What identifies the current contents of the three files, cheaply: compare two stamps to
+    know whether anything changed (a rotation) without reading the files."""
+
     def one(path: Path) -> _FileStamp:
         try:
             st = os.stat(path)  # follows symlinks: Kubernetes swaps the ..data link on update
@@ -206,11 +209,11 @@ class _ReloadingFetcher:
     read and the new files are valid. Called from gRPC's own threads, hence the lock.
     """
 
-    def __init__(self, files: TlsFiles, *, loaded: _Stamp) -> None:
+    def __init__(self, files: TlsFiles, *, loaded: FilesStamp) -> None:
         self._files = files
         self._lock = threading.Lock()
         self._current = loaded  # the files' stamp when the material in use was read
-        self._rejected: _Stamp | None = None
+        self._rejected: FilesStamp | None = None
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         try:
@@ -220,7 +223,7 @@ class _ReloadingFetcher:
             return None
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        stamp = _stamp(self._files)
+        stamp = files_stamp(self._files)
         with self._lock:
             if stamp == self._current or stamp == self._rejected:
                 return None

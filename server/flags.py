@@ -1,4 +1,5 @@
-"""Command-line flags with environment-variable twins, and the value types they share.
+"""Command-line flags with environment-variable twins, and the value types they share (used by
+both podiam-server and podiam-agent).
 
 Every flag can also be set from its environment variable (the flag wins), which is how the Helm
 chart and container platforms usually configure a process. ``--help`` names each twin.

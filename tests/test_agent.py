@@ -14,7 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from agent.client import ServerClient, open_channel
+from agent.client import ServerClient, ServerConnection
 from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
@@ -362,10 +362,10 @@ async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
     # A lookup whose stream state is not live: every answer comes from the unary RPCs.
     ip = add_pod(kube, "unary", "app-unary")
     await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
-    channel = open_channel(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
+    connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()
-    lookup = PodLookup(NodeState(), ServerClient(channel), pod_wait=0.9, connected=connected)
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
     try:
         assert (await lookup.entry(ip)).role_name == "app-unary"
         assert json.loads(await lookup.credentials(ip, "app-unary"))["Code"] == "Success"
@@ -378,5 +378,5 @@ async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
             await lookup.entry(forbidden)
         assert refused.value.status == 403
     finally:
-        await channel.close()
+        await connection.close()
     assert grpc  # the unary path above used real gRPC over TLS
