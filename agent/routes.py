@@ -56,6 +56,7 @@ class MetadataRoutes:
         self._tokens = tokens
         self._require_imdsv2 = require_imdsv2
         self._token = token
+        self._children: dict[tuple[str, int], tuple] = {}
         # Exact paths, with the route's name for metrics.
         self._exact: dict[str, tuple[str, Handler]] = {
             CREDENTIALS: ("role", role),
@@ -76,9 +77,20 @@ class MetadataRoutes:
             response = self._refuse(request, route, Refused(400, rejected.reason, str(rejected)))
         except Refused as refused:
             response = self._refuse(request, route, refused)
-        metrics.REQUESTS.labels(route=route, status=str(response.status)).inc()
-        metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
+        self._account(route, response.status, time.perf_counter() - started)
         return response
+
+    def _account(self, route: str, status: int, seconds: float) -> None:
+        # Looking metric children up by label costs more than answering from memory does;
+        # the few (route, status) pairs are bound once.
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[(route, status)] = (
+                metrics.REQUESTS.labels(route=route, status=str(status)),
+                metrics.REQUEST_SECONDS.labels(route=route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _resolve(
         self, request: web.Request, path: str, ip: str
