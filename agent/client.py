@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
+FIRST_UPDATE_SECONDS = 10.0
 
 
 def open_channel(server_address: str, tls: TlsFiles) -> grpc.aio.Channel:
@@ -122,6 +123,10 @@ class _Rotated(Exception):
     """The certificate files changed: follow the stream again on the new channel."""
 
 
+class _Stalled(Exception):
+    """The stream was opened but brought nothing."""
+
+
 class StreamFollower:
     """Keeps ``state`` in step with the server's node stream, reconnecting with backoff."""
 
@@ -133,8 +138,10 @@ class StreamFollower:
         host_ip: str,
         server: str,
         rotated: asyncio.Event | None = None,
+        first_update_seconds: float = FIRST_UPDATE_SECONDS,
     ) -> None:
         self._client = client
+        self._first_update_seconds = first_update_seconds
         self._state = state
         self._host_ip = host_ip
         self._server = server
@@ -152,6 +159,8 @@ class StreamFollower:
                 reason, failures = "the certificate was rotated", 0
             except grpc.aio.AioRpcError as error:
                 reason, failures = f"{error.code().name}: {error.details()}", failures + 1
+            except _Stalled as error:
+                reason, failures = str(error), failures + 1
             # Whatever the stream said may be stale now (a deleted pod's IP may be reused
             # before we are back): forget it; requests go to the server meanwhile.
             self._state.lost()
@@ -175,8 +184,8 @@ class StreamFollower:
             await asyncio.wait({updates, rotation}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             rotation.cancel()
+            stream.cancel()  # a no-op when the call has already ended
             if not updates.done():
-                stream.cancel()
                 updates.cancel()
                 await asyncio.gather(updates, return_exceptions=True)
         if updates.cancelled():
@@ -184,13 +193,20 @@ class StreamFollower:
         updates.result()  # the stream's end, or its error
 
     async def _apply_all(self, stream) -> None:
-        async for update in stream:
+        # The snapshot comes at once from a server that is up; a call stuck connecting (a
+        # black-holed address) would otherwise wait silently, so give up and say so.
+        try:
+            update = await asyncio.wait_for(stream.read(), self._first_update_seconds)
+        except TimeoutError:
+            raise _Stalled(f"no snapshot within {self._first_update_seconds:g}s") from None
+        while update is not grpc.aio.EOF:
             self._state.apply(update)
             if update.synced:
                 metrics.STREAM_CONNECTED.set(1)
                 if not self.connected.is_set():
                     log.info("node stream from %s synced", self._server)
                     self.connected.set()
+            update = await stream.read()
 
 
 def _backoff(failures: int) -> float:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from agent.client import ServerClient, ServerConnection
+from agent.client import ServerClient, ServerConnection, StreamFollower
 from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
@@ -380,3 +380,24 @@ async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
     finally:
         await connection.close()
     assert grpc  # the unary path above used real gRPC over TLS
+
+
+async def test_a_server_address_that_never_answers_is_reported_and_retried(tls_dirs, caplog):
+    # A listener that accepts connections and never speaks: TLS never completes, the stream
+    # never starts. The agent must say so and try again, not wait silently.
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    connection = ServerConnection(f"127.0.0.1:{port}", tls_dirs.agent)
+    follower = StreamFollower(
+        ServerClient(connection), NodeState(), host_ip=NODE, server=f"127.0.0.1:{port}",
+        first_update_seconds=0.3,
+    )  # fmt: skip
+    task = asyncio.create_task(follower.run())
+    try:
+        await eventually(lambda: "no snapshot within 0.3s" in caplog.text, timeout=10)
+        assert not follower.connected.is_set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await connection.close()
+        silent.close()

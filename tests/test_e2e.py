@@ -1,0 +1,304 @@
+"""podiam end to end: the real server and agents as processes on a one-machine cluster of network
+namespaces, and real AWS clients (boto3, the AWS CLI) inside pods asking 169.254.169.254 — what a
+user of EKS sees. See ``tests/support/e2e.py`` for how the cluster is built.
+
+Every client runs in a pod's namespace with only ``PodiamCluster.pod_env()`` as environment: no
+credentials, no config files, nothing disabling the metadata service. If a request ever leaked
+through to the node's metadata service (moto here), it would answer with moto's own instance
+credentials, ``default-role`` / access key ``test-key``; the tests check that never happens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.support.e2e import REPO, WHO_AM_I, PodiamCluster, PodiamPod, dnat_rules
+from tests.support.netns import list_namespaces, requires_root, root_links
+
+pytestmark = requires_root
+
+CREDS = "/latest/meta-data/iam/security-credentials/"
+TOKEN_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN = "X-aws-ec2-metadata-token"
+NODE_ACCESS_KEY = "test-key"  # what moto's metadata service hands out as the node's credentials
+NODE_ROLE = "default-role"
+AWS_CLI = str(Path(sys.executable).with_name("aws"))
+PERMITTED = {"apps": "app-.*", "other": "other-.*"}
+
+# Inside a pod: GetCallerIdentity with the credentials given as arguments.
+CALLER_OF = r"""
+import sys
+import boto3
+url, key, secret, token = sys.argv[1:5]
+sts = boto3.client("sts", endpoint_url=url, aws_access_key_id=key,
+                   aws_secret_access_key=secret, aws_session_token=token)
+print(sts.get_caller_identity()["Arn"])
+"""
+
+# Inside a node, as an agent would: GetPodCredentials over mutual TLS with the agent certificate.
+# Prints "OK <access key>" or the status code's name and the server's message.
+ASK_SERVER = r"""
+import sys
+from pathlib import Path
+import grpc
+from certs.tls import TlsFiles, channel_credentials
+from protos import kiam_pb2, kiam_pb2_grpc
+target, ip, role, tls = sys.argv[1:5]
+credentials = channel_credentials(TlsFiles.agent_in(Path(tls)))
+with grpc.secure_channel(target, credentials) as channel:
+    stub = kiam_pb2_grpc.KiamServiceStub(channel)
+    request = kiam_pb2.GetPodCredentialsRequest(ip=ip, role=role)
+    try:
+        answer = stub.GetPodCredentials(request, timeout=10)
+        print("OK", answer.access_key_id)
+    except grpc.RpcError as error:
+        print(error.code().name, error.details())
+"""
+
+
+@pytest_asyncio.fixture(scope="module")
+async def podiam() -> AsyncIterator[PodiamCluster]:
+    async with PodiamCluster(workers=2, permitted=PERMITTED) as podiam:
+        yield podiam
+    assert leftovers(podiam) == [], "the cluster left namespaces or links behind"
+
+
+def leftovers(podiam: PodiamCluster) -> list[str]:
+    cluster = podiam.cluster
+    names = [n for n in list_namespaces() if n.startswith(cluster.run_id)]
+    return names + [link for link in root_links() if link == cluster.root_interface]
+
+
+def assumed_role(role: str) -> str:
+    return f"arn:aws:sts::123456789012:assumed-role/{role}/"
+
+
+async def who_am_i(podiam: PodiamCluster, pod: PodiamPod, **env: str) -> dict:
+    result = await pod.run(sys.executable, "-c", WHO_AM_I, podiam.sts_url, env=env)
+    assert result.returncode == 0, result.stderr + podiam.logs()
+    return json.loads(result.stdout)
+
+
+def assert_no_credentials(found: dict, podiam: PodiamCluster) -> None:
+    assert found["access_key"] != NODE_ACCESS_KEY, "the node's credentials reached a pod"
+    assert (found["method"], found["access_key"]) == (None, None), found
+    assert (found["arn"], found["error"]) == (None, "NoCredentialsError"), podiam.logs()
+
+
+# ---------------------------------------------------------------- real clients get the pod's role
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({}, id="botocore-default-token-then-v1-fallback"),
+        pytest.param({"AWS_EC2_METADATA_V1_DISABLED": "true"}, id="imdsv2-only"),
+    ],
+)
+async def test_boto3_in_a_pod_gets_credentials_for_the_pods_own_role(
+    podiam: PodiamCluster, env: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    name = f"boto-{request.node.callspec.id[:8]}"
+    pod = podiam.add_pod(0, "apps", name, "app-web")
+    found = await who_am_i(podiam, pod, **env)
+    assert found["method"] == "iam-role", found  # the instance metadata provider answered
+    assert found["arn"].startswith(assumed_role("app-web")), found
+    assert found["access_key"] != NODE_ACCESS_KEY
+
+
+async def test_imdsv1_requests_without_a_token_get_the_pods_role(podiam: PodiamCluster) -> None:
+    # botocore always tries a token first, so the plain IMDSv1 exchange (no token at all), as
+    # older SDKs and curl scripts make it, is checked by hand; STS vouches for the result.
+    pod = podiam.add_pod(1, "apps", "imdsv1", "app-v1")
+    role = await pod.fetch(CREDS)
+    assert (role.status, role.body) == (200, "app-v1"), podiam.logs()
+    answer = await pod.fetch(CREDS + "app-v1")
+    assert answer.status == 200, answer
+    creds = json.loads(answer.body)
+    assert (creds["Code"], creds["Type"]) == ("Success", "AWS-HMAC")
+    arn = await pod.run(
+        sys.executable, "-c", CALLER_OF, podiam.sts_url,
+        creds["AccessKeyId"], creds["SecretAccessKey"], creds["Token"],
+    )  # fmt: skip
+    assert arn.stdout.startswith(assumed_role("app-v1")), arn.stderr
+
+
+async def test_aws_cli_in_a_pod_is_the_pods_own_role(podiam: PodiamCluster) -> None:
+    pod = podiam.add_pod(1, "apps", "cli", "app-cli")
+    result = await pod.run(
+        AWS_CLI, "sts", "get-caller-identity", "--endpoint-url", podiam.sts_url,
+        "--output", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + podiam.logs()
+    assert json.loads(result.stdout)["Arn"].startswith(assumed_role("app-cli"))
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [("forbidden", "admin"), ("no-role", None)],
+    ids=["role-not-permitted-by-namespace", "no-role-annotation"],
+)
+async def test_pod_without_a_permitted_role_finds_no_credentials_at_all(
+    podiam: PodiamCluster, name: str, role: str | None
+) -> None:
+    pod = podiam.add_pod(0, "apps", name, role)
+    assert_no_credentials(await who_am_i(podiam, pod), podiam)
+    # Asking for the node's role by name gets nothing either: 404 for a pod without a role (as
+    # an instance without a profile), 403 with the reason for one whose role is not permitted.
+    node_role = await pod.fetch(CREDS + NODE_ROLE)
+    assert node_role.status == (404 if role is None else 403), node_role
+    assert NODE_ACCESS_KEY not in node_role.body
+
+
+async def test_user_data_and_the_nodes_credentials_are_never_proxied(
+    podiam: PodiamCluster,
+) -> None:
+    pod = podiam.add_pod(1, "apps", "curious")
+    for path in ("/latest/user-data", CREDS + NODE_ROLE, "/latest/meta-data/iam/info"):
+        answer = await pod.fetch(path)
+        assert answer.status == 404, (path, answer)
+        assert NODE_ACCESS_KEY not in answer.body and NODE_ROLE not in answer.body, answer
+    # The agent saw the pod's own address (DNAT keeps it; only traffic to the LAN is
+    # masqueraded), which is how it tells pods apart.
+    assert f"GET /latest/user-data from {pod.ip} refused" in podiam.agent(1).log()
+
+
+async def test_allow_listed_metadata_paths_are_answered_by_the_real_metadata_service(
+    podiam: PodiamCluster,
+) -> None:
+    pod = podiam.add_pod(1, "apps", "regional")
+    answer = await pod.fetch("/latest/meta-data/placement/region")
+    assert (answer.status, answer.body) == (200, "us-east-1"), answer
+
+
+async def test_imdsv2_token_minted_for_one_pod_is_rejected_for_another(
+    podiam: PodiamCluster,
+) -> None:
+    owner = podiam.add_pod(0, "apps", "token-owner", "app-owner")
+    thief = podiam.add_pod(0, "apps", "token-thief", "app-thief")
+    minted = await owner.fetch("/latest/api/token", method="PUT", headers={TOKEN_TTL: "60"})
+    assert minted.status == 200, minted
+    token = {TOKEN: minted.body}
+    assert (await owner.fetch(CREDS, headers=token)).body == "app-owner"
+    stolen = await thief.fetch(CREDS, headers=token)
+    assert stolen.status == 401, stolen
+    assert "app-owner" not in stolen.body
+
+
+# ---------------------------------------------------------------- node binding
+
+
+async def test_agent_certificate_on_one_node_gets_nothing_for_pods_on_another(
+    podiam: PodiamCluster,
+) -> None:
+    pod = podiam.add_pod(1, "apps", "bound", "app-bound")
+    argv = [sys.executable, "-c", ASK_SERVER, podiam.server_address, pod.ip, "app-bound",
+            str(podiam.tls)]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO)}
+    elsewhere = await podiam.worker(0).arun(*argv, env=env, timeout=30)
+    assert elsewhere.stdout.startswith("PERMISSION_DENIED"), elsewhere.stdout + elsewhere.stderr
+    at_home = await pod.node.arun(*argv, env=env, timeout=30)
+    assert at_home.stdout.startswith("OK ASIA"), at_home.stdout + at_home.stderr
+
+
+# ---------------------------------------------------------------- IP reuse
+
+
+async def test_pod_reusing_a_deleted_pods_ip_never_gets_the_old_pods_role(
+    podiam: PodiamCluster,
+) -> None:
+    old = podiam.add_pod(0, "apps", "old-tenant", "app-old")
+    assert (await who_am_i(podiam, old))["arn"].startswith(assumed_role("app-old"))
+
+    podiam.delete_pod(old)
+    new = podiam.add_pod(0, "other", "new-tenant", "other-new", reuse=old)
+    assert new.ip == old.ip
+    # Asked at once, before anything could settle: the old role must already be gone.
+    role = await new.fetch(CREDS)
+    assert (role.status, role.body) == (200, "other-new"), podiam.logs()
+    found = await who_am_i(podiam, new)
+    assert found["arn"].startswith(assumed_role("other-new")), found
+    stale = await new.fetch(CREDS + "app-old")
+    assert stale.status == 404, stale
+
+
+# ---------------------------------------------------------------- the DNAT rule over restarts
+
+
+async def test_agent_removes_its_rule_on_stop_and_restarts_never_stack_copies(
+    podiam: PodiamCluster,
+) -> None:
+    agent = podiam.agent(1)
+    pod = podiam.add_pod(1, "apps", "restarts", "app-restarts")
+    assert len(agent.dnat_rules()) == 1
+
+    assert await agent.stop() == 0, agent.log()
+    assert agent.dnat_rules() == []
+    # With no rule, the metadata address is unreachable: no answer at all, never the node's.
+    stranded = await pod.fetch(CREDS, timeout=1)
+    assert stranded.status is None, stranded
+
+    for _ in range(2):
+        await agent.start()
+        assert len(agent.dnat_rules()) == 1
+        assert await agent.stop() == 0, agent.log()
+    await agent.start()
+    assert len(agent.dnat_rules()) == 1
+
+    # Killed without a chance to clean up, the rule stays (pods get no answer, not the node's
+    # credentials); the next agent finds it and does not add a second copy.
+    await agent.kill()
+    assert len(agent.dnat_rules()) == 1
+    await agent.start()
+    assert len(agent.dnat_rules()) == 1
+    answer = await pod.fetch(CREDS)
+    assert (answer.status, answer.body) == (200, "app-restarts"), agent.log()
+
+
+# ---------------------------------------------------------------- nothing left behind
+
+
+def root_state(podiam: PodiamCluster) -> list[str]:
+    """Root-namespace routes and rules that mention the cluster's LAN or pod addresses."""
+    lan = f"10.200.{podiam.cluster.lan}."
+    outputs = [
+        subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        for argv in (["ip", "route", "show", "table", "all"], ["iptables-save"])
+    ]
+    return [
+        line
+        for out in outputs
+        for line in out.splitlines()
+        if (lan in line or "10.201." in line) and not line.startswith("#")
+    ]
+
+
+async def test_teardown_leaves_no_namespaces_links_rules_or_processes() -> None:
+    podiam = PodiamCluster(workers=1, permitted={"apps": ".*"})
+    async with podiam:
+        pod = podiam.add_pod(0, "apps", "short-lived", "app-brief")
+        assert (await pod.fetch(CREDS)).body == "app-brief"
+        node, server = podiam.worker(0), podiam.server
+        assert len(dnat_rules(node)) == 1
+        # Only the root-namespace link: no routes to pods, no rules outside the nodes.
+        assert root_state(podiam) == [
+            line for line in root_state(podiam) if podiam.cluster.root_interface in line
+        ]
+        await podiam.stop_agents()
+        assert dnat_rules(node) == [], "a stopped agent must remove its DNAT rule"
+        assert all(agent.returncode == 0 for agent in podiam.agents.values()), podiam.logs()
+    assert leftovers(podiam) == []
+    assert root_state(podiam) == []
+    assert server is not None and server.returncode == 0, server.log()
+    assert all(p.returncode is not None for p in podiam.processes), "a process survived"
+    assert not podiam.work.exists()
