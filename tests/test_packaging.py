@@ -1,0 +1,298 @@
+"""Packaging: the wheel the images install builds from the Docker build context, installs into a
+fresh virtualenv with its dependencies, and its console scripts run; the Dockerfiles follow the
+rules the images promise (checked by reading them: no container engine is needed here)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("agent", "server", "protos", "certs")
+SCRIPTS = ("podiam-server", "podiam-agent", "podiam-certs")
+OCI_LABELS = {
+    "org.opencontainers.image.title",
+    "org.opencontainers.image.description",
+    "org.opencontainers.image.source",
+    "org.opencontainers.image.licenses",
+    "org.opencontainers.image.version",
+    "org.opencontainers.image.revision",
+    "org.opencontainers.image.created",
+}
+
+
+# --- The build context, as Docker sends it ---------------------------------------------------
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule, for the patterns this repository uses: a path is excluded when it or one
+    of its parent directories matches a pattern (``**/`` matches at any depth)."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        for prefix in prefixes:
+            if fnmatch.fnmatch(prefix, pattern):
+                return True
+            if pattern.startswith("**/") and fnmatch.fnmatch(prefix.split("/")[-1], pattern[3:]):
+                return True
+    return False
+
+
+def copy_build_context(destination: Path) -> Path:
+    patterns = dockerignore_patterns()
+    for directory, subdirs, files in os.walk(ROOT):
+        base = Path(directory).relative_to(ROOT)
+        subdirs[:] = [d for d in subdirs if not ignored((base / d).as_posix(), patterns)]
+        for name in files:
+            relative = (base / name).as_posix()
+            if not ignored(relative, patterns):
+                target = destination / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / relative, target)
+    return destination
+
+
+# --- The wheel -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """Built once from a copy of the build context (never writing into the source tree)."""
+    context = copy_build_context(tmp_path_factory.mktemp("context"))
+    out = tmp_path_factory.mktemp("wheels")
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(context)])
+    (built,) = out.glob("podiam-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv with the wheel and its dependencies, as the images install it."""
+    root = tmp_path_factory.mktemp("venv")
+    run([sys.executable, "-m", "venv", "--without-pip", str(root)])
+    python = root / "bin" / "python"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-compile",
+            str(wheel),
+        ]
+    )
+    return root
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, **kwargs)
+    assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_wheel_holds_every_package_and_the_proto(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    source_packages = {
+        init.parent.relative_to(ROOT).as_posix()
+        for package in PACKAGES
+        for init in (ROOT / package).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    missing = sorted(p for p in source_packages if f"{p}/__init__.py" not in names)
+    assert not missing, f"packages missing from the wheel: {missing}"
+    assert "protos/kiam.proto" in names
+    assert not any(name.startswith("tests/") for name in names)
+
+
+def test_wheel_declares_the_console_scripts(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
+        text = archive.read(entry_points).decode()
+    for script in SCRIPTS:
+        assert re.search(rf"^{script} = \w+\.__main__:main$", text, re.M), text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_installed_console_script_runs_help(venv, script, tmp_path):
+    """What each image's smoke test does: the entry point imports everything it needs, from the
+    installed wheel alone (run outside the source tree, without PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PODIAM_"))}
+    env.pop("HOST_IP", None)
+    result = run([str(venv / "bin" / script), "--help"], cwd=tmp_path, env=env)
+    assert f"usage: {script}" in result.stdout
+
+
+def test_installed_packages_come_from_the_virtualenv(venv, tmp_path):
+    code = "import agent, server, certs, protos; print(server.__file__)"
+    result = run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env={})
+    assert result.stdout.startswith(str(venv))
+
+
+# --- The Dockerfiles -------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+    def runs(self) -> str:
+        return "\n".join(self.all("RUN"))
+
+
+@dataclass
+class Dockerfile:
+    args: dict[str, str]  # ARGs before the first FROM, with their defaults
+    stages: list[Stage]
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    def resolve(self, text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: self.args[m[1] or m[2]], text)
+
+
+def parse_dockerfile(path: Path) -> Dockerfile:
+    """Instructions with continuation lines joined and comments dropped (parser directives too)."""
+    logical, current = [], ""
+    for line in path.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for text in logical:
+        instruction, _, rest = text.strip().partition(" ")
+        instruction, rest = instruction.upper(), " ".join(rest.split())
+        if instruction == "FROM":
+            words = rest.split()
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            stages.append(Stage(base=words[0], name=name))
+        elif not stages:
+            assert instruction == "ARG", f"{path.name}: {instruction} before FROM"
+            key, _, default = rest.partition("=")
+            args[key] = default
+        else:
+            stages[-1].instructions.append((instruction, rest))
+    return Dockerfile(args=args, stages=stages)
+
+
+@pytest.fixture(scope="module", params=["server", "agent"])
+def image(request) -> tuple[str, Dockerfile]:
+    return request.param, parse_dockerfile(ROOT / f"Dockerfile.{request.param}")
+
+
+def test_multi_stage_build_on_a_slim_python_base(image):
+    _, dockerfile = image
+    assert len(dockerfile.stages) >= 2
+    bases = {dockerfile.resolve(stage.base) for stage in dockerfile.stages}
+    # One base for both stages: the virtualenv's interpreter links must hold in the image.
+    assert len(bases) == 1
+    (base,) = bases
+    assert re.fullmatch(r"python:3\.11[\w.-]*-slim[\w.-]*", base), base
+
+
+def test_wheel_is_built_once_and_installed_into_a_virtualenv(image):
+    _, dockerfile = image
+    build, final = dockerfile.stages[0], dockerfile.final
+    assert build.name
+    assert build.runs().count("pip wheel") == 1
+    # The wheel, not the source tree, is installed; only binary wheels (no compiler needed).
+    installs = re.findall(r"pip [^&]*install ([^&]*)", build.runs())
+    assert installs and all("/wheels/" in args and "--only-binary" in args for args in installs)
+    assert f"--from={build.name} /opt/podiam /opt/podiam" in final.all("COPY")
+    assert "pip" not in final.runs()  # nothing built or cached in the image itself
+    assert any("PATH=/opt/podiam/bin:$PATH" in env for env in final.all("ENV"))
+
+
+def test_copied_sources_are_in_the_build_context(image):
+    _, dockerfile = image
+    patterns = dockerignore_patterns()
+    copied = [
+        source.rstrip("/")
+        for args in dockerfile.stages[0].all("COPY")
+        for source in args.split()[:-1]
+        if not source.startswith("--")
+    ]
+    assert set(PACKAGES) <= set(copied)
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        assert not ignored(source, patterns), f"{source} is excluded by .dockerignore"
+
+
+def test_no_compilers_or_package_caches_in_the_image(image):
+    _, dockerfile = image
+    runs = dockerfile.final.runs()
+    assert not re.search(r"\b(gcc|g\+\+|build-essential|clang|make|python3-dev)\b", runs)
+    if "apt-get install" in runs:
+        assert "--no-install-recommends" in runs
+        assert "rm -rf /var/lib/apt/lists/*" in runs
+
+
+def test_oci_labels(image):
+    _, dockerfile = image
+    labels = " ".join(dockerfile.final.all("LABEL"))
+    keys = set(re.findall(r"(org\.opencontainers\.image\.\w+)=", labels))
+    assert keys >= OCI_LABELS
+
+
+def test_entry_point_is_the_console_script_and_is_smoke_tested(image):
+    name, dockerfile = image
+    script = f"podiam-{name}"
+    (entrypoint,) = dockerfile.final.all("ENTRYPOINT")
+    assert json.loads(entrypoint) == [script]
+    assert f"{script} --help" in dockerfile.final.runs()
+
+
+def test_server_image_runs_as_a_non_root_user(image):
+    name, dockerfile = image
+    user = dockerfile.final.all("USER")[-1]
+    assert user.split(":")[0] not in {"0", "root"}
+    if name == "server":
+        assert "apt-get" not in dockerfile.final.runs()
+
+
+def test_agent_image_has_iptables():
+    dockerfile = parse_dockerfile(ROOT / "Dockerfile.agent")
+    runs = dockerfile.final.runs()
+    assert re.search(r"apt-get install [^&]*\biptables\b", runs)
+    assert "command -v iptables" in runs
+
+
+def test_exposed_ports_are_the_charts_defaults(image):
+    name, dockerfile = image
+    values = yaml.safe_load((ROOT / "charts/podiam/values.yaml").read_text())
+    component = values[name]
+    expected = {component["port"], component["metrics"]["port"]}
+    (exposed,) = dockerfile.final.all("EXPOSE")
+    assert {int(port) for port in exposed.split()} == expected
