@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,15 +29,12 @@ from agent.routes import MetadataRoutes
 from agent.state import NodeState
 from agent.tokens import TokenAuthority
 from certs.tls import TlsConfigError, TlsFiles
+from server.process import StartupError
 
 log = logging.getLogger(__name__)
 
 # How long in-flight requests may take to finish at shutdown.
 DRAIN_SECONDS = 5.0
-
-
-class StartupError(Exception):
-    """A configuration or environment problem, reported as one line before exiting."""
 
 
 class PodiamAgent:
@@ -157,18 +153,3 @@ def _metrics_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     return app
-
-
-async def run(config: AgentConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    agent = PodiamAgent(config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
-        await agent.start()
-        await stopping.wait()
-        log.info("shutting down")
-    finally:
-        await agent.stop()

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
-from server.flags import EnvDefaultsParser, duration, host_port, log_level
+from server.flags import EnvDefaultsParser, duration, host_port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
 
@@ -63,20 +63,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="podiam server host:port; a DNS name with several addresses (a headless "
         "Service) is balanced round-robin",
     )
-    flag(
-        "--cert",
-        env="PODIAM_CERT",
-        type=Path,
-        required=True,
-        help="PEM agent client certificate (clientAuth)",
-    )
-    flag("--key", env="PODIAM_KEY", type=Path, required=True, help="PEM private key of --cert")
-    flag(
-        "--ca",
-        env="PODIAM_CA",
-        type=Path,
-        required=True,
-        help="PEM CA bundle the server certificate must chain to",
+    parser.add_tls_flags(
+        cert_help="PEM agent client certificate (clientAuth)",
+        ca_help="PEM CA bundle the server certificate must chain to",
     )
     flag(
         "--iptables",
@@ -127,26 +116,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         action="store_true",
         help="refuse credential requests without a valid IMDSv2 token",
     )
-    flag(
-        "--prometheus-listen-addr",
-        env="PODIAM_PROMETHEUS_LISTEN_ADDR",
-        type=_optional_host_port,
-        default="0.0.0.0:9620",
-        help="address of the Prometheus /metrics endpoint; empty disables it",
-    )
-    flag(
-        "--log-level",
-        env="PODIAM_LOG_LEVEL",
-        type=log_level,
-        default="info",
-        help="debug, info, warning or error",
-    )
-    flag(
-        "--json-log",
-        env="PODIAM_JSON_LOG",
-        action="store_true",
-        help="log one JSON object per line",
-    )
+    parser.add_process_flags()
     return parser  # fmt: skip
 
 
@@ -168,10 +138,6 @@ def _regexp(text: str) -> re.Pattern[str]:
         return re.compile(text)
     except re.error as error:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {error}") from error
-
-
-def _optional_host_port(text: str) -> tuple[str, int] | None:
-    return host_port(text) if text.strip() else None
 
 
 def parse_config(

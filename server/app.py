@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import boto3
 import grpc
@@ -24,6 +23,7 @@ from server.credentials import CredentialCache
 from server.events import EventRecorder
 from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
 from server.pods import PodRecord
+from server.process import StartupError
 from server.registry import Registry
 from server.service import KiamService
 from server.sts import StsGateway, session_name_for
@@ -34,10 +34,6 @@ SERVICE_NAME = "kiam.KiamService"
 # Finished pods are of no interest, and with this selector the API server reports a pod that
 # finishes as DELETED, so the IP it held is released at once.
 ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
-
-
-class StartupError(Exception):
-    """A configuration or environment problem, reported as one line before exiting."""
 
 
 class PodiamServer:
@@ -185,18 +181,3 @@ def _as_async(fn):
         fn()
 
     return call
-
-
-async def run(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = PodiamServer(config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
-        await server.start()
-        await stopping.wait()
-        log.info("shutting down")
-    finally:
-        await server.stop()

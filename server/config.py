@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from server.arn import ArnError, is_role_arn, normalise_base_arn
-from server.flags import EnvDefaultsParser, duration, host_port, log_level
+from server.flags import EnvDefaultsParser, duration, host_port
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
 # them on every call, so podiam never hands out credentials with less than this remaining.
@@ -61,20 +61,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default="0.0.0.0:443",
         help="address the gRPC server listens on",
     )
-    flag(
-        "--cert",
-        env="PODIAM_CERT",
-        type=Path,
-        required=True,
-        help="PEM server certificate (serverAuth)",
-    )
-    flag("--key", env="PODIAM_KEY", type=Path, required=True, help="PEM private key of --cert")
-    flag(
-        "--ca",
-        env="PODIAM_CA",
-        type=Path,
-        required=True,
-        help="PEM CA bundle that agent client certificates must chain to",
+    parser.add_tls_flags(
+        cert_help="PEM server certificate (serverAuth)",
+        ca_help="PEM CA bundle that agent client certificates must chain to",
     )
     flag(
         "--kubeconfig",
@@ -152,42 +141,19 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "peer address equal to the pod's status.hostIP); weakens isolation",
     )
     flag(
-        "--prometheus-listen-addr",
-        env="PODIAM_PROMETHEUS_LISTEN_ADDR",
-        type=_optional_host_port,
-        default="0.0.0.0:9620",
-        help="address of the Prometheus /metrics endpoint; empty disables it",
-    )
-    flag(
         "--max-connection-age",
         env="PODIAM_MAX_CONNECTION_AGE",
         type=duration,
         default="10m",
         help="agents reconnect after this long, so they spread across server replicas",
     )
-    flag(
-        "--log-level",
-        env="PODIAM_LOG_LEVEL",
-        type=log_level,
-        default="info",
-        help="debug, info, warning or error",
-    )
-    flag(
-        "--json-log",
-        env="PODIAM_JSON_LOG",
-        action="store_true",
-        help="log one JSON object per line",
-    )
+    parser.add_process_flags()
     return parser
 
 
 def _env_switch(parser: EnvDefaultsParser, env: str) -> bool:
     raw = parser._environ.get(env)
     return parser._switch_from_env(env, raw) if raw is not None else False
-
-
-def _optional_host_port(text: str) -> tuple[str, int] | None:
-    return host_port(text) if text.strip() else None
 
 
 def parse_config(

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
@@ -38,6 +39,11 @@ def host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def optional_host_port(text: str) -> tuple[str, int] | None:
+    """``host:port``, or empty for "disabled"."""
+    return host_port(text) if text.strip() else None
 
 
 def log_level(text: str) -> str:
@@ -71,6 +77,35 @@ class EnvDefaultsParser(argparse.ArgumentParser):
                     self.error(f"environment variable {env}: {error}")
                 kwargs["required"] = False
         return self.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
+
+    def add_tls_flags(self, *, cert_help: str, ca_help: str) -> None:
+        """--cert, --key and --ca: this side's certificate and key, and the CA of the peer."""
+        self.add_flag("--cert", env="PODIAM_CERT", type=Path, required=True, help=cert_help)
+        self.add_flag(
+            "--key", env="PODIAM_KEY", type=Path, required=True, help="PEM private key of --cert"
+        )
+        self.add_flag("--ca", env="PODIAM_CA", type=Path, required=True, help=ca_help)
+
+    def add_process_flags(self) -> None:
+        """Metrics address and logging, the same for server and agent."""
+        self.add_flag(
+            "--prometheus-listen-addr",
+            env="PODIAM_PROMETHEUS_LISTEN_ADDR",
+            type=optional_host_port,
+            default="0.0.0.0:9620",
+            help="address of the Prometheus /metrics endpoint; empty disables it",
+        )
+        self.add_flag(
+            "--log-level",
+            env="PODIAM_LOG_LEVEL",
+            type=log_level,
+            default="info",
+            help="debug, info, warning or error",
+        )
+        self.add_flag(
+            "--json-log", env="PODIAM_JSON_LOG", action="store_true",
+            help="log one JSON object per line",
+        )  # fmt: skip
 
     def _switch_from_env(self, env: str, raw: str) -> bool:
         value = raw.strip().lower()
