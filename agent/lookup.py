@@ -49,15 +49,22 @@ class PodLookup:
         _check_permitted(entry)
         return entry
 
-    async def credentials(self, ip: str, requested: str) -> bytes:
-        """The IMDS credentials document for the calling pod, if ``requested`` is its role."""
-        # The hot path: a pod the stream knows, asking for credentials the stream brought.
+    def known_credentials(self, ip: str, requested: str) -> bytes | None:
+        """The hot path: a pod the stream knows, asking for credentials the stream brought —
+        answered without awaiting anything; None when the stream cannot answer at once."""
         entry = self._state.pods.get(ip)
         if entry is not None and entry.identity:
             body = self._state.credentials.get(entry.identity)
             if body is not None:
                 _check_requested(entry, requested)
                 return body
+        return None
+
+    async def credentials(self, ip: str, requested: str) -> bytes:
+        """The IMDS credentials document for the calling pod, if ``requested`` is its role."""
+        body = self.known_credentials(ip, requested)
+        if body is not None:
+            return body
         budget = _Budget(self._pod_wait)
         entry = await self._from_stream(ip, budget)
         if entry is not None:

@@ -46,6 +46,7 @@ do not, so the agent accepts only paths that are already unambiguous.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 
@@ -72,6 +73,9 @@ class PathRejected(Exception):
         self.message = message
 
 
+# Pods send the same few paths over and over: accepted paths are remembered (a rejection
+# raises, and lru_cache never remembers those), so the hot path checks each path once.
+@functools.lru_cache(maxsize=1024)
 def canonical_path(raw_path: str) -> str:
     """Return ``raw_path`` if it is canonical, else raise `PathRejected`.
 

@@ -56,7 +56,6 @@ class MetadataRoutes:
         self._tokens = tokens
         self._require_imdsv2 = require_imdsv2
         self._token = token
-        self._children: dict[tuple[str, int], tuple] = {}
         # Exact paths, with the route's name for metrics.
         self._exact: dict[str, tuple[str, Handler]] = {
             CREDENTIALS: ("role", role),
@@ -71,52 +70,39 @@ class MetadataRoutes:
         try:
             path = canonical_path(request.raw_path.partition("?")[0])
             ip = request.remote or ""
-            route, answer = self._resolve(request, path, ip)
-            response = await answer()
+            route, handler, args = self._resolve(request, path, ip)
+            response = await handler(*args)
         except PathRejected as rejected:
             response = self._refuse(request, route, Refused(400, rejected.reason, str(rejected)))
         except Refused as refused:
             response = self._refuse(request, route, refused)
-        self._account(route, response.status, time.perf_counter() - started)
+        metrics.REQUESTS.count(route, response.status, time.perf_counter() - started)
         return response
 
-    def _account(self, route: str, status: int, seconds: float) -> None:
-        # Looking metric children up by label costs more than answering from memory does;
-        # the few (route, status) pairs are bound once.
-        children = self._children.get((route, status))
-        if children is None:
-            children = self._children[(route, status)] = (
-                metrics.REQUESTS.labels(route=route, status=str(status)),
-                metrics.REQUEST_SECONDS.labels(route=route),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def _resolve(
-        self, request: web.Request, path: str, ip: str
-    ) -> tuple[str, Callable[[], Awaitable[web.StreamResponse]]]:
-        """The route's name (for metrics) and how to answer; refuses what no route takes."""
+    def _resolve(self, request: web.Request, path: str, ip: str) -> tuple[str, Handler, tuple]:
+        """The route's name (for metrics), its handler and the handler's arguments; refuses
+        what no route takes."""
         method = request.method
         if path == TOKEN:
             if method != "PUT":
                 raise _method_not_allowed("PUT")
-            return "token", lambda: self._token(request, ip)
+            return "token", self._token, (request, ip)
         if method not in _READ:
             raise _method_not_allowed("GET, HEAD")
         self._check_token(request, ip, path)
         if path.startswith(CREDENTIALS) and len(path) > len(CREDENTIALS):
             role = path[len(CREDENTIALS) :]
-            return "credentials", lambda: self._credentials(request, ip, role)
+            return "credentials", self._credentials, (request, ip, role)
         exact = self._exact.get(path)
         if exact is not None:
             name, handler = exact
-            return name, lambda: handler(request, ip)
+            return name, handler, (request, ip)
         if path == CREDENTIALS.rstrip("/"):
-            return "redirect", _redirect_to_credentials
+            return "redirect", _redirect_to_credentials, ()
         if path == EXTENDED or path.startswith(EXTENDED + "/"):
             # Newer SDKs try this first and fall back to the classic path only on a 404.
             raise Refused(404, "extended", "security-credentials-extended is not served")
-        return "proxy", lambda: self._proxy(request, ip, path)
+        return "proxy", self._proxy, (request, ip, path)
 
     def _check_token(self, request: web.Request, ip: str, path: str) -> None:
         token = request.headers.get(TOKEN_HEADER)

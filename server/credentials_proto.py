@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 from protos import kiam_pb2
 from server.identity import AwsCredentials, format_aws_time
 
 
+# Every agent asking for the same identity gets the same credentials until the next refresh:
+# build each message once (formatting two timestamps per call was most of the unary RPC's own
+# work). Callers must not modify the message; protobuf copies it when it is nested in another.
+@functools.lru_cache(maxsize=1024)
 def credentials_message(creds: AwsCredentials) -> kiam_pb2.Credentials:
     return kiam_pb2.Credentials(
         code="Success",

@@ -6,6 +6,7 @@ RPCs count and log alike.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -35,6 +36,7 @@ class Refusal(Exception):
         self.reason = reason
 
 
+@functools.lru_cache(maxsize=1024)  # one peer string per agent connection, asked every call
 def peer_ip(peer: str) -> str | None:
     """The IP of a gRPC peer string such as ``ipv4:10.0.0.1:5050`` or ``ipv6:[::1]:5050``;
     IPv4-mapped IPv6 addresses are given as IPv4 (a dual-stack listener reports them so)."""
@@ -160,5 +162,16 @@ async def _answering(rpc: str, context, ip: str):
         log.exception("%s for %s failed", rpc, ip or "-")
         raise
     finally:
-        metrics.REQUESTS.labels(rpc=rpc, outcome=outcome).inc()
-        metrics.REQUEST_SECONDS.labels(rpc=rpc).observe(time.perf_counter() - started)
+        counted, timed = _metric_children(rpc, outcome)
+        counted.inc()
+        timed.observe(time.perf_counter() - started)
+
+
+@functools.cache
+def _metric_children(rpc: str, outcome: str):
+    # Looking metric children up by label on every call cost more than the lookup of the pod;
+    # the few (rpc, outcome) pairs are bound once.
+    return (
+        metrics.REQUESTS.labels(rpc=rpc, outcome=outcome),
+        metrics.REQUEST_SECONDS.labels(rpc=rpc),
+    )
