@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo protos clean
+.PHONY: setup test lint demo protos bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,16 @@ test: lint
 
 demo: setup
 	$(BIN)/python -m tests.demo
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet --editable '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench --out bench-report.md --json bench-report.json $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python -m bench --quick --out bench-report.md $(BENCH_ARGS)
 
 protos: setup
 	$(BIN)/python -m protos.generate

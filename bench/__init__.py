@@ -1,0 +1,1 @@
+"""podiam's benchmarks: ``python -m bench`` (see ``bench/__main__.py``) and the locust file."""

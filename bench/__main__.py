@@ -1,0 +1,221 @@
+"""``python -m bench``: podiam's benchmarks, one report.
+
+    python -m bench                        # everything, full sizes (about 12 minutes)
+    python -m bench --quick                # everything, small sizes (about 2 minutes; CI smoke)
+    python -m bench --sections hot,sts     # some sections only
+    python -m bench --out report.md --json report.json
+
+Sections: ``hot`` (agent hot path vs a bare aiohttp baseline), ``client`` (botocore's full
+credential fetch from pods in network namespaces; needs root), ``podstart`` (watch event to
+credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``scale`` (server
+initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer). Figures are
+printed, never asserted: the machine may be shared and noisy, so the report compares each figure
+with a baseline measured in the same run, and checks the issue's targets as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# This process serves gRPC and spawns many processes: gRPC's fork handlers are not wanted (the
+# children exec at once), and its notice about skipping them is noise in the report.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from bench import procs
+from bench.report import Report
+
+SECTIONS = ("hot", "client", "podstart", "sts", "scale")
+_NEEDS_CLUSTER = {"hot", "podstart", "sts"}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke, ~2 min)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-report.md"), help="Markdown report")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    hot = parser.add_argument_group("hot: agent hot path")
+    hot.add_argument("--pods", type=int, help="distinct pods (source addresses)")
+    hot.add_argument("--roles", type=int, help="roles those pods share")
+    hot.add_argument("--requests", type=int, help="timed requests per row")
+    hot.add_argument("--concurrency", type=_ints, help="concurrencies, e.g. 1,16,64")
+    hot.add_argument("--routes", default="credentials,role", help="credentials,role")
+    hot.add_argument("--keepalive", default="yes,no", help="yes,no")
+    hot.add_argument("--repeat", type=int, help="runs per row (agent and baseline interleaved)")
+    client = parser.add_argument_group("client: botocore in network namespaces (root)")
+    client.add_argument("--client-pods", type=int, help="pod namespaces fetching at once")
+    client.add_argument("--client-fetches", type=int, help="credential fetches per pod")
+    start = parser.add_argument_group("podstart")
+    start.add_argument("--start-pods", type=int, help="pods started, one after another")
+    sts = parser.add_argument_group("sts: STS economy")
+    sts.add_argument("--sts-pods", type=int, help="pods (N)")
+    sts.add_argument("--sts-roles", type=int, help="roles (M)")
+    scale = parser.add_argument_group("scale: server")
+    scale.add_argument("--scale-pods", type=_ints, help="cluster sizes, e.g. 10000,50000,100000")
+    scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
+    scale.add_argument("--unary-calls", type=int, help="GetPodCredentials calls per measurement")
+    scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
+    return parser
+
+
+_FULL = {
+    "pods": 1000,
+    "roles": 10,
+    "requests": 10000,
+    "concurrency": [1, 16, 64],
+    "repeat": 3,
+    "client_pods": 40,
+    "client_fetches": 25,
+    "start_pods": 200,
+    "sts_pods": 1000,
+    "sts_roles": 10,
+    "scale_pods": [10000, 50000, 100000],
+    "watch_events": 10000,
+    "unary_calls": 5000,
+    "unary_concurrency": 32,
+}
+_QUICK = {
+    "pods": 200,
+    "roles": 4,
+    "requests": 3000,
+    "concurrency": [1, 32],
+    "repeat": 2,
+    "client_pods": 8,
+    "client_fetches": 10,
+    "start_pods": 40,
+    "sts_pods": 200,
+    "sts_roles": 4,
+    "scale_pods": [10000],
+    "watch_events": 2000,
+    "unary_calls": 1500,
+    "unary_concurrency": 32,
+}
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    defaults = _QUICK if options.quick else _FULL
+    for name, value in defaults.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
+    options.sections = [s.strip() for s in options.sections.split(",") if s.strip()]
+    unknown = set(options.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    options.routes = [r.strip() for r in options.routes.split(",") if r.strip()]
+    options.keepalive = [k.strip() in ("yes", "true", "1") for k in options.keepalive.split(",")]
+    return options
+
+
+async def run(options: argparse.Namespace) -> Report:
+    from bench import cluster as loopback
+
+    loopback.quiet_logs()
+    shown = {k: v for k, v in vars(options).items() if k not in ("out", "json")}
+    report = Report(options=shown)
+    wanted = options.sections
+    titles = {
+        "hot": "Agent hot path",
+        "client": "Real clients: botocore's full credential fetch from pods",
+        "podstart": "Pod start: watch event to credentials served",
+        "sts": "STS economy",
+        "scale": "Server scale",
+    }
+    sections = {key: report.section(key, titles[key]) for key in SECTIONS if key in wanted}
+    shared = None
+    try:
+        if _NEEDS_CLUSTER & set(wanted):
+            shared = loopback.LoopbackCluster()
+            await shared.__aenter__()
+        for key, section in sections.items():
+            started = time.perf_counter()
+            print(f"bench: {section.title} ...", file=sys.stderr, flush=True)
+            try:
+                await _SECTION_RUNNERS[key](section, shared, options)
+            except _Skip as skip:
+                section.skipped = str(skip)
+            section.seconds = time.perf_counter() - started
+    finally:
+        if shared is not None:
+            await shared.__aexit__(None, None, None)
+    return report
+
+
+class _Skip(Exception):
+    pass
+
+
+async def _hot(section, cluster, options):
+    from bench import hot_path
+
+    await hot_path.run(section, cluster, options)
+
+
+async def _client(section, cluster, options):
+    from bench import real_client
+
+    problem = real_client.problem()
+    if problem:
+        raise _Skip(problem)
+    await real_client.run(section, options)
+
+
+async def _podstart(section, cluster, options):
+    from bench import pod_start
+
+    await pod_start.run(section, cluster, options)
+
+
+async def _sts(section, cluster, options):
+    from bench import sts_economy
+
+    await sts_economy.run(section, cluster, options)
+
+
+async def _scale(section, cluster, options):
+    from bench import server_scale
+
+    await server_scale.run(section, options)
+
+
+_SECTION_RUNNERS = {
+    "hot": _hot,
+    "client": _client,
+    "podstart": _podstart,
+    "sts": _sts,
+    "scale": _scale,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    # This process (API server, STS, podiam-server for the loopback sections) shares the load
+    # generator's core; the process under test has the other one to itself.
+    procs.pin(procs.cpu(procs.LOAD_CPU))
+    procs.raise_open_files_limit()
+    report = asyncio.run(run(options))
+    text = report.markdown()
+    options.out.write_text(text)
+    if options.json is not None:
+        options.json.write_text(json.dumps(report.as_json(), indent=2, default=str))
+    print(text)
+    print(f"bench: report written to {options.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The benchmark runs and reports what it should: its quickest sections at tiny sizes, checked
+for the report's structure — never for the figures, which depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.__main__ import SECTIONS, parse_options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_defaults_and_overrides_are_parsed():
+    options = parse_options(["--quick", "--sections", "hot,sts", "--concurrency", "2,8"])
+    assert options.sections == ["hot", "sts"]
+    assert options.concurrency == [2, 8]
+    assert options.keepalive == [True, False]
+    assert set(SECTIONS) >= {"hot", "client", "podstart", "sts", "scale"}
+
+
+def test_tiny_run_writes_a_markdown_and_json_report(tmp_path):
+    out, data = tmp_path / "report.md", tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick",
+            "--sections", "hot,podstart,sts",
+            "--pods", "12", "--roles", "2", "--requests", "60", "--concurrency", "1,4",
+            "--routes", "credentials", "--repeat", "1",
+            "--start-pods", "4", "--sts-pods", "12", "--sts-roles", "2",
+            "--out", str(out), "--json", str(data),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown = out.read_text()
+    assert markdown in result.stdout
+    for heading in ("# podiam benchmark report", "## Targets", "## Agent hot path",
+                    "## Pod start", "## STS economy"):  # fmt: skip
+        assert heading in markdown
+
+    report = json.loads(data.read_text())
+    sections = {section["key"]: section for section in report["sections"]}
+    assert list(sections) == ["hot", "podstart", "sts"]
+    hot = sections["hot"]["tables"][0]
+    assert {"agent req/s", "base req/s", "ratio", "agent p99", "base p99"} <= set(hot["columns"])
+    # credentials only, keep-alive and not, two concurrencies
+    assert len(hot["rows"]) == 4
+    for row in sections["hot"]["data"]["rows"]:
+        assert row["agent"]["requests"] == row["baseline"]["requests"] == 60
+        assert row["agent"]["errors"] == row["baseline"]["errors"] == 0
+    # Every target the sections measure is judged (ok or missed), none left unmeasured.
+    names = [check["name"] for check in report["checks"]]
+    assert any("keep-alive" in name for name in names)
+    assert any("pod start" in name for name in names)
+    assert any("AssumeRole" in name for name in names)
+    assert all(check["ok"] in (True, False) for check in report["checks"])
+    # The STS economy counts are exact, whatever the machine: M per refresh, not N.
+    sts = sections["sts"]["data"]
+    assert sts["hour"]["rounds"] == [2, 2, 2]
+    assert sts["burst"]["calls"] == 2
