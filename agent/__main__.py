@@ -1,16 +1,21 @@
-"""``podiam-agent``: parse flags, then run the agent as a process."""
+"""``podiam-agent``: check the [agent] extra is installed, parse flags, then run the agent as a
+process."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from agent.app import PodiamAgent
-from agent.config import parse_config
-from server import process
+from runtime import process
+from runtime.extras import require_extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    require_extra("agent", prog="podiam-agent")
+    # Imported only now: without the extra, these would fail with a traceback.
+    from agent.app import PodiamAgent
+    from agent.config import parse_config
+
     return process.main(parse_config(argv), PodiamAgent, name="podiam.agent")
 
 

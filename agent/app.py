@@ -29,7 +29,7 @@ from agent.routes import MetadataRoutes
 from agent.state import NodeState
 from agent.tokens import TokenAuthority
 from certs.tls import TlsConfigError, TlsFiles
-from server.process import StartupError
+from runtime.process import StartupError
 
 log = logging.getLogger(__name__)
 

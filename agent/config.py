@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
-from server.flags import EnvDefaultsParser, duration, host_port
+from runtime.flags import EnvDefaultsParser, duration, host_port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
 

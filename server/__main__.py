@@ -1,16 +1,21 @@
-"""``podiam-server``: parse flags, then run the server as a process."""
+"""``podiam-server``: check the [server] extra is installed, parse flags, then run the server as a
+process."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from server import process
-from server.app import PodiamServer
-from server.config import parse_config
+from runtime import process
+from runtime.extras import require_extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    require_extra("server", prog="podiam-server")
+    # Imported only now: without the extra, these would fail with a traceback.
+    from server.app import PodiamServer
+    from server.config import parse_config
+
     return process.main(parse_config(argv), PodiamServer, name="podiam.server")
 
 

@@ -17,13 +17,13 @@ from prometheus_client import start_http_server
 
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
 from protos import kiam_pb2_grpc
+from runtime.process import StartupError
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.config import ServerConfig
 from server.credentials import CredentialCache
 from server.events import EventRecorder
 from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
 from server.pods import PodRecord
-from server.process import StartupError
 from server.registry import Registry
 from server.service import KiamService
 from server.sts import StsGateway, session_name_for

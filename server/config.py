@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ArnError, is_role_arn, normalise_base_arn
-from server.flags import EnvDefaultsParser, duration, host_port
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
 # them on every call, so podiam never hands out credentials with less than this remaining.

@@ -23,7 +23,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server import logs
+from runtime import logs
 from server.identity import AwsCredentials
 from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent

@@ -1,6 +1,8 @@
-"""Packaging: the wheel the images install builds from the Docker build context, installs into a
-fresh virtualenv with its dependencies, and its console scripts run; the Dockerfiles follow the
-rules the images promise (checked by reading them: no container engine is needed here)."""
+"""Packaging: the wheel builds from the Docker build context; each image's install (the sources
+its Dockerfile copies, the wheel built from them, the base dependencies plus that program's
+extra) runs its program and carries nothing of the other; the base install alone names the
+missing extra instead of failing with a traceback; the Dockerfiles follow the rules the images
+promise (checked by reading them: no container engine is needed here)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("agent", "server", "protos", "certs")
+SHARED = ("runtime", "protos", "certs")
+PACKAGES = ("agent", "server", *SHARED)
 SCRIPTS = ("podiam-server", "podiam-agent", "podiam-certs")
+COMPONENTS = ("agent", "server")
+# Libraries only the server uses: none may be importable where only the agent is installed.
+SERVER_ONLY = ("boto3", "botocore", "kubernetes_asyncio", "grpc_health", "yaml")
 OCI_LABELS = {
     "org.opencontainers.image.title",
     "org.opencontainers.image.description",
@@ -31,6 +37,10 @@ OCI_LABELS = {
     "org.opencontainers.image.revision",
     "org.opencontainers.image.created",
 }
+
+
+def other(component: str) -> str:
+    return "server" if component == "agent" else "agent"
 
 
 # --- The build context, as Docker sends it ---------------------------------------------------
@@ -55,13 +65,17 @@ def ignored(relative: str, patterns: list[str]) -> bool:
     return False
 
 
-def copy_build_context(destination: Path) -> Path:
+def copy_build_context(destination: Path, only: set[str] | None = None) -> Path:
+    """The build context; with ``only``, just those top-level files and directories of it (what
+    a Dockerfile's COPY lines take)."""
     patterns = dockerignore_patterns()
     for directory, subdirs, files in os.walk(ROOT):
         base = Path(directory).relative_to(ROOT)
         subdirs[:] = [d for d in subdirs if not ignored((base / d).as_posix(), patterns)]
         for name in files:
             relative = (base / name).as_posix()
+            if only is not None and relative.split("/")[0] not in only:
+                continue
             if not ignored(relative, patterns):
                 target = destination / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,37 +83,18 @@ def copy_build_context(destination: Path) -> Path:
     return destination
 
 
-# --- The wheel -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """Built once from a copy of the build context (never writing into the source tree)."""
-    context = copy_build_context(tmp_path_factory.mktemp("context"))
-    out = tmp_path_factory.mktemp("wheels")
+def build_wheel(context: Path, out: Path) -> Path:
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(context)])
     (built,) = out.glob("podiam-*.whl")
     return built
 
 
-@pytest.fixture(scope="module")
-def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh virtualenv with the wheel and its dependencies, as the images install it."""
-    root = tmp_path_factory.mktemp("venv")
+def install(root: Path, requirement: str) -> Path:
+    """A fresh virtualenv at ``root`` with ``requirement`` and its dependencies."""
     run([sys.executable, "-m", "venv", "--without-pip", str(root)])
     python = root / "bin" / "python"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "--no-compile",
-            str(wheel),
-        ]
-    )
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-compile",
+         requirement])  # fmt: skip
     return root
 
 
@@ -107,6 +102,29 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, **kwargs)
     assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def clean_env() -> dict[str, str]:
+    """Run outside the source tree's settings: no PYTHONPATH, no PODIAM_ flags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PODIAM_"))}
+    env.pop("HOST_IP", None)
+    return env
+
+
+# --- The wheel a developer builds (`pip install .`) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """Built once from a copy of the whole build context (never writing into the source tree)."""
+    context = copy_build_context(tmp_path_factory.mktemp("context"))
+    return build_wheel(context, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="module")
+def base_venv(wheel, tmp_path_factory) -> Path:
+    """The wheel with its base dependencies only (`pip install podiam`, no extra)."""
+    return install(tmp_path_factory.mktemp("base-venv"), str(wheel))
 
 
 def test_wheel_holds_every_package_and_the_proto(wheel):
@@ -131,20 +149,71 @@ def test_wheel_declares_the_console_scripts(wheel):
         assert re.search(rf"^{script} = \w+\.__main__:main$", text, re.M), text
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_installed_console_script_runs_help(venv, script, tmp_path):
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_program_without_its_extra_names_the_extra_in_one_line(base_venv, component, tmp_path):
+    script = f"podiam-{component}"
+    argv = [str(base_venv / "bin" / script), "--help"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=clean_env())
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{script}: error: needs the [{component}] extra")
+    assert f"pip install 'podiam[{component}]'" in line
+
+
+def test_certs_tool_runs_on_the_base_install(base_venv, tmp_path):
+    result = run([str(base_venv / "bin" / "podiam-certs"), "--help"], cwd=tmp_path, env=clean_env())
+    assert "usage: podiam-certs" in result.stdout
+
+
+# --- Each image's install, as its Dockerfile makes it ----------------------------------------
+
+
+@pytest.fixture(scope="module", params=COMPONENTS)
+def image_venv(request, tmp_path_factory) -> tuple[str, Path]:
+    """What ``Dockerfile.<component>``'s build stage does, read from it: copy its sources, build
+    the wheel from them, install it with the extra it names, remove the launchers it removes."""
+    component = request.param
+    build = parse_dockerfile(ROOT / f"Dockerfile.{component}").stages[0]
+    context = copy_build_context(tmp_path_factory.mktemp(f"{component}-context"), copied(build))
+    built = build_wheel(context, tmp_path_factory.mktemp(f"{component}-wheels"))
+    (extra,) = re.findall(r"podiam-\*\.whl\)?\[([\w,]+)\]", build.runs())
+    root = install(tmp_path_factory.mktemp(f"{component}-venv"), f"{built}[{extra}]")
+    for launcher in re.findall(r"\brm (?:-f )?/opt/podiam/bin/([\w-]+)", build.runs()):
+        (root / "bin" / launcher).unlink()
+    return component, root
+
+
+def test_image_install_runs_its_program_and_the_certs_tool(image_venv, tmp_path):
     """What each image's smoke test does: the entry point imports everything it needs, from the
     installed wheel alone (run outside the source tree, without PYTHONPATH)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PODIAM_"))}
-    env.pop("HOST_IP", None)
-    result = run([str(venv / "bin" / script), "--help"], cwd=tmp_path, env=env)
-    assert f"usage: {script}" in result.stdout
+    component, root = image_venv
+    for script in (f"podiam-{component}", "podiam-certs"):
+        result = run([str(root / "bin" / script), "--help"], cwd=tmp_path, env=clean_env())
+        assert f"usage: {script}" in result.stdout
+    assert not (root / "bin" / f"podiam-{other(component)}").exists()
 
 
-def test_installed_packages_come_from_the_virtualenv(venv, tmp_path):
-    code = "import agent, server, certs, protos; print(server.__file__)"
-    result = run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, env={})
-    assert result.stdout.startswith(str(venv))
+def test_image_install_holds_neither_the_other_program_nor_its_libraries(image_venv, tmp_path):
+    component, root = image_venv
+    absent = [other(component), *(SERVER_ONLY if component == "agent" else ())]
+    present = [component, *SHARED]
+    code = (
+        "import importlib.util, sys\n"
+        "for name in sys.argv[1:]: print(name, importlib.util.find_spec(name) is not None)"
+    )
+    result = run([str(root / "bin" / "python"), "-c", code, *absent, *present], cwd=tmp_path,
+                 env={})  # fmt: skip
+    found = dict(line.split() for line in result.stdout.splitlines())
+    assert [name for name in absent if found[name] == "True"] == []
+    assert [name for name in present if found[name] == "False"] == []
+
+
+def test_installed_packages_come_from_the_virtualenv(image_venv, tmp_path):
+    component, root = image_venv
+    code = f"import {component}, runtime, certs, protos; print({component}.__file__)"
+    result = run([str(root / "bin" / "python"), "-c", code], cwd=tmp_path, env={})
+    assert result.stdout.startswith(str(root))
 
 
 # --- The Dockerfiles -------------------------------------------------------------------------
@@ -223,29 +292,38 @@ def test_multi_stage_build_on_a_slim_python_base(image):
 
 
 def test_wheel_is_built_once_and_installed_into_a_virtualenv(image):
-    _, dockerfile = image
+    name, dockerfile = image
     build, final = dockerfile.stages[0], dockerfile.final
     assert build.name
     assert build.runs().count("pip wheel") == 1
     # The wheel, not the source tree, is installed; only binary wheels (no compiler needed).
     installs = re.findall(r"pip [^&]*install ([^&]*)", build.runs())
     assert installs and all("/wheels/" in args and "--only-binary" in args for args in installs)
+    # With the program's own extra and no other.
+    assert re.findall(r"\.whl\)?\[([\w,]+)\]", " ".join(installs)) == [name]
     assert f"--from={build.name} /opt/podiam /opt/podiam" in final.all("COPY")
     assert "pip" not in final.runs()  # nothing built or cached in the image itself
     assert any("PATH=/opt/podiam/bin:$PATH" in env for env in final.all("ENV"))
 
 
-def test_copied_sources_are_in_the_build_context(image):
-    _, dockerfile = image
-    patterns = dockerignore_patterns()
-    copied = [
+def copied(stage: Stage) -> set[str]:
+    """The sources a stage's COPY lines take from the build context."""
+    return {
         source.rstrip("/")
-        for args in dockerfile.stages[0].all("COPY")
+        for args in stage.all("COPY")
+        if "--from=" not in args
         for source in args.split()[:-1]
         if not source.startswith("--")
-    ]
-    assert set(PACKAGES) <= set(copied)
-    for source in copied:
+    }
+
+
+def test_image_copies_its_program_and_the_shared_packages_only(image):
+    name, dockerfile = image
+    patterns = dockerignore_patterns()
+    sources = copied(dockerfile.stages[0])
+    assert {name, *SHARED} <= sources
+    assert other(name) not in sources
+    for source in sources:
         assert (ROOT / source).exists(), source
         assert not ignored(source, patterns), f"{source} is excluded by .dockerignore"
 

@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pytest
 
+from runtime.flags import duration
 from server.config import parse_config
-from server.flags import duration
 
 REQUIRED = ["--cert", "c.pem", "--key", "k.pem", "--ca", "ca.pem"]
 BASE = ["--role-base-arn", "arn:aws:iam::123456789012:role/"]

@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
-from server import logs
+from runtime import logs
 
 
 class StartupError(Exception):
