@@ -19,6 +19,7 @@ _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     host: str
+    node_name: str
     port: int
     server_address: str
     cert: Path
@@ -54,6 +55,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         required=True,
         help="the node's IP: the agent listens on it and the DNAT rule points to it "
         "(in Kubernetes, from status.hostIP)",
+    )
+    flag(
+        "--node-name",
+        env="NODE_NAME",
+        default="",
+        help="the Kubernetes node this agent runs on (in Kubernetes, from spec.nodeName); "
+        "the agent reports it ready to the server, which then removes its startup taint",
     )
     flag("--port", env="PODIAM_PORT", type=_port, default="8181", help="port of the metadata API")
     flag(
@@ -157,6 +165,7 @@ def parse_config(
         parser.error("--server-address must be host:port")
     return AgentConfig(
         host=host,
+        node_name=args.node_name.strip(),
         port=args.port,
         server_address=args.server_address.strip(),
         cert=args.cert,
