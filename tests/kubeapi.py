@@ -508,7 +508,7 @@ class KubeApiServer:
         self.watch_requests: Counter[str] = Counter()
         self.node_requests: Counter[str] = Counter()  # GET and PATCH of single nodes
         self._failures: dict[tuple[str, str], list[int]] = {}
-        self._before_node_patch: list[Any] = []
+        self._before_node_patch: dict[str, list[Any]] = {}
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -691,10 +691,10 @@ class KubeApiServer:
         (only ``nodes`` so far) with HTTP ``code``, as an overloaded API server would."""
         self._failures.setdefault((method, resource), []).extend([code] * times)
 
-    def before_node_patch(self, action: Any) -> None:
-        """Run ``action(kube)`` once, just before the next node PATCH is applied: another
-        controller's write landing between a client's read and its patch."""
-        self._before_node_patch.append(action)
+    def before_node_patch(self, name: str, action: Any) -> None:
+        """Run ``action(kube)`` once, just before the next PATCH of node ``name`` is applied:
+        another controller's write landing between a client's read and its patch."""
+        self._before_node_patch.setdefault(name, []).append(action)
 
     def compact(self) -> None:
         """Forget all history, as etcd compaction does: any older resourceVersion is 410."""
@@ -780,8 +780,9 @@ class KubeApiServer:
             body = await request.json()
         except ValueError:
             raise ApiError(400, "BadRequest", "request body is not JSON") from None
-        while self._before_node_patch:
-            self._before_node_patch.pop(0)(self)
+        actions = self._before_node_patch.get(key[1], [])
+        while actions:
+            actions.pop(0)(self)
         current = with_kind("nodes", self.store.get("nodes", key))
         if request.content_type == JSON_PATCH_TYPE:
             patched = json_patch(copy.deepcopy(current), body)
