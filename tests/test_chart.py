@@ -77,6 +77,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "tls": {"extraServerNames": ["kiam-server"]},
     },
     "startup-taint-off": {"server": {"startupTaint": ""}},
+    "startup-taint-null": {"server": {"startupTaint": None}},
     "custom-agent-tolerations": {"agent": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}},
     "metrics-off": {
         "server": {"metrics": {"enabled": False}},
@@ -199,7 +200,6 @@ def test_schema_rejects_a_typo():
         {"server": {"sessionDuration": "one hour"}},
         {"agent": {"hostInterface": "eni+; reboot"}},
         {"server": {"startupTaint": "not a key"}},
-        {"server": {"startupTaint": None}},
         {"tls": {"mode": "selfsigned"}},
     ],
 )
@@ -370,8 +370,10 @@ def test_agents_and_servers_tolerate_the_startup_taint(rendered, name):
     } in agent["env"]
 
 
-def test_without_the_startup_taint_nothing_tolerates_it(rendered):
-    manifests = rendered["startup-taint-off"]
+@pytest.mark.parametrize("name", ["startup-taint-off", "startup-taint-null"])
+def test_without_the_startup_taint_nothing_tolerates_it(rendered, name):
+    manifests = rendered[name]
+    assert "nodes" not in {r for r, _ in granted(manifests)}
     server_spec = container(manifests, "Deployment")
     assert parse_server_config(server_spec["args"], environ={}).startup_taint is None
     server_pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
