@@ -14,6 +14,8 @@ from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
 from server.flags import EnvDefaultsParser, duration, host_port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
+# A node's name is a DNS subdomain (RFC 1123), at most 253 characters.
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +163,14 @@ def parse_config(
         parser.error("--metadata-endpoint must be an http:// or https:// URL")
     if not 0 < args.pod_wait.total_seconds() <= 30:
         parser.error("--pod-wait must lie between 0 and 30s")
+    node_name = args.node_name.strip()
+    if node_name and (len(node_name) > 253 or not _NODE_NAME.fullmatch(node_name)):
+        parser.error(f"--node-name {node_name!r} is not a Kubernetes node name")
     if ":" not in args.server_address.strip():
         parser.error("--server-address must be host:port")
     return AgentConfig(
         host=host,
-        node_name=args.node_name.strip(),
+        node_name=node_name,
         port=args.port,
         server_address=args.server_address.strip(),
         cert=args.cert,

@@ -119,8 +119,12 @@ class StartupTaintRemover:
         if node_name not in self._pending:
             task = asyncio.create_task(self._remove(node_name, node), name=f"untaint-{node_name}")
             self._pending[node_name] = task
-            task.add_done_callback(lambda _: self._pending.pop(node_name, None))
+            task.add_done_callback(lambda done: self._forget(node_name, done))
         return Outcome.SCHEDULED
+
+    def _forget(self, name: str, task: asyncio.Task) -> None:
+        if self._pending.get(name) is task:  # not a newer removal for the same node
+            del self._pending[name]
 
     async def drain(self) -> None:
         """Wait for every scheduled removal to finish (tests, shutdown)."""
