@@ -57,15 +57,17 @@ class ReadinessReporter:
         # Set once the server has answered a report (whatever it said): for tests and logs.
         self.answered = asyncio.Event()
         self.last_answer: str | None = None
-        if not node_name:
-            log.warning(
-                "no --node-name (NODE_NAME): this agent cannot report its node ready, so a "
-                "startup taint on it stays until removed by hand"
-            )
+        self._said_unnamed = False
 
     def synced(self) -> None:
         """A node stream delivered its snapshot and it was applied: report (again)."""
         if not self._node_name:
+            if not self._said_unnamed:  # said once, when it matters, not at every reconnect
+                self._said_unnamed = True
+                log.warning(
+                    "no --node-name (NODE_NAME): this agent cannot report its node ready, so a "
+                    "startup taint on it stays until removed by hand"
+                )
             return
         if self._task is not None and not self._task.done():
             return  # a report is under way; it reads the rule afresh on each attempt
