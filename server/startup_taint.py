@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KEY = "podiam.io/agent-not-ready"
 REASON_REMOVED = "PodiamAgentReady"
 _REQUEST_TIMEOUT = 10.0
+# The read made while an agent waits for its answer: well inside the agent's own deadline, so
+# a slow API server is reported as UNAVAILABLE (and retried) rather than timing out the call.
+_READ_IN_RPC_TIMEOUT = 4.0
 
 # Posts a Normal Event about a node: (node object, reason, message).
 NodeEventSink = Callable[[dict[str, Any], str, str], Awaitable[None]]
@@ -98,7 +101,7 @@ class StartupTaintRemover:
         that address, then schedules the removal if the taint is there; raises
         NodeReportError when the node is missing, not the caller's, or cannot be read."""
         try:
-            node = await self._get(node_name)
+            node = await self._get(node_name, seconds=_READ_IN_RPC_TIMEOUT)
         except _Gone:
             raise NodeReportError(
                 NodeReportError.NOT_FOUND, f"node {node_name} does not exist"
@@ -192,9 +195,9 @@ class StartupTaintRemover:
     def _tainted(self, node: dict[str, Any]) -> bool:
         return any(taint.get("key") == self.key for taint in _taints(node))
 
-    async def _get(self, name: str) -> dict[str, Any]:
+    async def _get(self, name: str, *, seconds: float = _REQUEST_TIMEOUT) -> dict[str, Any]:
         return await self._call(
-            self._core.read_node(name, _preload_content=False, _request_timeout=_REQUEST_TIMEOUT)
+            self._core.read_node(name, _preload_content=False, _request_timeout=seconds)
         )
 
     async def _patch(self, name: str, node: dict[str, Any]) -> dict[str, Any]:
