@@ -218,6 +218,14 @@ def test_notes_tell_how_to_annotate_and_verify():
     assert "iam.amazonaws.com/permitted" in text
     assert "iam.amazonaws.com/role" in text
     assert "sts get-caller-identity" in text
+    assert "podiam.io/agent-not-ready=true:NoExecute" in text
+    assert "never be removed" not in text
+
+
+@pytest.mark.parametrize("values", [{"agent": {"iptables": False}}, {"agent": {"enabled": False}}])
+def test_notes_warn_when_no_agent_could_remove_the_startup_taint(values):
+    assert "never be removed" in notes(values)
+    assert "agent-not-ready" not in notes({**values, "server": {"startupTaint": ""}})
 
 
 # --- Chart and programs cannot drift apart ---------------------------------------------------
