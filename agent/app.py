@@ -25,6 +25,7 @@ from agent.handlers.token import TokenHandler
 from agent.iptables import IptablesError, MetadataRedirect, check_can_manage
 from agent.lookup import PodLookup
 from agent.proxy import MetadataProxy
+from agent.readiness import ReadinessReporter
 from agent.routes import MetadataRoutes
 from agent.state import NodeState
 from agent.tokens import TokenAuthority
@@ -61,12 +62,21 @@ class PodiamAgent:
             await self._install_redirect()
 
         client = ServerClient(connection)
+        reporter = ReadinessReporter(
+            lambda: connection.stub,
+            node_name=config.node_name,
+            host_ip=config.host,
+            redirect=self._redirect,
+        )
+        self.reporter = reporter
+        self._closers.append(reporter.close)
         follower = StreamFollower(
             client,
             self.state,
             host_ip=config.host,
             server=config.server_address,
             rotated=connection.rotated,
+            on_synced=reporter.synced,
         )
         self.follower = follower
         self.connection = connection

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 import grpc
 
@@ -139,8 +140,10 @@ class StreamFollower:
         server: str,
         rotated: asyncio.Event | None = None,
         first_update_seconds: float = FIRST_UPDATE_SECONDS,
+        on_synced: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_synced = on_synced
         self._first_update_seconds = first_update_seconds
         self._state = state
         self._host_ip = host_ip
@@ -199,13 +202,18 @@ class StreamFollower:
             update = await asyncio.wait_for(stream.read(), self._first_update_seconds)
         except TimeoutError:
             raise _Stalled(f"no snapshot within {self._first_update_seconds:g}s") from None
+        synced = False
         while update is not grpc.aio.EOF:
             self._state.apply(update)
-            if update.synced:
+            if update.synced and not synced:
+                # Once per stream: the snapshot is applied, the state answers for the node.
+                synced = True
                 metrics.STREAM_CONNECTED.set(1)
                 if not self.connected.is_set():
                     log.info("node stream from %s synced", self._server)
                     self.connected.set()
+                if self._on_synced is not None:
+                    self._on_synced()
             update = await stream.read()
 
 

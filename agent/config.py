@@ -14,11 +14,14 @@ from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
 from runtime.flags import EnvDefaultsParser, duration, host_port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
+# A node's name is a DNS subdomain (RFC 1123), at most 253 characters.
+_NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     host: str
+    node_name: str
     port: int
     server_address: str
     cert: Path
@@ -54,6 +57,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         required=True,
         help="the node's IP: the agent listens on it and the DNAT rule points to it "
         "(in Kubernetes, from status.hostIP)",
+    )
+    flag(
+        "--node-name",
+        env="NODE_NAME",
+        default="",
+        help="the Kubernetes node this agent runs on (in Kubernetes, from spec.nodeName); "
+        "the agent reports it ready to the server, which then removes its startup taint",
     )
     flag("--port", env="PODIAM_PORT", type=_port, default="8181", help="port of the metadata API")
     flag(
@@ -153,10 +163,14 @@ def parse_config(
         parser.error("--metadata-endpoint must be an http:// or https:// URL")
     if not 0 < args.pod_wait.total_seconds() <= 30:
         parser.error("--pod-wait must lie between 0 and 30s")
+    node_name = args.node_name.strip()
+    if node_name and (len(node_name) > 253 or not _NODE_NAME.fullmatch(node_name)):
+        parser.error(f"--node-name {node_name!r} is not a Kubernetes node name")
     if ":" not in args.server_address.strip():
         parser.error("--server-address must be host:port")
     return AgentConfig(
         host=host,
+        node_name=node_name,
         port=args.port,
         server_address=args.server_address.strip(),
         cert=args.cert,

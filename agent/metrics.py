@@ -116,3 +116,9 @@ POD_WAITS = Counter(
     "Waits for a pod the node stream did not know yet, by outcome (arrived, timeout).",
     ["outcome"],
 )
+READY_REPORTS = Counter(
+    "podiam_agent_ready_reports_total",
+    "Reports to the server that this node is ready (DNAT rule installed, snapshot applied), "
+    "by the server's answer (scheduled, absent, disabled) or the gRPC status name.",
+    ["outcome"],
+)

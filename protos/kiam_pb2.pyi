@@ -97,3 +97,23 @@ class NodeUpdate(_message.Message):
     removed_identities: _containers.RepeatedScalarFieldContainer[str]
     synced: bool
     def __init__(self, reset: _Optional[bool] = ..., pods: _Optional[_Iterable[_Union[PodState, _Mapping]]] = ..., removed_ips: _Optional[_Iterable[str]] = ..., credentials: _Optional[_Iterable[_Union[IdentityCredentials, _Mapping]]] = ..., removed_identities: _Optional[_Iterable[str]] = ..., synced: _Optional[bool] = ...) -> None: ...
+
+class NodeReadyReport(_message.Message):
+    __slots__ = ("node_name", "host_ip", "redirect_installed", "snapshot_applied")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_IP_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    host_ip: str
+    redirect_installed: bool
+    snapshot_applied: bool
+    def __init__(self, node_name: _Optional[str] = ..., host_ip: _Optional[str] = ..., redirect_installed: _Optional[bool] = ..., snapshot_applied: _Optional[bool] = ...) -> None: ...
+
+class NodeReadyAnswer(_message.Message):
+    __slots__ = ("outcome", "message")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    outcome: str
+    message: str
+    def __init__(self, outcome: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

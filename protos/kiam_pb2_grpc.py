@@ -54,6 +54,11 @@ class KiamServiceStub:
                 request_serializer=protos_dot_kiam__pb2.WatchNodeRequest.SerializeToString,
                 response_deserializer=protos_dot_kiam__pb2.NodeUpdate.FromString,
                 _registered_method=True)
+        self.ReportNodeReady = channel.unary_unary(
+                '/kiam.KiamService/ReportNodeReady',
+                request_serializer=protos_dot_kiam__pb2.NodeReadyReport.SerializeToString,
+                response_deserializer=protos_dot_kiam__pb2.NodeReadyAnswer.FromString,
+                _registered_method=True)
 
 
 class KiamServiceServicer:
@@ -84,6 +89,14 @@ class KiamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportNodeReady(self, request, context):
+        """podiam: the calling agent says its node is ready for pods (its DNAT rule installed and a
+        node snapshot applied), so the server may remove the node's startup taint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KiamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +119,11 @@ def add_KiamServiceServicer_to_server(servicer, server):
                     servicer.WatchNode,
                     request_deserializer=protos_dot_kiam__pb2.WatchNodeRequest.FromString,
                     response_serializer=protos_dot_kiam__pb2.NodeUpdate.SerializeToString,
+            ),
+            'ReportNodeReady': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportNodeReady,
+                    request_deserializer=protos_dot_kiam__pb2.NodeReadyReport.FromString,
+                    response_serializer=protos_dot_kiam__pb2.NodeReadyAnswer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +234,33 @@ class KiamService:
             '/kiam.KiamService/WatchNode',
             protos_dot_kiam__pb2.WatchNodeRequest.SerializeToString,
             protos_dot_kiam__pb2.NodeUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportNodeReady(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiam.KiamService/ReportNodeReady',
+            protos_dot_kiam__pb2.NodeReadyReport.SerializeToString,
+            protos_dot_kiam__pb2.NodeReadyAnswer.FromString,
             options,
             channel_credentials,
             insecure,

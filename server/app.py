@@ -26,6 +26,7 @@ from server.kube import KubeConfigError, Reflector, check_api_reachable, load_ap
 from server.pods import PodRecord
 from server.registry import Registry
 from server.service import KiamService
+from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway, session_name_for
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,15 @@ class PodiamServer:
         )
         self.registry = registry
         self.cache = cache
+        self.startup_taint: StartupTaintRemover | None = None
+        if config.startup_taint is not None:
+            self.startup_taint = StartupTaintRemover(
+                api, key=config.startup_taint, on_removed=recorder.node_event
+            )
+            self._closers.append(self.startup_taint.close)
+            log.info(
+                "removing the %s taint from nodes whose agents report ready", config.startup_taint
+            )
         await self._sync(api, registry)
         await self._serve(registry, cache, recorder, credentials)
 
@@ -140,6 +150,7 @@ class PodiamServer:
             credentials=cache,
             node_binding=config.node_binding,
             on_denied=recorder.record,
+            startup_taint=self.startup_taint,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ArnError, is_role_arn, normalise_base_arn
+from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
 # them on every call, so podiam never hands out credentials with less than this remaining.
@@ -17,6 +19,21 @@ MIN_REMAINING = timedelta(minutes=30)
 # STS limits on DurationSeconds.
 STS_MIN_DURATION = timedelta(minutes=15)
 STS_MAX_DURATION = timedelta(hours=12)
+
+
+# A label/taint key: an optional DNS-subdomain prefix and "/", then a name (Kubernetes'
+# qualified name rules).
+_TAINT_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+
+
+def is_taint_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return False
+    return bool(_TAINT_NAME.fullmatch(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +53,7 @@ class ServerConfig:
     session_name: str
     assume_role_arn: str | None
     node_binding: bool
+    startup_taint: str | None
     prometheus_listen_addr: tuple[str, int] | None
     max_connection_age: timedelta
     log_level: str
@@ -141,6 +159,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "peer address equal to the pod's status.hostIP); weakens isolation",
     )
     flag(
+        "--startup-taint",
+        env="PODIAM_STARTUP_TAINT",
+        default=DEFAULT_STARTUP_TAINT,
+        help="taint key that new nodes carry until their agent reports its DNAT rule "
+        "installed and its snapshot applied; the server then removes it (any value and "
+        "effect; other taints untouched). Needs RBAC nodes get and patch. Empty: disabled",
+    )
+    flag(
         "--max-connection-age",
         env="PODIAM_MAX_CONNECTION_AGE",
         type=duration,
@@ -187,6 +213,12 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
         )
     if args.session_refresh >= args.session_duration:
         parser.error("--session-refresh must be shorter than --session-duration")
+    startup_taint = args.startup_taint.strip() or None
+    if startup_taint is not None and not is_taint_key(startup_taint):
+        parser.error(
+            f"--startup-taint {startup_taint!r} is not a taint key (an optional DNS subdomain "
+            "prefix and '/', then a name of up to 63 letters, digits, '-', '_' or '.')"
+        )
     if not args.session_name.strip():
         parser.error("--session-name must not be empty")
     return ServerConfig(
@@ -205,6 +237,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
         session_name=args.session_name.strip(),
         assume_role_arn=args.assume_role_arn,
         node_binding=not args.no_node_binding,
+        startup_taint=startup_taint,
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
         log_level=args.log_level,

@@ -1,5 +1,5 @@
 """Kubernetes Events for denials, so that `kubectl describe pod` says why a pod got no
-credentials.
+credentials, and for nodes whose startup taint podiam removed (`kubectl describe node`).
 
 Recording never blocks the caller: denials are queued and posted by one background task.
 Each (pod, reason) pair gets a deterministic Event name, so repeats — from this replica, another
@@ -15,6 +15,7 @@ import logging
 import socket
 from collections import OrderedDict
 from datetime import UTC, datetime
+from typing import Any
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -26,6 +27,8 @@ from server.policy import Denial
 log = logging.getLogger(__name__)
 
 COMPONENT = "podiam-server"
+# Nodes are cluster-scoped; their Events go in "default", as the kubelet's do.
+NODE_EVENTS_NAMESPACE = "default"
 
 
 class EventRecorder:
@@ -77,23 +80,66 @@ class EventRecorder:
             finally:
                 self._queue.task_done()
 
+    async def node_event(self, node: dict[str, Any], reason: str, message: str) -> None:
+        """Post a Normal Event about ``node`` now (the caller is already off the hot path).
+        One Event per node and reason: a repeat after a restart is recognised as 409."""
+        metadata = node.get("metadata") or {}
+        name, uid = metadata.get("name", ""), metadata.get("uid", "")
+        suffix = hashlib.sha256(f"{uid}/{reason}".encode()).hexdigest()[:12]
+        body = self._event(
+            name=f"{name}.podiam-{suffix}",
+            namespace=NODE_EVENTS_NAMESPACE,
+            involved={"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid},
+            reason=reason,
+            message=message,
+            event_type="Normal",
+        )
+        if await self._create(NODE_EVENTS_NAMESPACE, body):
+            log.info("recorded Event %s on node %s", reason, name)
+
     async def _post(self, pod: PodRecord, denial: Denial) -> None:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         suffix = hashlib.sha256(f"{pod.uid}/{denial.reason.value}".encode()).hexdigest()[:12]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{pod.name}.podiam-{suffix}", "namespace": pod.namespace},
-            "involvedObject": {
+        body = self._event(
+            name=f"{pod.name}.podiam-{suffix}",
+            namespace=pod.namespace,
+            involved={
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "namespace": pod.namespace,
                 "name": pod.name,
                 "uid": pod.uid,
             },
-            "reason": denial.reason.event_reason,
-            "message": denial.message,
-            "type": "Warning",
+            reason=denial.reason.event_reason,
+            message=denial.message,
+            event_type="Warning",
+        )
+        if await self._create(pod.namespace, body):
+            log.info(
+                "recorded Event %s on pod %s/%s",
+                denial.reason.event_reason,
+                pod.namespace,
+                pod.name,
+            )
+
+    def _event(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        involved: dict,
+        reason: str,
+        message: str,
+        event_type: str,
+    ) -> dict[str, Any]:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": namespace},
+            "involvedObject": involved,
+            "reason": reason,
+            "message": message,
+            "type": event_type,
             "count": 1,
             "firstTimestamp": now,
             "lastTimestamp": now,
@@ -101,14 +147,15 @@ class EventRecorder:
             "reportingComponent": COMPONENT,
             "reportingInstance": self._instance,
         }
+
+    async def _create(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create the Event; False when it exists already (409)."""
         try:
-            await self._core.create_namespaced_event(pod.namespace, body)
+            await self._core.create_namespaced_event(namespace, body)
         except ApiException as error:
             if error.status != 409:
                 raise
             metrics.KUBE_EVENTS.labels(result="exists").inc()
-            return
+            return False
         metrics.KUBE_EVENTS.labels(result="created").inc()
-        log.info(
-            "recorded Event %s on pod %s/%s", denial.reason.event_reason, pod.namespace, pod.name
-        )
+        return True

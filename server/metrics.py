@@ -79,3 +79,9 @@ KUBE_EVENTS = Counter(
     "Kubernetes Events about denials, by result (created, exists, suppressed, dropped, failed).",
     ["result"],
 )
+STARTUP_TAINT_REMOVALS = Counter(
+    "podiam_startup_taint_removals_total",
+    "Agent readiness reports and startup-taint removals, by outcome (removed, absent, "
+    "conflict, error, gave_up, node_gone, refused, not_ready).",
+    ["outcome"],
+)

@@ -24,6 +24,7 @@ from server.node_stream import NodeStream
 from server.pods import PodRecord
 from server.policy import Denial, Reason, check_request
 from server.registry import Registry
+from server.startup_taint import NodeReportError, Outcome, StartupTaintRemover
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,13 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         credentials: CredentialCache,
         node_binding: bool = True,
         on_denied: Callable[[PodRecord, Denial], None] | None = None,
+        startup_taint: StartupTaintRemover | None = None,
     ) -> None:
         self._registry = registry
         self._credentials = credentials
         self._node_binding = node_binding
         self._on_denied = on_denied
+        self._startup_taint = startup_taint
 
     # ---- kiam's RPCs ------------------------------------------------------------------------
 
@@ -111,6 +114,55 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         finally:
             log.info("node stream closed for %s", host_ip)
 
+    async def ReportNodeReady(self, request, context) -> kiam_pb2.NodeReadyAnswer:
+        async with _answering("ReportNodeReady", context, request.host_ip):
+            return await self._node_ready(request, context)
+
+    async def _node_ready(self, request, context) -> kiam_pb2.NodeReadyAnswer:
+        remover = self._startup_taint
+        if remover is None:
+            return kiam_pb2.NodeReadyAnswer(
+                outcome="disabled", message="this server manages no startup taint"
+            )
+        node = request.node_name
+        if not node:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "the report names no node")
+        if not (request.redirect_installed and request.snapshot_applied):
+            # The taint is what keeps pods off a node that cannot intercept their metadata
+            # requests yet; it stays until the agent can say both.
+            missing = [
+                what
+                for what, done in (
+                    ("its DNAT rule is not installed", request.redirect_installed),
+                    ("it has applied no node snapshot", request.snapshot_applied),
+                )
+                if not done
+            ]
+            metrics.STARTUP_TAINT_REMOVALS.labels(outcome="not_ready").inc()
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {node} keeps its {remover.key} taint: " + " and ".join(missing),
+            )
+        # With node binding the node must have the connection's address, so a certificate
+        # stolen on node A cannot untaint node B. Without it (peer addresses are not node
+        # addresses there) the agent's own claim is checked, which catches misconfiguration
+        # but not malice, as everywhere else under --no-node-binding.
+        address = peer_ip(context.peer()) if self._node_binding else request.host_ip
+        try:
+            outcome = await remover.node_ready(node, address=address or "")
+        except NodeReportError as error:
+            if error.kind != NodeReportError.UNAVAILABLE:
+                metrics.STARTUP_TAINT_REMOVALS.labels(outcome="refused").inc()
+            raise Refusal(_REPORT_CODES[error.kind], error.message) from error
+        if outcome is Outcome.ABSENT:
+            return kiam_pb2.NodeReadyAnswer(
+                outcome=outcome.value, message=f"node {node} carries no {remover.key} taint"
+            )
+        log.info("node %s reported ready by its agent at %s", node, address)
+        return kiam_pb2.NodeReadyAnswer(
+            outcome=outcome.value, message=f"removing the {remover.key} taint from node {node}"
+        )
+
     # ---- policy -----------------------------------------------------------------------------
 
     def _permitted(self, ip: str, context, *, requested_role: str | None):
@@ -142,6 +194,13 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             )
             raise Refusal(code, denial.message, denial.reason)
         return found.pod, found.grant
+
+
+_REPORT_CODES = {
+    NodeReportError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    NodeReportError.NOT_THIS_NODE: grpc.StatusCode.PERMISSION_DENIED,
+    NodeReportError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
 
 
 @asynccontextmanager

@@ -10,7 +10,11 @@ core/v1 API the server uses, faithfully enough that the client cannot tell the d
 - watches replaying history after a resourceVersion, an ``ERROR`` event with a 410 Status when
   that version is too old, bookmarks, ``timeoutSeconds``, and field selectors with their real
   edge semantics (an object that stops matching arrives as DELETED, one that starts as ADDED);
-- Events created and patched by the server under test.
+- Events created and patched by the server under test;
+- nodes read and patched (JSON patch, merge patch) as the real API server does: every write
+  bumps the resourceVersion, a failed JSON-patch ``test`` op or a patch that cannot be applied
+  answers 422 Invalid, a malformed patch 400, a stale resourceVersion in the patch 409;
+- injected failures (``fail_next``) to show that callers retry.
 
 Tests drive it through Python methods (``add_pod``, ``compact``, ``drop_watches``, ...) called
 from the same event loop. ``python -m tests.kubeapi --port N`` runs one standalone.
@@ -36,13 +40,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import jsonpatch
 import yaml
 from aiohttp import web
 
 Key = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects
 Object = dict[str, Any]
 
-KINDS = {"pods": "Pod", "namespaces": "Namespace", "events": "Event"}
+KINDS = {"pods": "Pod", "namespaces": "Namespace", "events": "Event", "nodes": "Node"}
 NAMESPACED = {"pods", "events"}
 
 # Fields each resource accepts in a fieldSelector, as the real API server does; anything else
@@ -58,6 +63,7 @@ SELECTABLE_FIELDS = {
         "status.podIP",
     },
     "namespaces": {"metadata.name", "status.phase"},
+    "nodes": {"metadata.name", "spec.unschedulable"},
     "events": {
         "metadata.name",
         "metadata.namespace",
@@ -71,6 +77,7 @@ SELECTABLE_FIELDS = {
 }
 
 MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json"}
+JSON_PATCH_TYPE = "application/json-patch+json"
 DEFAULT_TOKEN = "podiam-test-token"
 
 
@@ -408,6 +415,40 @@ def namespace_object(
     }
 
 
+def node_object(
+    name: str,
+    *,
+    internal_ip: str | None = None,
+    taints: Iterable[Mapping[str, str]] = (),
+    labels: Mapping[str, str] | None = None,
+) -> Object:
+    metadata: Object = {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}}
+    spec: Object = {}
+    if taints:
+        spec["taints"] = [dict(taint) for taint in taints]
+    addresses = [{"type": "Hostname", "address": name}]
+    if internal_ip:
+        addresses.insert(0, {"type": "InternalIP", "address": internal_ip})
+    return {"metadata": metadata, "spec": spec, "status": {"addresses": addresses}}
+
+
+def json_patch(target: Object, operations: Any) -> Object:
+    """RFC 6902, answering as the API server does: a patch it cannot read is 400; one that
+    does not apply (a ``test`` that fails, a path that is not there) is 422."""
+    try:
+        patch = jsonpatch.JsonPatch(operations)
+    except (jsonpatch.JsonPatchException, TypeError, AttributeError) as error:
+        raise ApiError(400, "BadRequest", str(error)) from None
+    try:
+        return patch.apply(target)
+    except jsonpatch.JsonPatchTestFailed as error:
+        raise ApiError(422, "Invalid", f"the server rejected our request: {error}") from None
+    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as error:
+        raise ApiError(422, "Invalid", str(error)) from None
+    except (KeyError, TypeError) as error:  # an operation without its "path" or "value"
+        raise ApiError(400, "BadRequest", f"invalid JSON patch: {error}") from None
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """JSON merge patch (RFC 7386): objects merge recursively, null removes, the rest replaces."""
     if not isinstance(patch, dict):
@@ -465,6 +506,9 @@ class KubeApiServer:
         self.list_requests: Counter[str] = Counter()  # fresh lists (no continue token)
         self.list_pages: Counter[str] = Counter()  # every list request, continuations too
         self.watch_requests: Counter[str] = Counter()
+        self.node_requests: Counter[str] = Counter()  # GET and PATCH of single nodes
+        self._failures: dict[tuple[str, str], list[int]] = {}
+        self._before_node_patch: dict[str, list[Any]] = {}
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -479,6 +523,8 @@ class KubeApiServer:
         app.router.add_post("/api/v1/namespaces/{namespace}/events", self._create_event)
         app.router.add_get("/api/v1/namespaces/{namespace}/{resource}/{name}", self._get)
         app.router.add_patch("/api/v1/namespaces/{namespace}/events/{name}", self._patch_event)
+        app.router.add_get("/api/v1/nodes/{name}", self._get_node)
+        app.router.add_patch("/api/v1/nodes/{name}", self._patch_node)
         app.router.add_get("/api/v1/{resource}", self._collection)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
@@ -617,6 +663,39 @@ class KubeApiServer:
     def delete_pod(self, namespace: str, name: str) -> Object:
         return copy.deepcopy(self.store.remove("pods", (namespace, name)))
 
+    def add_node(
+        self,
+        name: str,
+        *,
+        internal_ip: str | None = None,
+        taints: Iterable[Mapping[str, str]] = (),
+        labels: Mapping[str, str] | None = None,
+    ) -> Object:
+        """Add a node with these taints (``key``, ``value``, ``effect`` each) and addresses."""
+        node = node_object(name, internal_ip=internal_ip, taints=taints, labels=labels)
+        return copy.deepcopy(self.store.create("nodes", node))
+
+    def node(self, name: str) -> Object:
+        return copy.deepcopy(self.store.get("nodes", ("", name)))
+
+    def taints(self, name: str) -> list[Object]:
+        return self.node(name)["spec"].get("taints") or []
+
+    def set_taints(self, name: str, taints: Iterable[Mapping[str, str]]) -> Object:
+        node = self.node(name)
+        set_or_remove(node["spec"], "taints", [dict(t) for t in taints] or None)
+        return copy.deepcopy(self.store.replace("nodes", node))
+
+    def fail_next(self, method: str, resource: str, code: int, times: int = 1) -> None:
+        """Answer the next ``times`` ``method`` requests for single ``resource`` objects
+        (only ``nodes`` so far) with HTTP ``code``, as an overloaded API server would."""
+        self._failures.setdefault((method, resource), []).extend([code] * times)
+
+    def before_node_patch(self, name: str, action: Any) -> None:
+        """Run ``action(kube)`` once, just before the next PATCH of node ``name`` is applied:
+        another controller's write landing between a client's read and its patch."""
+        self._before_node_patch.setdefault(name, []).append(action)
+
     def compact(self) -> None:
         """Forget all history, as etcd compaction does: any older resourceVersion is 410."""
         self.store.compact()
@@ -680,6 +759,58 @@ class KubeApiServer:
     async def _get_namespace(self, request: web.Request) -> web.Response:
         obj = self.store.get("namespaces", ("", request.match_info["name"]))
         return web.json_response(with_kind("namespaces", obj))
+
+    def _injected(self, method: str, resource: str) -> None:
+        self.node_requests[method] += 1
+        pending = self._failures.get((method, resource))
+        if pending:
+            code = pending.pop(0)
+            raise ApiError(code, "InternalError" if code >= 500 else "Injected", "injected failure")
+
+    async def _get_node(self, request: web.Request) -> web.Response:
+        self._injected("GET", "nodes")
+        obj = self.store.get("nodes", ("", request.match_info["name"]))
+        return web.json_response(with_kind("nodes", obj))
+
+    async def _patch_node(self, request: web.Request) -> web.Response:
+        self._injected("PATCH", "nodes")
+        key = ("", request.match_info["name"])
+        self.store.get("nodes", key)  # 404 before reading the body, as the API server does
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "BadRequest", "request body is not JSON") from None
+        actions = self._before_node_patch.get(key[1], [])
+        while actions:
+            actions.pop(0)(self)
+        current = with_kind("nodes", self.store.get("nodes", key))
+        if request.content_type == JSON_PATCH_TYPE:
+            patched = json_patch(copy.deepcopy(current), body)
+        elif request.content_type in MERGE_PATCH_TYPES:
+            if not isinstance(body, dict):
+                raise ApiError(400, "BadRequest", "request body is not a JSON object")
+            patched = merge_patch(copy.deepcopy(current), body)
+        else:
+            raise ApiError(415, "UnsupportedMediaType", f"{request.content_type} not supported")
+        metadata = patched.get("metadata") if isinstance(patched, dict) else None
+        if not isinstance(metadata, dict):
+            raise ApiError(422, "Invalid", "metadata: Required value")
+        # A resourceVersion in the patched object is a precondition, as in an update.
+        sent = metadata.get("resourceVersion")
+        if sent is not None and sent != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on nodes "{key[1]}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        for field in ("name", "uid", "creationTimestamp"):
+            if metadata.get(field) != current["metadata"].get(field):
+                raise ApiError(422, "Invalid", f"metadata.{field}: field is immutable")
+        if patched.get("spec", {}).get("taints") == []:
+            del patched["spec"]["taints"]  # an empty list is not stored (omitempty)
+        obj = self.store.replace("nodes", strip_kind(patched))
+        return web.json_response(with_kind("nodes", obj))
 
     async def _get(self, request: web.Request) -> web.Response:
         resource = namespaced_resource(request)

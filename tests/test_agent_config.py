@@ -27,6 +27,7 @@ def test_defaults():
     assert config.pod_wait == timedelta(seconds=0.9)
     assert config.metadata_endpoint == "http://169.254.169.254"
     assert config.require_imdsv2 is False
+    assert config.node_name == ""  # no startup-taint report
     assert config.prometheus_listen_addr == ("0.0.0.0", 9620)
     allow = config.allow_route_regexp
     assert allow.fullmatch("/latest/meta-data/placement/region")
@@ -57,6 +58,7 @@ def test_host_comes_from_host_ip_as_kubernetes_sets_it():
         (["--pod-wait", "0s"], "--pod-wait"),
         (["--server-address", "podiam-server"], "host:port"),
         (["--metadata-endpoint", "169.254.169.254"], "http://"),
+        (["--node-name", "Node_1"], "--node-name"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(capsys, args, message):
@@ -71,3 +73,10 @@ def test_inverted_interface_is_accepted():
     assert parse_config([*REQUIRED, "--host-interface", "!docker0"], environ={}).host_interface == (
         "!docker0"
     )
+
+
+def test_node_name_comes_from_node_name_as_kubernetes_sets_it():
+    environ = {"NODE_NAME": "ip-10-1-2-3.eu-west-1.compute.internal"}
+    assert parse_config(REQUIRED, environ=environ).node_name == environ["NODE_NAME"]
+    flagged = parse_config([*REQUIRED, "--node-name", "worker-7"], environ=environ)
+    assert flagged.node_name == "worker-7"

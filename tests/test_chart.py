@@ -76,6 +76,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "agent": {"enabled": False},
         "tls": {"extraServerNames": ["kiam-server"]},
     },
+    "startup-taint-off": {"server": {"startupTaint": ""}},
+    "startup-taint-null": {"server": {"startupTaint": None}},
+    "custom-agent-tolerations": {"agent": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}},
     "metrics-off": {
         "server": {"metrics": {"enabled": False}},
         "agent": {"metrics": {"enabled": False}},
@@ -90,6 +93,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "sessionRefresh": "45m",
             "sessionName": "eks-prod",
             "nodeBinding": False,
+            "startupTaint": "example.com/podiam-not-ready",
             "maxConnectionAge": "5m",
             "logLevel": "debug",
             "jsonLog": False,
@@ -129,6 +133,8 @@ def env_of(spec: dict[str, Any]) -> dict[str, str]:
             env[var["name"]] = var["value"]
         elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.hostIP":
             env[var["name"]] = "10.0.1.23"
+        elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            env[var["name"]] = "ip-10-0-1-23.eu-west-1.compute.internal"
         else:
             raise AssertionError(f"unexpected env source {var}")
     return env
@@ -193,6 +199,7 @@ def test_schema_rejects_a_typo():
         {"server": {"logLevel": "verbose"}},
         {"server": {"sessionDuration": "one hour"}},
         {"agent": {"hostInterface": "eni+; reboot"}},
+        {"server": {"startupTaint": "not a key"}},
         {"tls": {"mode": "selfsigned"}},
     ],
 )
@@ -211,6 +218,14 @@ def test_notes_tell_how_to_annotate_and_verify():
     assert "iam.amazonaws.com/permitted" in text
     assert "iam.amazonaws.com/role" in text
     assert "sts get-caller-identity" in text
+    assert "podiam.io/agent-not-ready=true:NoExecute" in text
+    assert "never be removed" not in text
+
+
+@pytest.mark.parametrize("values", [{"agent": {"iptables": False}}, {"agent": {"enabled": False}}])
+def test_notes_warn_when_no_agent_could_remove_the_startup_taint(values):
+    assert "never be removed" in notes(values)
+    assert "agent-not-ready" not in notes({**values, "server": {"startupTaint": ""}})
 
 
 # --- Chart and programs cannot drift apart ---------------------------------------------------
@@ -244,12 +259,14 @@ def test_every_tuned_value_reaches_its_flag(rendered):
     assert server.session_refresh.total_seconds() == 45 * 60
     assert server.session_name == "eks-prod"
     assert server.node_binding is False
+    assert server.startup_taint == "example.com/podiam-not-ready"
     assert server.max_connection_age.total_seconds() == 300
     assert (server.log_level, server.json_log) == ("DEBUG", False)
     assert server.prometheus_listen_addr == ("0.0.0.0", 9700)
     assert {"name": "AWS_STS_REGIONAL_ENDPOINTS", "value": "regional"} in server_spec["env"]
 
     assert agent.host == "10.0.1.23"
+    assert agent.node_name == "ip-10-0-1-23.eu-west-1.compute.internal"
     assert agent.port == 8282
     assert agent.server_address == f"{SERVER_FQDN}:9443"
     assert (agent.iptables, agent.host_interface, agent.iptables_remove) == (
@@ -271,6 +288,7 @@ def test_defaults_are_the_programs_defaults_except_where_the_chart_says_why(rend
     agent = parse_agent_config(agent_spec["args"], environ=env_of(agent_spec))
     assert server.role_base_arn_autodetect and server.role_base_arn is None
     assert server.node_binding and server.json_log
+    assert server.startup_taint == "podiam.io/agent-not-ready"
     assert str(server.session_duration) == "1:00:00"
     assert agent.iptables and agent.host_interface == "eni+" and agent.iptables_remove
     assert agent.port == 8181
@@ -313,16 +331,19 @@ def test_agent_has_no_kubernetes_permissions(rendered):
     assert one(manifests, "ServiceAccount", "podiam-agent")["automountServiceAccountToken"] is False
 
 
-def test_server_may_only_watch_pods_and_namespaces_and_record_events(rendered):
-    rules = one(rendered["defaults"], "ClusterRole")["rules"]
-    granted = {
+def granted(manifests: list[Manifest]) -> set[tuple[str, str]]:
+    rules = one(manifests, "ClusterRole")["rules"]
+    assert all(rule["apiGroups"] == [""] for rule in rules)
+    return {
         (resource, verb)
         for rule in rules
         for resource in rule["resources"]
         for verb in rule["verbs"]
-        if rule["apiGroups"] == [""]
     }
-    assert granted == {
+
+
+def test_server_may_only_watch_pods_and_namespaces_record_events_and_untaint_nodes(rendered):
+    assert granted(rendered["defaults"]) == {
         ("pods", "get"),
         ("pods", "list"),
         ("pods", "watch"),
@@ -331,8 +352,40 @@ def test_server_may_only_watch_pods_and_namespaces_and_record_events(rendered):
         ("namespaces", "watch"),
         ("events", "create"),
         ("events", "patch"),
+        ("nodes", "get"),
+        ("nodes", "patch"),
     }
-    assert all(rule["apiGroups"] == [""] for rule in rules)
+    # Without the startup taint the server has no business with nodes.
+    assert {r for r, _ in granted(rendered["startup-taint-off"])} == {
+        "pods",
+        "namespaces",
+        "events",
+    }
+
+
+@pytest.mark.parametrize("name", ["defaults", "custom-agent-tolerations", "every-flag"])
+def test_agents_and_servers_tolerate_the_startup_taint(rendered, name):
+    manifests = rendered[name]
+    server_spec = container(manifests, "Deployment")
+    key = parse_server_config(server_spec["args"], environ=env_of(server_spec)).startup_taint
+    toleration = {"key": key, "operator": "Exists"}  # any value, any effect
+    for kind in ("DaemonSet", "Deployment"):
+        assert toleration in one(manifests, kind)["spec"]["template"]["spec"]["tolerations"], kind
+    agent = one(manifests, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert {
+        "name": "NODE_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+    } in agent["env"]
+
+
+@pytest.mark.parametrize("name", ["startup-taint-off", "startup-taint-null"])
+def test_without_the_startup_taint_nothing_tolerates_it(rendered, name):
+    manifests = rendered[name]
+    assert "nodes" not in {r for r, _ in granted(manifests)}
+    server_spec = container(manifests, "Deployment")
+    assert parse_server_config(server_spec["args"], environ={}).startup_taint is None
+    server_pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert all(t.get("key") != "podiam.io/agent-not-ready" for t in server_pod["tolerations"])
 
 
 def test_agent_gets_net_admin_only_with_iptables(rendered):
@@ -372,7 +425,8 @@ def test_server_runs_hardened_on_dedicated_nodes(rendered):
     assert deployment["spec"]["replicas"] == 2
     assert pod["nodeSelector"] == {"podiam-server": "true"}
     assert pod["tolerations"] == [
-        {"key": "podiam-server", "operator": "Equal", "value": "true", "effect": "NoExecute"}
+        {"key": "podiam-server", "operator": "Equal", "value": "true", "effect": "NoExecute"},
+        {"key": "podiam.io/agent-not-ready", "operator": "Exists"},
     ]
     anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
@@ -395,9 +449,11 @@ def test_custom_taints_and_labels_reach_the_server(rendered):
     assert pod["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "iam", "effect": "NoSchedule"},
         {"key": "spot", "operator": "Exists"},
+        {"key": "podiam.io/agent-not-ready", "operator": "Exists"},
     ]
     unlabelled = one(rendered["no-dedicated-nodes"], "Deployment")["spec"]["template"]["spec"]
-    assert "nodeSelector" not in unlabelled and "tolerations" not in unlabelled
+    assert "nodeSelector" not in unlabelled
+    assert unlabelled["tolerations"] == [{"key": "podiam.io/agent-not-ready", "operator": "Exists"}]
 
 
 def test_pod_network_server_keeps_agents_off_the_server_nodes(rendered):

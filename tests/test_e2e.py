@@ -19,8 +19,16 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.support.e2e import REPO, WHO_AM_I, PodiamCluster, PodiamPod, dnat_rules
+from tests.support.e2e import (
+    NODE_GROUP_TAINT,
+    REPO,
+    WHO_AM_I,
+    PodiamCluster,
+    PodiamPod,
+    dnat_rules,
+)
 from tests.support.netns import list_namespaces, requires_root, root_links
+from tests.support.waiting import eventually
 
 pytestmark = requires_root
 
@@ -233,6 +241,22 @@ async def test_pod_reusing_a_deleted_pods_ip_never_gets_the_old_pods_role(
 
 
 # ---------------------------------------------------------------- the DNAT rule over restarts
+
+
+async def test_new_nodes_lose_only_their_startup_taint_once_their_agent_intercepts(
+    podiam: PodiamCluster,
+) -> None:
+    assert podiam.kube is not None
+    kube = podiam.kube
+    for node in podiam.workers:
+        name = node.node_name
+        await eventually(lambda n=name: kube.taints(n) == [NODE_GROUP_TAINT], timeout=15)
+        assert dnat_rules(node), f"{node.node_name} lost its taint without a DNAT rule"
+        assert "reported node " + node.node_name + " ready" in podiam.agent(node).log()
+    reasons = {
+        (e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"]) for e in kube.events
+    }
+    assert {("Node", n.node_name, "PodiamAgentReady") for n in podiam.workers} <= reasons
 
 
 async def test_agent_removes_its_rule_on_stop_and_restarts_never_stack_copies(

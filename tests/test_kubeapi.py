@@ -368,3 +368,90 @@ def test_runs_standalone_and_prints_its_url():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# ---- nodes: read and patched as the real API server does
+
+STARTUP = {"key": "podiam.io/agent-not-ready", "value": "true", "effect": "NoExecute"}
+OTHER = {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}
+
+
+async def patch_node(core: CoreV1Api, name: str, body: Any, content_type: str):
+    response = await core.patch_node(name, body, _content_type=content_type, _preload_content=False)
+    async with response:
+        return response.status, json.loads(await response.read())
+
+
+async def test_node_is_read_with_its_taints_and_addresses(kube: KubeApiServer, core: CoreV1Api):
+    kube.add_node("n1", internal_ip="10.0.0.5", taints=[STARTUP, OTHER])
+    node = await core.read_node("n1")
+    assert [t.key for t in node.spec.taints] == [STARTUP["key"], OTHER["key"]]
+    assert {"type": "InternalIP", "address": "10.0.0.5"} in [
+        a.to_dict() for a in node.status.addresses
+    ]
+
+
+async def test_missing_node_is_not_found(core: CoreV1Api):
+    with pytest.raises(ApiException) as error:
+        await core.read_node("nowhere")
+    assert error.value.status == 404
+    status, body = await patch_node(core, "nowhere", [], "application/json-patch+json")
+    assert (status, body["reason"]) == (404, "NotFound")
+
+
+async def test_json_patch_with_passing_test_applies_and_bumps_the_version(
+    kube: KubeApiServer, core: CoreV1Api
+):
+    before = kube.add_node("n2", taints=[STARTUP, OTHER])
+    patch = [
+        {"op": "test", "path": "/spec/taints", "value": [STARTUP, OTHER]},
+        {"op": "replace", "path": "/spec/taints", "value": [OTHER]},
+    ]
+    status, node = await patch_node(core, "n2", patch, "application/json-patch+json")
+    assert status == 200 and node["kind"] == "Node"
+    assert node["spec"]["taints"] == [OTHER] == kube.taints("n2")
+    assert int(node["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"])
+
+
+async def test_json_patch_whose_test_fails_is_invalid_and_changes_nothing(
+    kube: KubeApiServer, core: CoreV1Api
+):
+    before = kube.add_node("n3", taints=[STARTUP, OTHER])
+    patch = [
+        {"op": "test", "path": "/spec/taints", "value": [STARTUP]},
+        {"op": "remove", "path": "/spec/taints"},
+    ]
+    status, body = await patch_node(core, "n3", patch, "application/json-patch+json")
+    assert (status, body["reason"]) == (422, "Invalid")
+    assert kube.node("n3") == before
+
+
+async def test_malformed_json_patch_is_a_bad_request(kube: KubeApiServer, core: CoreV1Api):
+    kube.add_node("n4")
+    status, _ = await patch_node(core, "n4", [{"op": "jump"}], "application/json-patch+json")
+    assert status == 400
+
+
+async def test_merge_patch_on_a_node_and_stale_resource_version_conflicts(
+    kube: KubeApiServer, core: CoreV1Api
+):
+    node = kube.add_node("n5", taints=[STARTUP])
+    stale = node["metadata"]["resourceVersion"]
+    status, patched = await patch_node(
+        core, "n5", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json"
+    )
+    assert status == 200 and patched["metadata"]["labels"]["a"] == "b"
+    body = {"metadata": {"resourceVersion": stale}, "spec": {"taints": None}}
+    status, answer = await patch_node(core, "n5", body, "application/merge-patch+json")
+    assert (status, answer["reason"]) == (409, "Conflict")
+    assert kube.taints("n5") == [STARTUP]
+
+
+async def test_injected_failures_answer_once_each(kube: KubeApiServer, core: CoreV1Api):
+    kube.add_node("n6")
+    kube.fail_next("GET", "nodes", 503, times=2)
+    for _ in range(2):
+        with pytest.raises(ApiException) as error:
+            await core.read_node("n6")
+        assert error.value.status == 503
+    assert (await core.read_node("n6")).metadata.name == "n6"

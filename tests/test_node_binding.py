@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import pytest_asyncio
 
@@ -31,6 +32,7 @@ def test_peer_addresses_are_read_as_node_ips(peer, ip):
 async def unbound(moto_sts, tls_dirs, tmp_path_factory):
     async with KubeApiServer() as kube:
         kube.add_namespace("apps", annotations={"iam.amazonaws.com/permitted": ".*"})
+        kube.add_namespace("default")
         tmp = tmp_path_factory.mktemp("unbound")
         async with running_server(
             kube, moto_sts, tls_dirs, tmp, extra=["--no-node-binding"]
@@ -52,3 +54,30 @@ async def test_without_node_binding_any_agent_may_ask_for_any_pod(unbound):
         snapshot = await stream.read()
         assert [pod.ip for pod in snapshot.pods] == ["10.7.0.1"]
         stream.cancel()
+
+
+async def test_without_node_binding_the_startup_taint_follows_the_address_the_agent_claims(
+    unbound,
+):
+    # Peer addresses are not node addresses where node binding is off (a proxy, NAT), so the
+    # node must carry the address the agent says it serves: a misconfigured agent is caught,
+    # though a malicious one is not, as with every other check under --no-node-binding.
+    taint = {"key": "podiam.io/agent-not-ready", "value": "true", "effect": "NoExecute"}
+    unbound.kube.add_node("far-node", internal_ip="10.99.0.9", taints=[taint])
+    async with unbound.channel() as channel:
+        stub = unbound.stub(channel)
+
+        def report(host_ip: str):
+            return stub.ReportNodeReady(
+                kiam_pb2.NodeReadyReport(
+                    node_name="far-node", host_ip=host_ip,
+                    redirect_installed=True, snapshot_applied=True,
+                )
+            )  # fmt: skip
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await report("10.99.0.8")
+        assert error.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert unbound.kube.taints("far-node") == [taint]
+        assert (await report("10.99.0.9")).outcome == "scheduled"
+    await eventually(lambda: unbound.kube.taints("far-node") == [])

@@ -50,6 +50,10 @@ SERVER_PORT = 8443
 AGENT_PORT = 8181
 AGENT_METRICS_PORT = 9620
 LAN_INTERFACE = "lan0"  # each node's LAN interface in the netns kit
+# Every worker joins as a new EKS node would with podiam's startup taint on its node group, and
+# another taint podiam must leave alone.
+STARTUP_TAINT = {"key": "podiam.io/agent-not-ready", "value": "true", "effect": "NoExecute"}
+NODE_GROUP_TAINT = {"key": "dedicated", "value": "workers", "effect": "NoSchedule"}
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -319,6 +323,8 @@ class PodiamCluster:
         for namespace, expression in self.permitted.items():
             annotations = {PERMITTED: expression} if expression is not None else None
             self.kube.add_namespace(namespace, annotations=annotations)
+        if "default" not in self.permitted:
+            self.kube.add_namespace("default")  # where Events about nodes go
         self.sts = MotoSts(host=root_ip)
         await asyncio.to_thread(self.sts.start)
         stack.push_async_callback(asyncio.to_thread, self.sts.stop)
@@ -326,6 +332,9 @@ class PodiamCluster:
         self.server_node = self.cluster.node("server")
         self.workers = [self.cluster.node(f"worker-{k}") for k in range(1, self.worker_count + 1)]
         for node in self.workers:
+            self.kube.add_node(
+                node.node_name, internal_ip=node.ip, taints=[STARTUP_TAINT, NODE_GROUP_TAINT]
+            )
             # Pods' traffic to the LAN (to STS) leaves as the node's, so replies find their way
             # back without routes to pods anywhere else.
             node.run(
@@ -373,6 +382,7 @@ class PodiamCluster:
         files = TlsFiles.agent_in(self.tls)
         argv = [
             "--host", node.ip,
+            "--node-name", node.node_name,
             "--port", str(AGENT_PORT),
             "--iptables",
             "--host-interface", "eni+",
