@@ -87,6 +87,16 @@ async def test_missing_certificate_is_one_clear_line(tls_dirs, tmp_path):
     assert str(missing) in one_line(err)
 
 
+async def test_a_server_only_certificate_as_client_certificate_is_one_clear_line(tls_dirs):
+    server = tls_dirs.server  # serverAuth only: the server would refuse it as a client
+    code, _, err = await run_to_exit(
+        *AGENT, "--host", "127.0.0.1", "--port", "0", "--prometheus-listen-addr", "",
+        "--cert", str(server.cert), "--key", str(server.key), "--ca", str(server.ca),
+    )  # fmt: skip
+    assert code == 1
+    assert f"certificate {server.cert}: its extended key usage is serverAuth" in one_line(err)
+
+
 async def test_port_in_use_is_one_clear_line(tls_dirs):
     files = tls_dirs.agent
     blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

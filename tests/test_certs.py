@@ -19,7 +19,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.__main__ import main
@@ -31,6 +31,7 @@ from certs.authority import (
     write_bundle,
 )
 from certs.tls import (
+    Purpose,
     TlsConfigError,
     TlsFiles,
     channel_credentials,
@@ -325,7 +326,7 @@ def test_check_fails_on_a_missing_directory(
 
 
 def test_loading_returns_the_validated_files(tls_dirs: TlsDirs) -> None:
-    cert, key, ca = load_tls_material(tls_dirs.server)
+    cert, key, ca = load_tls_material(tls_dirs.server, purpose=Purpose.SERVER)
     assert cert == tls_dirs.server.cert.read_bytes()
     assert key == tls_dirs.server.key.read_bytes()
     assert ca == tls_dirs.server.ca.read_bytes()
@@ -334,7 +335,7 @@ def test_loading_returns_the_validated_files(tls_dirs: TlsDirs) -> None:
 def test_loading_names_a_missing_file(tls_dirs: TlsDirs, tmp_path: Path) -> None:
     files = TlsFiles(cert=tmp_path / "server.pem", key=tls_dirs.server.key, ca=tls_dirs.server.ca)
     with pytest.raises(TlsConfigError) as error:
-        load_tls_material(files)
+        load_tls_material(files, purpose=Purpose.SERVER)
     assert str(error.value) == f"certificate {tmp_path / 'server.pem'}: no such file"
 
 
@@ -344,22 +345,29 @@ def test_loading_names_a_file_that_is_not_pem(tls_dirs: TlsDirs, tmp_path: Path)
     with pytest.raises(
         TlsConfigError, match=f"^CA certificate {re.escape(str(garbage))}: not a PEM certificate$"
     ):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=garbage))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=garbage),
+            purpose=Purpose.CLIENT,
+        )
     with pytest.raises(
         TlsConfigError, match=f"^key {re.escape(str(garbage))}: not a PEM private key$"
     ):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=garbage, ca=tls_dirs.agent.ca))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=garbage, ca=tls_dirs.agent.ca),
+            purpose=Purpose.CLIENT,
+        )
     # A key where the certificate belongs is not a certificate either.
     with pytest.raises(TlsConfigError, match="not a PEM certificate"):
         load_tls_material(
-            TlsFiles(cert=tls_dirs.agent.key, key=tls_dirs.agent.key, ca=tls_dirs.agent.ca)
+            TlsFiles(cert=tls_dirs.agent.key, key=tls_dirs.agent.key, ca=tls_dirs.agent.ca),
+            purpose=Purpose.CLIENT,
         )
 
 
 def test_loading_refuses_a_key_of_another_certificate(tls_dirs: TlsDirs) -> None:
     files = TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.server.key, ca=tls_dirs.agent.ca)
     with pytest.raises(TlsConfigError) as error:
-        load_tls_material(files)
+        load_tls_material(files, purpose=Purpose.CLIENT)
     assert str(error.value) == (
         f"key {tls_dirs.server.key}: key does not match certificate {tls_dirs.agent.cert}"
     )
@@ -386,16 +394,126 @@ def test_loading_accepts_a_ca_file_with_an_old_and_a_new_ca(
     old_ca, _ = generate_ca(not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(1))
     both = tmp_path / "ca.pem"
     both.write_bytes(tls_dirs.agent.ca.read_bytes() + _pem(old_ca))
-    load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=both))
+    load_tls_material(
+        TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=both), purpose=Purpose.CLIENT
+    )
 
     only_old = tmp_path / "old-ca.pem"
     only_old.write_bytes(_pem(old_ca))
     with pytest.raises(TlsConfigError, match="expired on"):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=only_old))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=only_old),
+            purpose=Purpose.CLIENT,
+        )
 
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf_with_usages(
+    directory: Path, *, ekus: list[x509.ObjectIdentifier] | None, signature: bool = True
+) -> TlsFiles:
+    """A certificate signed by a new CA with exactly these extended key usages (None: no such
+    extension) and a key usage with or without digitalSignature, written to ``directory``."""
+    ca_cert, ca_key = generate_ca()
+    key = KeyType.ECDSA_P256.generate()
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=not signature,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if ekus is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(
+        cert=directory / "cert.pem", key=directory / "key.pem", ca=directory / "ca.pem"
+    )
+    files.cert.write_bytes(_pem(cert))
+    files.ca.write_bytes(_pem(ca_cert))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+def test_the_server_refuses_a_client_only_certificate_as_its_own(tls_dirs: TlsDirs) -> None:
+    # The agent's certificate (clientAuth only) where the server's belongs: a TLS client would
+    # refuse every handshake, so the server must refuse to start instead.
+    with pytest.raises(TlsConfigError) as error:
+        server_credentials(TlsFiles(tls_dirs.agent.cert, tls_dirs.agent.key, tls_dirs.server.ca))
+    assert str(error.value) == (
+        f"certificate {tls_dirs.agent.cert}: its extended key usage is clientAuth, not "
+        "serverAuth; a server certificate needs serverAuth"
+    )
+
+
+def test_the_agent_refuses_a_server_only_certificate_as_its_client_certificate(
+    tls_dirs: TlsDirs,
+) -> None:
+    with pytest.raises(TlsConfigError) as error:
+        channel_credentials(TlsFiles(tls_dirs.server.cert, tls_dirs.server.key, tls_dirs.agent.ca))
+    assert str(error.value) == (
+        f"certificate {tls_dirs.server.cert}: its extended key usage is serverAuth, not "
+        "clientAuth; a client certificate needs clientAuth"
+    )
+
+
+@pytest.mark.parametrize(
+    "ekus",
+    [
+        None,  # no extended key usage: good for any purpose (RFC 5280)
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE],
+    ],
+    ids=["no-eku", "both", "any"],
+)
+def test_certificates_good_for_either_side_are_accepted_by_both(tmp_path: Path, ekus) -> None:
+    files = _leaf_with_usages(tmp_path, ekus=ekus)
+    load_tls_material(files, purpose=Purpose.SERVER)
+    load_tls_material(files, purpose=Purpose.CLIENT)
+
+
+def test_a_certificate_whose_key_usage_cannot_sign_is_refused(tmp_path: Path) -> None:
+    files = _leaf_with_usages(tmp_path, ekus=None, signature=False)
+    with pytest.raises(TlsConfigError, match="key usage lacks digitalSignature"):
+        load_tls_material(files, purpose=Purpose.SERVER)
+
+
+async def test_a_server_with_both_usages_in_one_certificate_serves_a_real_agent(
+    tmp_path: Path, tls_dirs: TlsDirs
+) -> None:
+    # What the usage check accepts, gRPC accepts too: the same file as server and client.
+    files = _leaf_with_usages(
+        tmp_path, ekus=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    async with _serving(files) as port:
+        assert await _health(f"localhost:{port}", channel_credentials(files)) == "ok"
 
 
 # --- real mutual TLS over gRPC -----------------------------------------------------------------

@@ -105,6 +105,13 @@ async def test_missing_certificate_is_one_clear_line(argv, tmp_path):
     assert_one_line_error(code, stderr, missing, "no such file")
 
 
+async def test_a_client_only_certificate_as_server_certificate_is_one_clear_line(argv, tls_dirs):
+    agent = tls_dirs.agent  # clientAuth only: agents could never complete a handshake
+    args = replace_flag(replace_flag(argv, "--cert", str(agent.cert)), "--key", str(agent.key))
+    code, stderr = await run_to_exit(*args)
+    assert_one_line_error(code, stderr, str(agent.cert), "not serverAuth")
+
+
 async def test_unreadable_kubeconfig_is_one_clear_line(argv, tmp_path):
     garbage = tmp_path / "kubeconfig"
     garbage.write_text("{{{ not yaml")
