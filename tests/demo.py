@@ -125,6 +125,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="podiam-demo-") as work:
         ok = asyncio.run(demo(Path(work)))
     say(f"\ndemo ({variant}) finished: " + ("as expected" if ok else "UNEXPECTED RESULT"))
+    say(f"Next: `make up` keeps such a stack running to poke at; the programs are in "
+        f"{Path(sys.executable).parent} (`. .venv/bin/activate` puts them on PATH).")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import shutil
 import stat
 from collections.abc import AsyncIterator
@@ -193,6 +194,23 @@ def test_cli_generate_then_check_succeeds(
     assert "DNS:podiam.kube-system.svc, IP:10.1.2.3" in printed
     assert "CN=podiam-agent" in printed and "clientAuth" in printed and "serverAuth" in printed
     assert "(89 days)" in printed
+
+
+def test_every_readme_generate_example_names_what_the_health_probe_connects_to(tmp_path):
+    # The README's commands, run as written (continuation lines joined): each server
+    # certificate must carry localhost and 127.0.0.1, or the chart's probe fails its handshake.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = re.findall(r"^podiam-certs generate (?:.*\\\n)*.*$", readme, re.MULTILINE)
+    assert len(commands) >= 2
+    for n, command in enumerate(commands):
+        argv = shlex.split(command.replace("\\\n", " "))[1:]
+        out = tmp_path / str(n)
+        argv[argv.index("--out") + 1] = str(out)
+        assert main(argv, environ={}) == 0
+        server = _cert((out / "server.pem").read_bytes())
+        sans = _ext(server, x509.SubjectAlternativeName)
+        assert "localhost" in sans.get_values_for_type(x509.DNSName), command
+        assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
 
 
 def test_cli_generate_refuses_existing_files_unless_forced(
