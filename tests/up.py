@@ -7,13 +7,17 @@ server holds the namespace and the pods, both in this process; podiam-server and
 run as the real programs (their own processes, their own metrics registries, their logs on this
 terminal), started with the flags an operator would use.
 
-It is the loopback variant of the demo: pods are the addresses 127.0.1.x of this machine, so a
-client "is" a pod when it sends from that address (``curl --interface``, the locustfile's
-``PODIAM_LOCUST_SOURCES``). There is no DNAT rule; `make demo` as root shows the interception.
+As root with ``ip`` and ``iptables`` it is the demo's network-namespace variant: a server node, a
+worker node whose agent installs the real DNAT rule, and two pods behind it; a client is a pod
+when it runs inside the pod's namespace (``ip netns exec``) and asks 169.254.169.254. Otherwise
+(or with ``PODIAM_UP=loopback``) it is the loopback variant: pods are the addresses 127.0.1.x of
+this machine, so a client "is" a pod when it sends from that address (``curl --interface``, the
+locustfile's ``PODIAM_LOCUST_SOURCES``), and there is no DNAT rule.
 
 What to use is printed on stdout, in lines a script can read (``<label>: <value>``); the
-programs' logs go to stderr. On the way down the agent stops first, then the server, then the
-test servers, and the temporary directory (certificates, kubeconfig) is removed.
+programs' logs go to stderr (in the namespace variant, to the log files it names). On the way
+down the agent stops first, then the server, then the test servers; the temporary directory
+(certificates, kubeconfig) and any namespaces are removed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import ctypes
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -137,7 +142,7 @@ def command_path(name: str) -> str:
     return str(path)
 
 
-async def up(work: Path, stopping: asyncio.Event) -> int:
+async def loopback_up(work: Path, stopping: asyncio.Event) -> int:
     ports = {what: free_port(port) for what, port in PREFERRED_PORTS.items()}
     sts = MotoSts()
     await asyncio.to_thread(sts.start)
@@ -248,19 +253,86 @@ def report(ports, kube, sts, server: Program, agent: Program, *, first: str, las
     say("Ctrl-C (or SIGTERM) stops everything.")
 
 
+async def namespace_up(stopping: asyncio.Event) -> int:
+    # Imported here: the network-namespace kit needs root.
+    from tests.support.e2e import AGENT_METRICS_PORT, AGENT_PORT, METADATA_URL, PodiamCluster
+
+    say("building network namespaces: a server node, a worker node, pods behind the worker …")
+    server_metrics = PREFERRED_PORTS["server metrics"]
+    async with PodiamCluster(
+        workers=1,
+        permitted={NAMESPACE: PERMITTED},
+        server_args=["--prometheus-listen-addr", f"0.0.0.0:{server_metrics}"],
+    ) as podiam:
+        worker = podiam.worker(0)
+        web = podiam.add_pod(worker, NAMESPACE, "web", ROLE)
+        intruder = podiam.add_pod(worker, NAMESPACE, INTRUDER[0], INTRUDER[2])
+        assert podiam.server is not None and podiam.server_node is not None
+        agent = podiam.agent(worker)
+        in_web = shlex.join(web.netns.argv())
+        locust = [
+            *web.netns.argv(), command_path("locust"), "-f", "bench/locustfile.py",
+            "--host", METADATA_URL, "--headless", "-u", "5", "-r", "5", "-t", "1m",
+        ]  # fmt: skip
+        say("podiam is up (network namespaces: the worker's DNAT rule sends pods' metadata")
+        say("requests to its agent).")
+        say(f"agent: http://{worker.ip}:{AGENT_PORT} (pods reach it as {METADATA_URL})")
+        say(f"agent metrics: http://{worker.ip}:{AGENT_METRICS_PORT}/metrics")
+        say(f"server: {podiam.server_address} (mutual-TLS gRPC)")
+        say(f"server metrics: http://{podiam.server_node.ip}:{server_metrics}/metrics")
+        assert podiam.server.process is not None and agent.process is not None
+        say(f"pids: podiam-server {podiam.server.process.pid}, "
+            f"podiam-agent {agent.process.pid}")  # fmt: skip
+        say(f"logs: {podiam.server.log_path}, {agent.log_path}")
+        for rule in agent.dnat_rules():
+            say(f"DNAT rule on the worker node: iptables -t nat {rule}")
+        say(f"pods: web on {web.ip}, role {ROLE} (namespace {NAMESPACE} permits '{PERMITTED}'); "
+            f"{INTRUDER[0]} on {intruder.ip}, role {INTRUDER[2]} (not permitted)")  # fmt: skip
+        say("As pod web (inside its network namespace):")
+        say(f"curl: {in_web} curl {METADATA_URL}{CREDS}{ROLE}")
+        say(f"  role name: {in_web} curl {METADATA_URL}{CREDS}")
+        say(f"  refused (403): {shlex.join(intruder.netns.argv())} curl {METADATA_URL}{CREDS}")
+        say("Load-test the agent from pod web:")
+        say(f"locust: {shlex.join(locust)}")
+        say("Ctrl-C (or SIGTERM) stops everything.")
+        while not stopping.is_set():
+            for program in podiam.processes:
+                if program.returncode is not None:
+                    say(f"{program.what} exited with code {program.returncode}; stopping")
+                    return 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.5)
+        say("stopping: the agent, then the server, then the test servers and the namespaces")
+    return 0
+
+
 def main() -> int:
     async def run() -> int:
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        if variant == "namespaces":
+            return await namespace_up(stopping)
         with tempfile.TemporaryDirectory(prefix="podiam-up-") as work:
-            return await up(Path(work), stopping)
+            return await loopback_up(Path(work), stopping)
+
+    variant = "loopback" if os.environ.get("PODIAM_UP") == "loopback" else "namespaces"
+    if variant == "namespaces" and (reason := _why_not_namespaces()) is not None:
+        say(f"{reason}: the loopback variant (pods are 127.0.1.x addresses of this machine)")
+        variant = "loopback"
 
     logs.configure("WARNING", json_log=False)
     os.chdir(REPO)  # the printed commands name bench/locustfile.py relative to the repository
     say("starting podiam: moto, the Kubernetes API test server, podiam-server, podiam-agent …")
     return asyncio.run(run())
+
+
+def _why_not_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces and iptables need root"
+    missing = [tool for tool in ("ip", "iptables") if not shutil.which(tool)]
+    return f"{' and '.join(missing)} not installed" if missing else None
 
 
 if __name__ == "__main__":
