@@ -158,11 +158,8 @@ def check_purpose(cert: x509.Certificate, path: Path, purpose: Purpose) -> None:
         ekus = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         ekus = None
-    if (
-        ekus is not None
-        and purpose.oid not in ekus
-        and (ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in ekus)
-    ):
+    allowed = {purpose.oid, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    if ekus is not None and not allowed.intersection(ekus):
         listed = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in ekus) or "nothing"
         raise TlsConfigError(
             f"certificate {path}: its extended key usage is {listed}, not {purpose.value}; "
@@ -185,8 +182,8 @@ def load_tls_material(files: TlsFiles, *, purpose: Purpose) -> tuple[bytes, byte
     ``purpose`` side of a connection.
 
     Checked: every file parses; the key is the certificate's; the certificate is made for
-    ``purpose`` (see ``check_purpose``); the certificate and (at least
-    one certificate in) the CA file are within their validity. Not checked: that the
+    ``purpose`` (see ``check_purpose``); the certificate and (at least one certificate in) the
+    CA file are within their validity. Not checked: that the
     certificate was issued by this CA — the CA verifies the *other* side, whose issuer may
     legitimately differ (``podiam-certs check`` verifies a generated directory as a whole).
     """

@@ -57,7 +57,7 @@ def process_exists(pid: int) -> bool:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("variant", ["loopback", pytest.param("namespaces", marks=requires_root)])
 async def test_the_local_stack_serves_curl_metrics_and_a_headless_locust_run(tmp_path, variant):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PODIAM_UP": variant}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PODIAM_DEMO": variant}
     with (tmp_path / "logs").open("wb") as logs:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.up", cwd=REPO, env=env,

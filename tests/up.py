@@ -10,9 +10,9 @@ terminal), started with the flags an operator would use.
 As root with ``ip`` and ``iptables`` it is the demo's network-namespace variant: a server node, a
 worker node whose agent installs the real DNAT rule, and two pods behind it; a client is a pod
 when it runs inside the pod's namespace (``ip netns exec``) and asks 169.254.169.254. Otherwise
-(or with ``PODIAM_UP=loopback``) it is the loopback variant: pods are the addresses 127.0.1.x of
-this machine, so a client "is" a pod when it sends from that address (``curl --interface``, the
-locustfile's ``PODIAM_LOCUST_SOURCES``), and there is no DNAT rule.
+(or with ``PODIAM_DEMO=loopback``, as for the demo) it is the loopback variant: pods are the
+addresses 127.0.1.x of this machine, so a client "is" a pod when it sends from that address
+(``curl --interface``, the locustfile's ``PODIAM_LOCUST_SOURCES``), and there is no DNAT rule.
 
 What to use is printed on stdout, in lines a script can read (``<label>: <value>``); the
 programs' logs go to stderr (in the namespace variant, to the log files it names). On the way
@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import os
 import shlex
-import shutil
 import signal
 import socket
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import aiohttp
 
 from server import logs
+from tests.demo import why_not_namespaces
 from tests.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.server import BASE_ARN
@@ -317,22 +317,17 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="podiam-up-") as work:
             return await loopback_up(Path(work), stopping)
 
-    variant = "loopback" if os.environ.get("PODIAM_UP") == "loopback" else "namespaces"
-    if variant == "namespaces" and (reason := _why_not_namespaces()) is not None:
-        say(f"{reason}: the loopback variant (pods are 127.0.1.x addresses of this machine)")
+    variant = "namespaces"
+    if (why_not := why_not_namespaces()) is not None:
+        reason, then = why_not
+        say(f"{reason}: running the loopback variant, where pods are 127.0.1.x addresses of")
+        say(f"this machine and no DNAT rule is involved. {then} it shows the interception too.")
         variant = "loopback"
 
     logs.configure("WARNING", json_log=False)
     os.chdir(REPO)  # the printed commands name bench/locustfile.py relative to the repository
     say("starting podiam: moto, the Kubernetes API test server, podiam-server, podiam-agent …")
     return asyncio.run(run())
-
-
-def _why_not_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces and iptables need root"
-    missing = [tool for tool in ("ip", "iptables") if not shutil.which(tool)]
-    return f"{' and '.join(missing)} not installed" if missing else None
 
 
 if __name__ == "__main__":
