@@ -646,3 +646,19 @@ async def test_reloading_server_uses_rotated_files_for_new_connections(
 
         (live / "server.pem").write_bytes((tmp_path / "next" / "server.pem").read_bytes())
         assert await _health(target, new_agent) == "ok"
+
+
+async def test_reloading_server_keeps_its_certificate_when_a_client_only_one_is_rotated_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = _write_dir(tmp_path / "live")
+    agent = channel_credentials(TlsFiles.agent_in(live))
+    async with _serving(TlsFiles.server_in(live), reload=True) as port:
+        target = f"localhost:{port}"
+        with caplog.at_level(logging.WARNING, logger="certs.tls"):
+            # The agent's pair where the server's belongs (a Secret built from the wrong files).
+            for kind in ("", "-key"):
+                shutil.copy(live / f"agent{kind}.pem", live / f"server{kind}.pem")
+            assert await _health(target, agent) == "ok"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "clientAuth, not serverAuth" in warnings[0]
