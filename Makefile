@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo protos bench bench-quick clean
+.PHONY: setup test lint demo up protos bench bench-quick clean
 
 setup: $(VENV)/.installed
 
+# Each slow step says what it does before it starts, and pip shows what it installs, so the
+# first run (about 90 s) is never silent.
 $(VENV)/.installed: pyproject.toml
+	@echo "==> creating the virtualenv $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> upgrading pip"
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --editable '.[test]'
+	@echo "==> installing podiam (editable) and its test dependencies into $(VENV), about a minute"
+	$(BIN)/pip install --progress-bar off --editable '.[test]'
+	@echo "==> $(VENV) is ready: '. $(VENV)/bin/activate' puts podiam-server, podiam-agent, podiam-certs on PATH"
 	touch $@
 
 lint: setup
@@ -21,10 +27,16 @@ test: lint
 	$(BIN)/pytest
 
 demo: setup
+	@echo "==> running the demo"
 	$(BIN)/python -m tests.demo
 
+# A local stack that stays up until Ctrl-C: agent, server, their metrics, and locust to load it.
+up: $(VENV)/.bench
+	$(BIN)/python -m tests.up
+
 $(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/pip install --quiet --editable '.[test,bench]'
+	@echo "==> installing the bench extras (locust, uvloop, py-spy, pyinstrument) into $(VENV)"
+	$(BIN)/pip install --progress-bar off --editable '.[test,bench]'
 	touch $@
 
 bench: $(VENV)/.bench

@@ -151,6 +151,7 @@ class StreamFollower:
         self._rotated = rotated or asyncio.Event()
         # Set once the first snapshot arrived: until then the agent serves no credentials.
         self.connected = asyncio.Event()
+        self._received = False  # whether the current stream brought anything
 
     async def run(self) -> None:
         failures = 0
@@ -170,16 +171,23 @@ class StreamFollower:
             metrics.STREAM_CONNECTED.set(0)
             metrics.STREAM_RECONNECTS.inc()
             delay = _backoff(failures)
-            log.warning(
-                "node stream from podiam server %s lost (%s); reconnecting in %.1fs",
-                self._server,
-                reason,
-                delay,
-            )
+            if self._received:
+                log.warning(
+                    "node stream from podiam server %s lost (%s); reconnecting in %.1fs",
+                    self._server, reason, delay,
+                )  # fmt: skip
+            else:
+                # Nothing ever came: nothing was lost, the server was never reached (an agent
+                # started before its server, a wrong address, a certificate the server refuses).
+                log.warning(
+                    "cannot open the node stream from podiam server %s (%s); retrying in %.1fs",
+                    self._server, reason, delay,
+                )  # fmt: skip
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
         self._rotated.clear()
+        self._received = False
         stream = self._client.watch_node(self._host_ip)
         updates = asyncio.ensure_future(self._apply_all(stream))
         rotation = asyncio.ensure_future(self._rotated.wait())
@@ -204,6 +212,7 @@ class StreamFollower:
             raise _Stalled(f"no snapshot within {self._first_update_seconds:g}s") from None
         synced = False
         while update is not grpc.aio.EOF:
+            self._received = True
             self._state.apply(update)
             if update.synced and not synced:
                 # Once per stream: the snapshot is applied, the state answers for the node.

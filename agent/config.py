@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
-from runtime.flags import EnvDefaultsParser, duration, host_port
+from runtime.flags import EnvDefaultsParser, duration, port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
 # A node's name is a DNS subdomain (RFC 1123), at most 253 characters.
@@ -65,7 +65,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="the Kubernetes node this agent runs on (in Kubernetes, from spec.nodeName); "
         "the agent reports it ready to the server, which then removes its startup taint",
     )
-    flag("--port", env="PODIAM_PORT", type=_port, default="8181", help="port of the metadata API")
+    flag("--port", env="PODIAM_PORT", type=port, default="8181", help="port of the metadata API")
     flag(
         "--server-address",
         env="PODIAM_SERVER_ADDRESS",
@@ -130,11 +130,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     return parser  # fmt: skip
 
 
-def _port(text: str) -> int:
-    _, port = host_port(f"x:{text}")
-    return port
-
-
 def _interface(text: str) -> str:
     if not _INTERFACE.match(text.strip()):
         raise argparse.ArgumentTypeError(
@@ -145,9 +140,110 @@ def _interface(text: str) -> str:
 
 def _regexp(text: str) -> re.Pattern[str]:
     try:
-        return re.compile(text)
+        pattern = re.compile(text)
     except re.error as error:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {error}") from error
+    dead = _dead_alternative(text)
+    if dead is not None:
+        # kiam searched for its pattern anywhere in the path; podiam matches the whole path,
+        # so a kiam-style 'meta-data/hostname' would silently allow nothing.
+        what = repr(text) if dead == text else f"{text!r}: the alternative {dead!r}"
+        raise argparse.ArgumentTypeError(
+            f"{what} can never match: the pattern must match the whole path, which starts "
+            f"with /latest/ (kiam searched within the path){_hint(dead)}"
+        )
+    return pattern
+
+
+# Characters with a meaning in a regular expression; any other character stands for itself.
+_SPECIAL = set(".^$*+?{}[]\\|()")
+_INLINE_FLAGS = re.compile(r"\(\?[aiLmsux-]+\)")
+_GROUP = re.compile(r"\((?:\?:|\?P<\w+>)?")
+
+
+def _dead_alternative(text: str) -> str | None:
+    """An alternative of ``text`` that begins with a literal character other than "/", if any.
+
+    Every path the agent sees begins with "/", so such an alternative can never take part in a
+    match. Only what is certain is reported: an alternative beginning with anything else
+    (".", a class, an escape, a lookaround) is left alone.
+    """
+    for branch in _alternatives(text):
+        rest = branch
+        while True:
+            rest = rest.lstrip("^")
+            flags = _INLINE_FLAGS.match(rest)
+            if flags:
+                rest = rest[flags.end() :]
+            elif rest.startswith("\\A"):
+                rest = rest[2:]
+            else:
+                break
+        # A plain, non-capturing or named group: look inside (not into lookarounds).
+        opener = _GROUP.match(rest)
+        if opener and (opener.end() > 1 or not rest.startswith("(?")):
+            inner = _group_body(rest, opener.end())
+            if inner is not None and _dead_alternative(inner) is not None:
+                return branch
+        elif rest and rest[0] not in _SPECIAL and rest[0] != "/":
+            return branch
+    return None
+
+
+def _alternatives(text: str) -> list[str]:
+    """``text`` split at its top-level ``|`` (not inside groups, classes or escapes)."""
+    parts, depth, start, i, in_class = [], 0, 0, 0, False
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if text[i + 1 : i + 2] == "^":
+                i += 1
+            if text[i + 1 : i + 2] == "]":  # a leading ] is a literal in the class
+                i += 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _group_body(text: str, start: int) -> str | None:
+    """The text of the group opened before ``start`` up to its closing parenthesis."""
+    depth, i, in_class = 1, start, False
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+        i += 1
+    return None
+
+
+def _hint(dead: str) -> str:
+    """A suggestion for a plain alternative such as kiam's ``meta-data/hostname``."""
+    body = dead.lstrip("^")
+    if not re.fullmatch(r"[\w/.-]+[$]?", body):
+        return ""
+    return f"; write {'^/' + body if body.startswith('latest/') else '^/latest/' + body!r}"
 
 
 def parse_config(

@@ -9,7 +9,7 @@ The agent tells pods apart by their source address, so point locust at the agent
 pods are (a pod, or a node whose DNAT rule sends 169.254.169.254 to the agent), or give the
 users source addresses of their own that the agent's server knows as pod IPs:
 
-    pip install locust
+    pip install locust      # or `make up`: a local stack, and the command that loads it
     # from inside a pod (or a node), the way SDKs reach it:
     locust -f bench/locustfile.py --host http://169.254.169.254 --headless -u 50 -r 10 -t 1m
     # on loopback, where pods are 127.x addresses (as in the benchmark and the tests):

@@ -3,7 +3,8 @@
 gRPC itself accepts any bytes and only complains at the first handshake, with an error that
 names neither the file nor the problem ("handshake failed"). This module reads and checks the
 files up front — all parse, the key belongs to the certificate, the certificate is in its
-validity window — so a misconfigured pod fails at start-up with one line naming the file.
+validity window and made for its side (serverAuth for the server, clientAuth for the agent) —
+so a misconfigured pod fails at start-up with one line naming the file.
 
 On the server side, ``server_credentials(files, reload=True)`` re-reads the files when they
 change (a Kubernetes Secret update, a cert-manager renewal), keeping the previous material
@@ -14,6 +15,7 @@ connection; connections already open keep the certificate they were made with.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import os
 import threading
@@ -24,7 +26,8 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import types
+from cryptography.hazmat.primitives.asymmetric import rsa, types
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,24 @@ AGENT_KEY_FILE = "agent-key.pem"
 
 class TlsConfigError(Exception):
     """The TLS files cannot be used; the message is one line that names the file."""
+
+
+class Purpose(enum.Enum):
+    """Which side of the mutual-TLS connection a certificate is presented by."""
+
+    SERVER = "serverAuth"
+    CLIENT = "clientAuth"
+
+    @property
+    def oid(self) -> x509.ObjectIdentifier:
+        return _PURPOSE_OIDS[self]
+
+
+_PURPOSE_OIDS = {
+    Purpose.SERVER: ExtendedKeyUsageOID.SERVER_AUTH,
+    Purpose.CLIENT: ExtendedKeyUsageOID.CLIENT_AUTH,
+}
+_EKU_NAMES = {oid: purpose.value for purpose, oid in _PURPOSE_OIDS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +145,45 @@ def check_validity(
         raise TlsConfigError(f"{what} {path}: not valid until {_when(cert.not_valid_before_utc)}")
 
 
-def load_tls_material(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
-    """``(cert, key, ca)`` PEM bytes from ``files``, checked to be usable together.
+def check_purpose(cert: x509.Certificate, path: Path, purpose: Purpose) -> None:
+    """Raise unless ``cert`` may be presented by the ``purpose`` side of a TLS connection.
 
-    Checked: every file parses; the key is the certificate's; the certificate and (at least
-    one certificate in) the CA file are within their validity. Not checked: that the
+    As in RFC 5280 (and OpenSSL and BoringSSL, which gRPC uses): without an extended key usage
+    extension a certificate is good for any purpose; with one, it must list ``purpose`` (or
+    anyExtendedKeyUsage). A key usage extension, when present, must allow the signature the
+    handshake needs (for an RSA server key, key encipherment will do too). Otherwise the peer
+    refuses the handshake with an error that names neither the file nor the usage.
+    """
+    try:
+        ekus = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        ekus = None
+    allowed = {purpose.oid, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    if ekus is not None and not allowed.intersection(ekus):
+        listed = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in ekus) or "nothing"
+        raise TlsConfigError(
+            f"certificate {path}: its extended key usage is {listed}, not {purpose.value}; "
+            f"a {purpose.name.lower()} certificate needs {purpose.value}"
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    rsa_server = purpose is Purpose.SERVER and isinstance(cert.public_key(), rsa.RSAPublicKey)
+    if not usage.digital_signature and not (rsa_server and usage.key_encipherment):
+        raise TlsConfigError(
+            f"certificate {path}: its key usage lacks digitalSignature, which a "
+            f"{purpose.name.lower()} certificate needs to sign the TLS handshake"
+        )
+
+
+def load_tls_material(files: TlsFiles, *, purpose: Purpose) -> tuple[bytes, bytes, bytes]:
+    """``(cert, key, ca)`` PEM bytes from ``files``, checked to be usable together by the
+    ``purpose`` side of a connection.
+
+    Checked: every file parses; the key is the certificate's; the certificate is made for
+    ``purpose`` (see ``check_purpose``); the certificate and (at least one certificate in) the
+    CA file are within their validity. Not checked: that the
     certificate was issued by this CA — the CA verifies the *other* side, whose issuer may
     legitimately differ (``podiam-certs check`` verifies a generated directory as a whole).
     """
@@ -143,6 +198,7 @@ def load_tls_material(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
     if not key_matches(cert, key):
         raise TlsConfigError(f"key {files.key}: key does not match certificate {files.cert}")
     check_validity(cert, files.cert, "certificate")
+    check_purpose(cert, files.cert, purpose)
     # A CA file may hold the old and the new CA during a CA rotation; one valid CA is enough.
     problems = []
     for ca in cas:
@@ -157,7 +213,7 @@ def load_tls_material(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """Agent side: trust only ``files.ca`` and present ``files.cert`` as the client certificate."""
-    cert_pem, key_pem, ca_pem = load_tls_material(files)
+    cert_pem, key_pem, ca_pem = load_tls_material(files, purpose=Purpose.CLIENT)
     return grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
@@ -172,7 +228,7 @@ def server_credentials(files: TlsFiles, *, reload: bool = False) -> grpc.ServerC
     """
     # Stamped before reading: a change while reading is re-read at the first handshake.
     stamp = files_stamp(files)
-    cert_pem, key_pem, ca_pem = load_tls_material(files)
+    cert_pem, key_pem, ca_pem = load_tls_material(files, purpose=Purpose.SERVER)
     if not reload:
         return grpc.ssl_server_credentials(
             [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
@@ -228,7 +284,7 @@ class _ReloadingFetcher:
             if stamp == self._current or stamp == self._rejected:
                 return None
             try:
-                cert_pem, key_pem, ca_pem = load_tls_material(self._files)
+                cert_pem, key_pem, ca_pem = load_tls_material(self._files, purpose=Purpose.SERVER)
             except TlsConfigError as exc:
                 self._rejected = stamp
                 log.warning("TLS files changed but are not usable, keeping the previous: %s", exc)

@@ -3,6 +3,10 @@ both podiam-server and podiam-agent).
 
 Every flag can also be set from its environment variable (the flag wins), which is how the Helm
 chart and container platforms usually configure a process. ``--help`` names each twin.
+
+A bad flag or variable is a start-up error like any other: one line on stderr and exit code
+``CANNOT_START`` — not argparse's usage block and exit 2 — so that a crash-looping pod's last log
+line says what is wrong, and scripts see one code for "cannot start".
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+# The exit code of every start-up error, found in the flags or while starting.
+CANNOT_START = 1
 
 
 def duration(text: str) -> timedelta:
@@ -41,6 +49,13 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def port(text: str) -> int:
+    """A TCP port number; 0 picks a free one."""
+    if not text.strip().isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a number 0-65535")
+    return int(text)
+
+
 def optional_host_port(text: str) -> tuple[str, int] | None:
     """``host:port``, or empty for "disabled"."""
     return host_port(text) if text.strip() else None
@@ -62,6 +77,13 @@ class EnvDefaultsParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
+
+    def error(self, message: str) -> NoReturn:
+        """One line, ``<prog>: error: <message>``, and exit ``CANNOT_START``.
+
+        argparse would print the usage block first (and exit 2); ``--help`` still shows it.
+        """
+        self.exit(CANNOT_START, f"{self.prog}: error: {' '.join(message.split())}\n")
 
     def add_flag(self, flag: str, *, env: str, help: str, **kwargs) -> argparse.Action:
         raw = self._environ.get(env)

@@ -1,5 +1,6 @@
 """What podiam-server and podiam-agent do alike as processes: log as configured, run until
-SIGTERM or SIGINT, shut down gracefully, and report a start-up problem as one line and exit 1.
+SIGTERM or SIGINT, shut down gracefully, and report a start-up problem as one line and exit 1
+(``flags.CANNOT_START``, the code bad flags exit with too).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from runtime import logs
+from runtime.flags import CANNOT_START
 
 
 class StartupError(Exception):
@@ -48,7 +50,7 @@ def main(config, make_service: Callable[[object], Service], *, name: str) -> int
     except StartupError as error:
         # One line, whatever the cause's own formatting (YAML errors span several).
         log.error("cannot start: %s", " ".join(str(error).split()))
-        return 1
+        return CANNOT_START
     except KeyboardInterrupt:
         return 130
     return 0

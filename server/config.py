@@ -201,7 +201,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
         try:
             base_arn = normalise_base_arn(args.role_base_arn)
         except ArnError as error:
-            parser.error(str(error))
+            parser.error(f"--role-base-arn: {error}")
     if args.assume_role_arn and not is_role_arn(args.assume_role_arn):
         parser.error(f"--assume-role-arn {args.assume_role_arn!r} is not an IAM role ARN")
     if not STS_MIN_DURATION <= args.session_duration <= STS_MAX_DURATION:

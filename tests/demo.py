@@ -40,14 +40,19 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def why_not_namespaces() -> str | None:
-    """Why the demo cannot use network namespaces here, or None when it can."""
+def why_not_namespaces() -> tuple[str, str] | None:
+    """Why the demo cannot use network namespaces here and what would change that, or None
+    when it can."""
     if os.environ.get("PODIAM_DEMO") == "loopback":
-        return "PODIAM_DEMO=loopback asks for the loopback variant"
+        return "PODIAM_DEMO=loopback asks for the loopback variant", "Without it"
     if os.geteuid() != 0:
-        return "network namespaces and iptables need root"
+        return "network namespaces and iptables need root", "As root (with ip and iptables)"
     missing = [tool for tool in ("ip", "iptables") if not shutil.which(tool)]
-    return f"{' and '.join(missing)} not installed" if missing else None
+    if not missing:
+        return None
+    packages = {"ip": "iproute2", "iptables": "iptables"}
+    install = " and ".join(packages[tool] for tool in missing)
+    return f"{' and '.join(missing)} not installed", f"With {install} installed"
 
 
 async def loopback_demo(work: Path) -> bool:
@@ -106,19 +111,22 @@ async def ask(port: int, ip: str, name: str, role: str, sts: MotoSts) -> bool:
 def main() -> int:
     logs.configure("WARNING", json_log=False)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    reason = why_not_namespaces()
-    if reason is None:
+    why_not = why_not_namespaces()
+    if why_not is None:
         # Imported here: it needs the network-namespace kit, which needs root.
         from tests.support.e2e_demo import namespace_demo
 
         variant, demo = "network namespaces and iptables", namespace_demo
     else:
+        reason, then = why_not
         say(f"{reason}: running the loopback variant, where pods are 127.0.1.x clients of the")
-        say("agent and no DNAT rule is involved. As root it shows the interception too.\n")
+        say(f"agent and no DNAT rule is involved. {then} it shows the interception too.\n")
         variant, demo = "loopback", loopback_demo
     with tempfile.TemporaryDirectory(prefix="podiam-demo-") as work:
         ok = asyncio.run(demo(Path(work)))
     say(f"\ndemo ({variant}) finished: " + ("as expected" if ok else "UNEXPECTED RESULT"))
+    say(f"Next: `make up` keeps such a stack running to poke at; the programs are in "
+        f"{Path(sys.executable).parent} (`. .venv/bin/activate` puts them on PATH).")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -396,8 +396,34 @@ async def test_a_server_address_that_never_answers_is_reported_and_retried(tls_d
     try:
         await eventually(lambda: "no snapshot within 0.3s" in caplog.text, timeout=10)
         assert not follower.connected.is_set()
+        # Nothing was ever streamed, so nothing was "lost": the log says what happened.
+        assert f"cannot open the node stream from podiam server 127.0.0.1:{port}" in caplog.text
+        assert "lost" not in caplog.text
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await connection.close()
         silent.close()
+
+
+async def test_a_stream_that_ended_after_its_snapshot_is_reported_lost(
+    kube, moto_sts, tls_dirs, tmp_path, caplog
+):
+    async with running_server(kube, moto_sts, tls_dirs, tmp_path) as own:
+        address = f"127.0.0.1:{own.server.port}"
+        connection = ServerConnection(address, tls_dirs.agent)
+        follower = StreamFollower(
+            ServerClient(connection), NodeState(), host_ip=NODE, server=address
+        )
+        task = asyncio.create_task(follower.run())
+        try:
+            await asyncio.wait_for(follower.connected.wait(), 15)
+            await own.server.stop(grace=1)
+            await eventually(
+                lambda: f"node stream from podiam server {address} lost" in caplog.text
+            )
+            assert "cannot open" not in caplog.text.split(" lost ")[0]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await connection.close()

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from agent.config import parse_config
+from runtime.flags import CANNOT_START
 
 REQUIRED = ["--host", "10.0.0.5", "--cert", "a.pem", "--key", "k.pem", "--ca", "ca.pem"]
 
@@ -14,8 +15,11 @@ REQUIRED = ["--host", "10.0.0.5", "--cert", "a.pem", "--key", "k.pem", "--ca", "
 def refused(capsys, *args: str, environ: dict[str, str] | None = None) -> str:
     with pytest.raises(SystemExit) as exit_info:
         parse_config(list(args), environ=environ or {})
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    # One line, like every start-up error, and the one "cannot start" exit code.
+    assert exit_info.value.code == CANNOT_START
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("podiam-agent: error: "), err
+    return err
 
 
 def test_defaults():
@@ -52,7 +56,8 @@ def test_host_comes_from_host_ip_as_kubernetes_sets_it():
     ("args", "message"),
     [
         (["--host", "node-1"], "not an IP address"),
-        (["--port", "99999"], "invalid"),
+        (["--port", "99999"], "invalid port '99999'"),
+        (["--port", "abc"], "argument --port: invalid port 'abc': expected a number 0-65535"),
         (["--host-interface", "eth0; rm -rf /"], "invalid interface"),
         (["--allow-route-regexp", "(unclosed"], "invalid regular expression"),
         (["--pod-wait", "0s"], "--pod-wait"),
@@ -80,3 +85,43 @@ def test_node_name_comes_from_node_name_as_kubernetes_sets_it():
     assert parse_config(REQUIRED, environ=environ).node_name == environ["NODE_NAME"]
     flagged = parse_config([*REQUIRED, "--node-name", "worker-7"], environ=environ)
     assert flagged.node_name == "worker-7"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "dead"),
+    [
+        ("meta-data/hostname", "'meta-data/hostname' can never match"),
+        ("^latest/meta-data/hostname$", "'^latest/meta-data/hostname$' can never match"),
+        ("^/latest/meta-data/hostname$|meta-data/local-ipv4", "the alternative 'meta-data/local"),
+        ("(?:placement/region|/latest/x)", "can never match"),
+        ("(?i)latest/meta-data/hostname", "can never match"),
+    ],
+)
+def test_kiam_style_route_patterns_that_can_never_match_are_refused_with_a_hint(
+    capsys, pattern, dead
+):
+    # kiam searched for its pattern within the path; podiam matches the whole path, so these
+    # would silently allow nothing.
+    err = refused(capsys, *REQUIRED, "--allow-route-regexp", pattern)
+    assert dead in err and "must match the whole path" in err
+
+
+def test_a_refused_kiam_pattern_suggests_the_whole_path(capsys):
+    err = refused(capsys, *REQUIRED, "--allow-route-regexp", "meta-data/hostname")
+    assert err.endswith("write '^/latest/meta-data/hostname'\n")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "^/latest/meta-data/hostname$",
+        "/latest/meta-data/(hostname|local-ipv4)",
+        r"\A/latest/meta-data/hostname",
+        ".*/hostname",
+        "(?=/latest/).*/hostname",
+        "^$",  # nothing allowed: a deliberate choice, not a mistake
+    ],
+)
+def test_route_patterns_that_can_match_a_path_are_accepted(pattern):
+    config = parse_config([*REQUIRED, "--allow-route-regexp", pattern], environ={})
+    assert config.allow_route_regexp.pattern == pattern

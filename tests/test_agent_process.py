@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.support.netns import Cluster, requires_root
 
 AGENT = [sys.executable, "-m", "agent"]
+# The console script pip installed beside this interpreter, as an operator runs it.
+SCRIPT = str(Path(sys.executable).with_name("podiam-agent"))
+REQUIRED = [
+    "--host",
+    "127.0.0.1",
+    "--cert",
+    "agent.pem",
+    "--key",
+    "agent-key.pem",
+    "--ca",
+    "ca.pem",
+]
 
 
-async def run_to_exit(*argv: str) -> tuple[int, str, str]:
+async def run_to_exit(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 30)
     return process.returncode, out.decode(), err.decode()
 
@@ -34,6 +49,33 @@ async def test_help_explains_every_flag_and_its_twin():
         assert text in out
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--port", "abc"], {}, "argument --port: invalid port 'abc': expected a number 0-65535"),
+        (["--pod-wait", "3x"], {}, "argument --pod-wait: invalid duration '3x'"),
+        (["--host", "node-1"], {}, "--host 'node-1' is not an IP address"),
+        (["--allow-route-regexp", "meta-data/hostname"], {}, "'meta-data/hostname' can never "
+         "match: the pattern must match the whole path"),
+        ([], {"PODIAM_IPTABLES": "maybe"}, "environment variable PODIAM_IPTABLES: expected true "
+         "or false, got 'maybe'"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    ],
+    ids=["port", "duration", "host", "route-regexp", "environment", "unknown"],
+)  # fmt: skip
+async def test_every_bad_flag_is_one_line_and_the_start_up_exit_code(args, env, expected):
+    code, _, err = await run_to_exit(SCRIPT, *REQUIRED, *args, env=env)
+    assert code == 1, err
+    assert one_line(err).startswith("podiam-agent: error: ")
+    assert expected in err
+
+
+async def test_missing_host_is_named_on_one_line():
+    code, _, err = await run_to_exit(SCRIPT, "--cert", "a", "--key", "k", "--ca", "c", env={})
+    assert code == 1
+    assert "the following arguments are required: --host" in one_line(err)
+
+
 async def test_missing_certificate_is_one_clear_line(tls_dirs, tmp_path):
     missing = tmp_path / "agent.pem"
     files = tls_dirs.agent
@@ -43,6 +85,16 @@ async def test_missing_certificate_is_one_clear_line(tls_dirs, tmp_path):
     )  # fmt: skip
     assert code == 1
     assert str(missing) in one_line(err)
+
+
+async def test_a_server_only_certificate_as_client_certificate_is_one_clear_line(tls_dirs):
+    server = tls_dirs.server  # serverAuth only: the server would refuse it as a client
+    code, _, err = await run_to_exit(
+        *AGENT, "--host", "127.0.0.1", "--port", "0", "--prometheus-listen-addr", "",
+        "--cert", str(server.cert), "--key", str(server.key), "--ca", str(server.ca),
+    )  # fmt: skip
+    assert code == 1
+    assert f"certificate {server.cert}: its extended key usage is serverAuth" in one_line(err)
 
 
 async def test_port_in_use_is_one_clear_line(tls_dirs):

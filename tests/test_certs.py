@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import shutil
 import stat
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.__main__ import main
@@ -31,6 +32,7 @@ from certs.authority import (
     write_bundle,
 )
 from certs.tls import (
+    Purpose,
     TlsConfigError,
     TlsFiles,
     channel_credentials,
@@ -194,6 +196,23 @@ def test_cli_generate_then_check_succeeds(
     assert "(89 days)" in printed
 
 
+def test_every_readme_generate_example_names_what_the_health_probe_connects_to(tmp_path):
+    # The README's commands, run as written (continuation lines joined): each server
+    # certificate must carry localhost and 127.0.0.1, or the chart's probe fails its handshake.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = re.findall(r"^podiam-certs generate (?:.*\\\n)*.*$", readme, re.MULTILINE)
+    assert len(commands) >= 2
+    for n, command in enumerate(commands):
+        argv = shlex.split(command.replace("\\\n", " "))[1:]
+        out = tmp_path / str(n)
+        argv[argv.index("--out") + 1] = str(out)
+        assert main(argv, environ={}) == 0
+        server = _cert((out / "server.pem").read_bytes())
+        sans = _ext(server, x509.SubjectAlternativeName)
+        assert "localhost" in sans.get_values_for_type(x509.DNSName), command
+        assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+
+
 def test_cli_generate_refuses_existing_files_unless_forced(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -325,7 +344,7 @@ def test_check_fails_on_a_missing_directory(
 
 
 def test_loading_returns_the_validated_files(tls_dirs: TlsDirs) -> None:
-    cert, key, ca = load_tls_material(tls_dirs.server)
+    cert, key, ca = load_tls_material(tls_dirs.server, purpose=Purpose.SERVER)
     assert cert == tls_dirs.server.cert.read_bytes()
     assert key == tls_dirs.server.key.read_bytes()
     assert ca == tls_dirs.server.ca.read_bytes()
@@ -334,7 +353,7 @@ def test_loading_returns_the_validated_files(tls_dirs: TlsDirs) -> None:
 def test_loading_names_a_missing_file(tls_dirs: TlsDirs, tmp_path: Path) -> None:
     files = TlsFiles(cert=tmp_path / "server.pem", key=tls_dirs.server.key, ca=tls_dirs.server.ca)
     with pytest.raises(TlsConfigError) as error:
-        load_tls_material(files)
+        load_tls_material(files, purpose=Purpose.SERVER)
     assert str(error.value) == f"certificate {tmp_path / 'server.pem'}: no such file"
 
 
@@ -344,22 +363,29 @@ def test_loading_names_a_file_that_is_not_pem(tls_dirs: TlsDirs, tmp_path: Path)
     with pytest.raises(
         TlsConfigError, match=f"^CA certificate {re.escape(str(garbage))}: not a PEM certificate$"
     ):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=garbage))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=garbage),
+            purpose=Purpose.CLIENT,
+        )
     with pytest.raises(
         TlsConfigError, match=f"^key {re.escape(str(garbage))}: not a PEM private key$"
     ):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=garbage, ca=tls_dirs.agent.ca))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=garbage, ca=tls_dirs.agent.ca),
+            purpose=Purpose.CLIENT,
+        )
     # A key where the certificate belongs is not a certificate either.
     with pytest.raises(TlsConfigError, match="not a PEM certificate"):
         load_tls_material(
-            TlsFiles(cert=tls_dirs.agent.key, key=tls_dirs.agent.key, ca=tls_dirs.agent.ca)
+            TlsFiles(cert=tls_dirs.agent.key, key=tls_dirs.agent.key, ca=tls_dirs.agent.ca),
+            purpose=Purpose.CLIENT,
         )
 
 
 def test_loading_refuses_a_key_of_another_certificate(tls_dirs: TlsDirs) -> None:
     files = TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.server.key, ca=tls_dirs.agent.ca)
     with pytest.raises(TlsConfigError) as error:
-        load_tls_material(files)
+        load_tls_material(files, purpose=Purpose.CLIENT)
     assert str(error.value) == (
         f"key {tls_dirs.server.key}: key does not match certificate {tls_dirs.agent.cert}"
     )
@@ -386,16 +412,126 @@ def test_loading_accepts_a_ca_file_with_an_old_and_a_new_ca(
     old_ca, _ = generate_ca(not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(1))
     both = tmp_path / "ca.pem"
     both.write_bytes(tls_dirs.agent.ca.read_bytes() + _pem(old_ca))
-    load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=both))
+    load_tls_material(
+        TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=both), purpose=Purpose.CLIENT
+    )
 
     only_old = tmp_path / "old-ca.pem"
     only_old.write_bytes(_pem(old_ca))
     with pytest.raises(TlsConfigError, match="expired on"):
-        load_tls_material(TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=only_old))
+        load_tls_material(
+            TlsFiles(cert=tls_dirs.agent.cert, key=tls_dirs.agent.key, ca=only_old),
+            purpose=Purpose.CLIENT,
+        )
 
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf_with_usages(
+    directory: Path, *, ekus: list[x509.ObjectIdentifier] | None, signature: bool = True
+) -> TlsFiles:
+    """A certificate signed by a new CA with exactly these extended key usages (None: no such
+    extension) and a key usage with or without digitalSignature, written to ``directory``."""
+    ca_cert, ca_key = generate_ca()
+    key = KeyType.ECDSA_P256.generate()
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=signature,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=not signature,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if ekus is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(
+        cert=directory / "cert.pem", key=directory / "key.pem", ca=directory / "ca.pem"
+    )
+    files.cert.write_bytes(_pem(cert))
+    files.ca.write_bytes(_pem(ca_cert))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+def test_the_server_refuses_a_client_only_certificate_as_its_own(tls_dirs: TlsDirs) -> None:
+    # The agent's certificate (clientAuth only) where the server's belongs: a TLS client would
+    # refuse every handshake, so the server must refuse to start instead.
+    with pytest.raises(TlsConfigError) as error:
+        server_credentials(TlsFiles(tls_dirs.agent.cert, tls_dirs.agent.key, tls_dirs.server.ca))
+    assert str(error.value) == (
+        f"certificate {tls_dirs.agent.cert}: its extended key usage is clientAuth, not "
+        "serverAuth; a server certificate needs serverAuth"
+    )
+
+
+def test_the_agent_refuses_a_server_only_certificate_as_its_client_certificate(
+    tls_dirs: TlsDirs,
+) -> None:
+    with pytest.raises(TlsConfigError) as error:
+        channel_credentials(TlsFiles(tls_dirs.server.cert, tls_dirs.server.key, tls_dirs.agent.ca))
+    assert str(error.value) == (
+        f"certificate {tls_dirs.server.cert}: its extended key usage is serverAuth, not "
+        "clientAuth; a client certificate needs clientAuth"
+    )
+
+
+@pytest.mark.parametrize(
+    "ekus",
+    [
+        None,  # no extended key usage: good for any purpose (RFC 5280)
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE],
+    ],
+    ids=["no-eku", "both", "any"],
+)
+def test_certificates_good_for_either_side_are_accepted_by_both(tmp_path: Path, ekus) -> None:
+    files = _leaf_with_usages(tmp_path, ekus=ekus)
+    load_tls_material(files, purpose=Purpose.SERVER)
+    load_tls_material(files, purpose=Purpose.CLIENT)
+
+
+def test_a_certificate_whose_key_usage_cannot_sign_is_refused(tmp_path: Path) -> None:
+    files = _leaf_with_usages(tmp_path, ekus=None, signature=False)
+    with pytest.raises(TlsConfigError, match="key usage lacks digitalSignature"):
+        load_tls_material(files, purpose=Purpose.SERVER)
+
+
+async def test_a_server_with_both_usages_in_one_certificate_serves_a_real_agent(
+    tmp_path: Path, tls_dirs: TlsDirs
+) -> None:
+    # What the usage check accepts, gRPC accepts too: the same file as server and client.
+    files = _leaf_with_usages(
+        tmp_path, ekus=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    async with _serving(files) as port:
+        assert await _health(f"localhost:{port}", channel_credentials(files)) == "ok"
 
 
 # --- real mutual TLS over gRPC -----------------------------------------------------------------
@@ -510,3 +646,19 @@ async def test_reloading_server_uses_rotated_files_for_new_connections(
 
         (live / "server.pem").write_bytes((tmp_path / "next" / "server.pem").read_bytes())
         assert await _health(target, new_agent) == "ok"
+
+
+async def test_reloading_server_keeps_its_certificate_when_a_client_only_one_is_rotated_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = _write_dir(tmp_path / "live")
+    agent = channel_credentials(TlsFiles.agent_in(live))
+    async with _serving(TlsFiles.server_in(live), reload=True) as port:
+        target = f"localhost:{port}"
+        with caplog.at_level(logging.WARNING, logger="certs.tls"):
+            # The agent's pair where the server's belongs (a Secret built from the wrong files).
+            for kind in ("", "-key"):
+                shutil.copy(live / f"agent{kind}.pem", live / f"server{kind}.pem")
+            assert await _health(target, agent) == "ok"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "clientAuth, not serverAuth" in warnings[0]

@@ -38,3 +38,18 @@ async def test_namespace_demo_intercepts_a_real_sdk_with_iptables():
     assert "credentials from iam-role" in out
     assert "assumed-role/app-web/podiam-web" in out
     assert "no credentials (NoCredentialsError)" in out
+    # The refused pod's reason, as the agent gave it (the SDK only says "no credentials").
+    assert (
+        "with HTTP 403: role 'admin' is not permitted by namespace 'shop' "
+        "(iam.amazonaws.com/permitted='app-.*')" in out
+    )
+
+
+@requires_root
+async def test_as_root_without_iptables_the_demo_says_to_install_it(tmp_path):
+    # An empty PATH: neither ip nor iptables can be found, as on a machine without them.
+    code, out = await run_demo(PATH=str(tmp_path))
+    assert code == 0, out
+    assert "ip and iptables not installed: running the loopback variant" in out
+    assert "With iproute2 and iptables installed it shows the interception too." in out
+    assert "As root" not in out

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from runtime.flags import duration
+from runtime.flags import CANNOT_START, duration
 from server.config import parse_config
 
 REQUIRED = ["--cert", "c.pem", "--key", "k.pem", "--ca", "ca.pem"]
@@ -20,8 +20,11 @@ def parse(*args: str, environ: dict[str, str] | None = None):
 def refused(capsys, *args: str, environ: dict[str, str] | None = None) -> str:
     with pytest.raises(SystemExit) as exit_info:
         parse_config(list(args), environ=environ or {})
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    # One line, like every start-up error, and the one "cannot start" exit code.
+    assert exit_info.value.code == CANNOT_START
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("podiam-server: error: "), err
+    return err
 
 
 def test_defaults_are_the_eks_defaults():

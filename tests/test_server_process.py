@@ -22,6 +22,8 @@ from tests.support.server import server_argv
 from tests.support.waiting import eventually
 
 PYTHON = [sys.executable, "-m", "server"]
+# The console script pip installed beside this interpreter, as an operator runs it.
+SCRIPT = str(Path(sys.executable).with_name("podiam-server"))
 # The server's own AWS identity: moto's fake keys, never whatever this machine has.
 ENV = {
     **os.environ,
@@ -37,10 +39,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def run_to_exit(*args: str) -> tuple[int, str]:
+async def run_to_exit(*args: str, command: list[str] = PYTHON, **env: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        *PYTHON, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV
-    )
+        *command, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**ENV, **env},
+    )  # fmt: skip
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     return process.returncode, stderr.decode()
 
@@ -102,6 +105,13 @@ async def test_missing_certificate_is_one_clear_line(argv, tmp_path):
     assert_one_line_error(code, stderr, missing, "no such file")
 
 
+async def test_a_client_only_certificate_as_server_certificate_is_one_clear_line(argv, tls_dirs):
+    agent = tls_dirs.agent  # clientAuth only: agents could never complete a handshake
+    args = replace_flag(replace_flag(argv, "--cert", str(agent.cert)), "--key", str(agent.key))
+    code, stderr = await run_to_exit(*args)
+    assert_one_line_error(code, stderr, str(agent.cert), "not serverAuth")
+
+
 async def test_unreadable_kubeconfig_is_one_clear_line(argv, tmp_path):
     garbage = tmp_path / "kubeconfig"
     garbage.write_text("{{{ not yaml")
@@ -118,10 +128,35 @@ async def test_unreachable_kubernetes_api_is_one_clear_line(argv, tmp_path):
     assert_one_line_error(code, stderr, "unreachable")
 
 
-async def test_bad_role_base_arn_is_a_usage_error(argv):
-    code, stderr = await run_to_exit(*replace_flag(argv, "--role-base-arn", "arn:aws:s3:::b"))
-    assert code == 2
-    assert "not of the form" in stderr
+@pytest.mark.parametrize(
+    ("change", "env", "expected"),
+    [
+        (("--role-base-arn", "arn:aws:s3:::b"), {}, "error: --role-base-arn: role base ARN "
+         "'arn:aws:s3:::b' is not of the form arn:aws:iam::123456789012:role/"),
+        (("--session-duration", "3x"), {}, "error: argument --session-duration: invalid "
+         "duration '3x': use forms like 90s, 15m, 1h or 1h30m"),
+        (("--session-duration", "13h"), {}, "--session-duration must lie between 15m and 12h"),
+        (("--bind", "localhost"), {}, "invalid address 'localhost': expected host:port"),
+        ((), {"PODIAM_SESSION_REFRESH": "soon"}, "environment variable PODIAM_SESSION_REFRESH: "
+         "invalid duration 'soon'"),
+        (("--no-such-flag",), {}, "error: unrecognized arguments: --no-such-flag"),
+        (("--cert",), {}, "error: argument --cert: expected one argument"),
+    ],
+    ids=["arn", "duration", "duration-range", "address", "environment", "unknown", "missing"],
+)  # fmt: skip
+async def test_every_bad_flag_is_one_line_and_the_start_up_exit_code(argv, change, env, expected):
+    if change and change[0] in argv and len(change) == 2:
+        args = replace_flag(argv, *change)
+    else:
+        args = [*argv, *change]
+    code, stderr = await run_to_exit(*args, command=[SCRIPT], **env)
+    assert_one_line_error(code, stderr, "podiam-server: error: ", expected)
+    assert stderr.startswith("podiam-server: error: ")
+
+
+async def test_missing_required_flags_are_named_on_one_line():
+    code, stderr = await run_to_exit(command=[SCRIPT])
+    assert_one_line_error(code, stderr, "required: --cert, --key, --ca")
 
 
 async def test_sigterm_drains_and_exits_cleanly_with_metrics_served_until_then(argv):

@@ -14,6 +14,7 @@ from pathlib import Path
 from tests.support.e2e import WHO_AM_I, PodiamCluster
 
 PERMITTED = {"shop": "app-.*"}
+CREDS = "/latest/meta-data/iam/security-credentials/"
 
 
 def say(text: str = "") -> None:
@@ -41,5 +42,8 @@ async def namespace_demo(work: Path) -> bool:
                 ok &= expected and f"assumed-role/{role}/" in found["arn"]
             else:
                 say(f"    no credentials ({found.get('error') or result.stderr.strip()})")
-                ok &= not expected
+                # What the SDK does not show: the agent's refusal, with its reason.
+                answer = await pod.fetch(CREDS)
+                say(f"    the agent answered {CREDS} with HTTP {answer.status}: {answer.body}")
+                ok &= not expected and answer.status == 403
         return ok
