@@ -1,8 +1,10 @@
 """Kubernetes Events for denials, so that `kubectl describe pod` says why a pod got no
-credentials.
+credentials, and `kubectl describe namespace` why its iam.amazonaws.com/permitted permits
+nothing.
 
 Recording never blocks the caller: denials are queued and posted by one background task.
-Each (pod, reason) pair gets a deterministic Event name, so repeats — from this replica, another
+Each (pod, reason) pair — for a namespace, (namespace, reason, pattern) — gets a deterministic
+Event name, so repeats — from this replica, another
 replica, or after a restart — are recognised by the API server (409 Conflict) instead of piling
 up; an in-memory set spares the API server the repeats this replica has already seen.
 """
@@ -14,13 +16,14 @@ import hashlib
 import logging
 import socket
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from server import metrics
-from server.pods import PodRecord
+from server.pods import NamespaceRecord, PodRecord
 from server.policy import Denial
 
 log = logging.getLogger(__name__)
@@ -28,25 +31,52 @@ log = logging.getLogger(__name__)
 COMPONENT = "podiam-server"
 
 
+@dataclass(frozen=True, slots=True)
+class _Subject:
+    """The object an Event is about, and what makes a repeat of the same Event."""
+
+    kind: str
+    namespace: str  # where the Event is stored: the pod's namespace, or the namespace itself
+    name: str
+    uid: str
+    identity: str  # hashed into the Event's name
+
+    @property
+    def label(self) -> str:
+        if self.kind == "Pod":
+            return f"pod {self.namespace}/{self.name}"
+        return f"namespace {self.name}"
+
+
 class EventRecorder:
     def __init__(
         self, api: client.ApiClient, *, queue_size: int = 1000, remember: int = 10_000
     ) -> None:
         self._core = client.CoreV1Api(api)
-        self._queue: asyncio.Queue[tuple[PodRecord, Denial]] = asyncio.Queue(queue_size)
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._queue: asyncio.Queue[tuple[_Subject, Denial]] = asyncio.Queue(queue_size)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
         self._instance = socket.gethostname()
         self._task: asyncio.Task | None = None
 
     def record(self, pod: PodRecord, denial: Denial) -> None:
-        key = (pod.uid, denial.reason.value)
+        subject = _Subject("Pod", pod.namespace, pod.name, pod.uid, f"{pod.uid}/{denial.reason}")
+        self._enqueue(subject, denial)
+
+    def record_namespace(self, namespace: NamespaceRecord, denial: Denial) -> None:
+        # The pattern is part of the identity: a new unusable pattern deserves its own Event.
+        identity = f"{namespace.uid}/{denial.reason}/{namespace.permitted}"
+        subject = _Subject("Namespace", namespace.name, namespace.name, namespace.uid, identity)
+        self._enqueue(subject, denial)
+
+    def _enqueue(self, subject: _Subject, denial: Denial) -> None:
+        key = hashlib.sha256(subject.identity.encode()).hexdigest()[:12]
         if key in self._seen:
             self._seen.move_to_end(key)
             metrics.KUBE_EVENTS.labels(result="suppressed").inc()
             return
         try:
-            self._queue.put_nowait((pod, denial))
+            self._queue.put_nowait((subject, denial))
         except asyncio.QueueFull:
             metrics.KUBE_EVENTS.labels(result="dropped").inc()
             return
@@ -68,29 +98,30 @@ class EventRecorder:
 
     async def _run(self) -> None:
         while True:
-            pod, denial = await self._queue.get()
+            subject, denial = await self._queue.get()
             try:
-                await self._post(pod, denial)
+                await self._post(subject, denial)
             except Exception as error:  # an Event is best effort; never stop recording
                 metrics.KUBE_EVENTS.labels(result="failed").inc()
-                log.warning("cannot record Event for pod %s/%s: %s", pod.namespace, pod.name, error)
+                log.warning("cannot record Event for %s: %s", subject.label, error)
             finally:
                 self._queue.task_done()
 
-    async def _post(self, pod: PodRecord, denial: Denial) -> None:
+    async def _post(self, subject: _Subject, denial: Denial) -> None:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        suffix = hashlib.sha256(f"{pod.uid}/{denial.reason.value}".encode()).hexdigest()[:12]
+        suffix = hashlib.sha256(subject.identity.encode()).hexdigest()[:12]
+        involved = {"apiVersion": "v1", "kind": subject.kind, "name": subject.name}
+        if subject.kind == "Pod":
+            involved["namespace"] = subject.namespace
+        involved["uid"] = subject.uid
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{pod.name}.podiam-{suffix}", "namespace": pod.namespace},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": pod.namespace,
-                "name": pod.name,
-                "uid": pod.uid,
+            "metadata": {
+                "name": f"{subject.name}.podiam-{suffix}",
+                "namespace": subject.namespace,
             },
+            "involvedObject": involved,
             "reason": denial.reason.event_reason,
             "message": denial.message,
             "type": "Warning",
@@ -102,13 +133,11 @@ class EventRecorder:
             "reportingInstance": self._instance,
         }
         try:
-            await self._core.create_namespaced_event(pod.namespace, body)
+            await self._core.create_namespaced_event(subject.namespace, body)
         except ApiException as error:
             if error.status != 409:
                 raise
             metrics.KUBE_EVENTS.labels(result="exists").inc()
             return
         metrics.KUBE_EVENTS.labels(result="created").inc()
-        log.info(
-            "recorded Event %s on pod %s/%s", denial.reason.event_reason, pod.namespace, pod.name
-        )
+        log.info("recorded Event %s on %s", denial.reason.event_reason, subject.label)
