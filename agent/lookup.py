@@ -23,6 +23,7 @@ _MIN_UNARY_TIMEOUT = 0.05
 # The server's refusal reasons become metric labels: accept only short fixed words.
 _REASON_LABEL = re.compile(r"[a-z][a-z-]{0,31}")
 _NO_ROLE = "no-role"
+_REASON_METADATA = "podiam-reason"  # trailing metadata of a refused unary RPC
 
 _REFUSAL_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: (404, "unknown-pod"),
@@ -148,4 +149,9 @@ def _check_requested(entry: PodEntry, requested: str) -> None:
 
 def _refusal(error: grpc.aio.AioRpcError) -> Refused:
     status, reason = _REFUSAL_FOR_CODE.get(error.code(), (503, "server-unavailable"))
+    if status == 403:
+        # The server names the policy rule in trailing metadata, as it does on the stream.
+        for key, value in error.trailing_metadata() or ():
+            if key == _REASON_METADATA and isinstance(value, str):
+                reason = _reason_label(value)
     return Refused(status, reason, f"podiam server: {error.details() or error.code().name}")

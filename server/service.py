@@ -27,6 +27,10 @@ from server.registry import Registry
 
 log = logging.getLogger(__name__)
 
+# Trailing metadata of a refused unary RPC: the policy Reason, as the node stream's
+# PodState.reason carries it.
+REASON_METADATA = "podiam-reason"
+
 
 class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None) -> None:
@@ -158,7 +162,9 @@ async def _answering(rpc: str, context, ip: str):
         if refusal.reason is not None:
             metrics.DENIALS.labels(reason=refusal.reason.value).inc()
         log.info("%s for %s refused (%s): %s", rpc, ip or "-", outcome, refusal.message)
-        await context.abort(refusal.code, refusal.message)
+        # kiam agents read the status alone; podiam's agent also labels its refusal by rule.
+        trailer = () if refusal.reason is None else ((REASON_METADATA, refusal.reason.value),)
+        await context.abort(refusal.code, refusal.message, trailing_metadata=trailer)
     except Exception:
         outcome = "INTERNAL"
         log.exception("%s for %s failed", rpc, ip or "-")

@@ -14,6 +14,10 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
+from agent.client import ServerClient, ServerConnection
+from agent.lookup import PodLookup
+from agent.refusal import Refused
+from agent.state import NodeState
 from protos import kiam_pb2
 from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
@@ -224,6 +228,29 @@ async def test_ambiguous_ip_is_refused_403_with_reason(podiam, kube, agent, role
         assert status == 403, (path, status, body)
         assert "several active pods" in body and "AccessKeyId" not in body
     assert metric("podiam_agent_refusals_total", reason="ambiguous-ip") == before + 3
+
+
+async def test_ambiguous_ip_is_refused_403_with_reason_without_the_stream_too(
+    podiam, kube, tls_dirs
+):
+    # A lookup whose stream is not live answers from the unary RPCs, kiam's wire: the reason
+    # travels in trailing metadata.
+    ip = next(_ips)
+    add_pod(kube, "apps", "unary-twin-a", None, ip=ip)
+    add_pod(kube, "apps", "unary-twin-b", None, ip=ip)
+    await eventually(lambda: len(podiam.server.registry._by_ip.get(ip, ())) == 2)
+    connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
+    connected = asyncio.Event()
+    connected.set()
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
+    try:
+        for ask in (lookup.entry(ip), lookup.credentials(ip, "app-x")):
+            with pytest.raises(Refused) as refusal:
+                await ask
+            assert (refusal.value.status, refusal.value.reason) == (403, "ambiguous-ip")
+            assert "several pods" in refusal.value.message
+    finally:
+        await connection.close()
 
 
 # ---- credentials leave every cache with their identity -----------------------------------------
