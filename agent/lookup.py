@@ -14,6 +14,7 @@ from agent import metrics
 from agent.client import ServerClient
 from agent.refusal import Refused
 from agent.state import NodeState, PodEntry, credentials_body, role_name
+from protos import REASON_METADATA
 
 # Of the --pod-wait budget, this much (at most) is kept for the unary call after waiting on the
 # stream, so the answer still arrives within the budget.
@@ -23,7 +24,6 @@ _MIN_UNARY_TIMEOUT = 0.05
 # The server's refusal reasons become metric labels: accept only short fixed words.
 _REASON_LABEL = re.compile(r"[a-z][a-z-]{0,31}")
 _NO_ROLE = "no-role"
-_REASON_METADATA = "podiam-reason"  # trailing metadata of a refused unary RPC
 
 _REFUSAL_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: (404, "unknown-pod"),
@@ -152,6 +152,6 @@ def _refusal(error: grpc.aio.AioRpcError) -> Refused:
     if status == 403:
         # The server names the policy rule in trailing metadata, as it does on the stream.
         for key, value in error.trailing_metadata() or ():
-            if key == _REASON_METADATA and isinstance(value, str):
+            if key == REASON_METADATA and isinstance(value, str):
                 reason = _reason_label(value)
     return Refused(status, reason, f"podiam server: {error.details() or error.code().name}")

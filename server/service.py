@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 import grpc
 
-from protos import kiam_pb2, kiam_pb2_grpc
+from protos import REASON_METADATA, kiam_pb2, kiam_pb2_grpc
 from server import metrics
 from server.credentials import CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
@@ -26,10 +26,6 @@ from server.policy import Denial, Reason, check_request
 from server.registry import Registry
 
 log = logging.getLogger(__name__)
-
-# Trailing metadata of a refused unary RPC: the policy Reason, as the node stream's
-# PodState.reason carries it.
-REASON_METADATA = "podiam-reason"
 
 
 class Refusal(Exception):
