@@ -28,6 +28,10 @@ _ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 _PATH_SEGMENT = re.compile(r"[\x21-\x2e\x30-\x7e]+")
 PATH_MAX = 512
 ACCOUNT = re.compile(r"\d{12}")
+# Role spellings remembered by RoleResolver, and the longest remembered: a valid role ARN is
+# under 700 characters, so longer spellings are refused afresh rather than kept.
+_REMEMBER = 16384
+_REMEMBER_CHARS = 1024
 
 
 class ArnError(ValueError):
@@ -137,20 +141,44 @@ class RoleResolver:
         self.base_arn = normalise_base_arn(base_arn)
         match = _ROLE_ARN.match(self.base_arn)
         self.partition, self.account, self._base_path = match.groups()
+        # Thousands of pods share a few roles: validate each spelling once.
+        self._resolved: dict[str, str | ArnError] = {}
 
     def resolve(self, role: str) -> str:
         """The ARN for an annotation value; raises ArnError for values that are neither a valid
         role ARN nor a valid role name under the base ARN's path."""
+        if len(role) > _REMEMBER_CHARS:
+            return self._resolve(role)
+        resolved = self._resolved.get(role)
+        if resolved is None:
+            try:
+                resolved = self._resolve(role)
+            except ArnError as error:
+                resolved = error
+            if len(self._resolved) >= _REMEMBER:  # spellings are pod input: stay bounded
+                self._resolved.clear()
+            self._resolved[role] = resolved
+        if isinstance(resolved, ArnError):
+            raise ArnError(*resolved.args)
+        return resolved
+
+    def _resolve(self, role: str) -> str:
         role = role.strip()
         if role.startswith("arn:"):
-            return str(parse_role_arn(role))
+            return sys.intern(str(parse_role_arn(role)))
         # kiam accepted "/name" as well as "name"; both mean a role under the base ARN.
         relative = role[1:] if role.startswith("/") else role
         if not relative:
             raise ArnError(f"role {quoted(role)} names no role")
         _split_path_and_name(role, self._base_path + relative)
-        # Thousands of pods share a few roles: keep one copy of each ARN.
+        # Keep one copy of each ARN, however many pods hold it.
         return sys.intern(self.base_arn + relative)
+
+    @staticmethod
+    def location(role_arn: str) -> tuple[str, str]:
+        """(partition, account) of an ARN that ``resolve`` returned."""
+        _arn, partition, _iam, _region, account, _rest = role_arn.split(":", 5)
+        return partition, account
 
     def short_name(self, role_arn: str) -> str | None:
         """The name under the base ARN, or None when the role lies elsewhere (another account

@@ -3,10 +3,10 @@ credentials, and `kubectl describe namespace` why its iam.amazonaws.com/permitte
 nothing.
 
 Recording never blocks the caller: denials are queued and posted by one background task.
-Each (pod, reason) pair — for a namespace, (namespace, reason, pattern) — gets a deterministic
-Event name, so repeats — from this replica, another
-replica, or after a restart — are recognised by the API server (409 Conflict) instead of piling
-up; an in-memory set spares the API server the repeats this replica has already seen.
+Each (pod, reason) pair, and each (namespace, reason, pattern), gets a deterministic Event name,
+so repeats — from this replica, another replica, or after a restart — are recognised by the API
+server (409 Conflict) instead of piling up; an in-memory set spares the API server the repeats
+this replica has already seen.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class EventRecorder:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         suffix = hashlib.sha256(subject.identity.encode()).hexdigest()[:12]
         involved = {"apiVersion": "v1", "kind": subject.kind, "name": subject.name}
-        if subject.kind == "Pod":
+        if subject.kind == "Pod":  # a Namespace is cluster-scoped
             involved["namespace"] = subject.namespace
         involved["uid"] = subject.uid
         body = {

@@ -23,7 +23,7 @@ from server.arn import quoted
 # alternation of a few hundred role names; what does not fit is refused, not matched slowly.
 MAX_MEMORY = 64 * 1024
 # Decisions remembered per pattern: pods of one namespace mostly share a few roles.
-_REMEMBER = 4096
+_REMEMBER = 1024
 
 
 def _options() -> re2.Options:

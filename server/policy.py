@@ -12,7 +12,7 @@ import enum
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from server.arn import ArnError, RoleResolver, parse_role_arn, quoted
+from server.arn import ArnError, RoleResolver, quoted
 from server.identity import RoleIdentity
 from server.pods import PERMITTED_ANNOTATION, ROLE_ANNOTATION, NamespaceRecord, PodRecord
 
@@ -89,17 +89,17 @@ def _account_denial(
 ) -> Denial | None:
     # However permissive a namespace's pattern, another account's roles are the operator's call
     # (--allowed-account), not a namespace admin's.
-    role = parse_role_arn(role_arn)
-    if role.partition != resolver.partition:
+    partition, account = resolver.location(role_arn)
+    if partition != resolver.partition:
         return Denial(
             Reason.ACCOUNT_NOT_ALLOWED,
-            f"role {quoted(role_arn)} is in partition {role.partition!r}, not the server's "
+            f"role {quoted(role_arn)} is in partition {partition!r}, not the server's "
             f"{resolver.partition!r}",
         )
-    if role.account != resolver.account and role.account not in allowed_accounts:
+    if account != resolver.account and account not in allowed_accounts:
         return Denial(
             Reason.ACCOUNT_NOT_ALLOWED,
-            f"role {quoted(role_arn)} is in AWS account {role.account}, which the server does "
+            f"role {quoted(role_arn)} is in AWS account {account}, which the server does "
             "not allow (its operator lists other accounts with --allowed-account)",
         )
     return None

@@ -63,3 +63,14 @@ def test_base_arn_from_instance_profile_keeps_partition_and_account():
     assert base_arn_from_instance_profile(profile) == "arn:aws-us-gov:iam::123456789012:role/"
     with pytest.raises(ArnError):
         base_arn_from_instance_profile("arn:aws:iam::123456789012:user/bob")
+
+
+def test_refusals_are_repeated_for_every_ask_and_quote_huge_roles_briefly():
+    resolver = RoleResolver(BASE)
+    for _ in range(2):  # the second answer comes from the resolver's memory
+        with pytest.raises(ArnError, match="not allowed"):
+            resolver.resolve("app-x/../admin")
+    huge = "team/" + "x" * 256 * 1024  # an annotation as large as Kubernetes allows
+    with pytest.raises(ArnError) as refused:
+        resolver.resolve(huge)
+    assert len(str(refused.value)) < 500 and "characters" in str(refused.value)
