@@ -6,6 +6,7 @@ SDKs give the metadata service about a second.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 
@@ -13,11 +14,16 @@ from agent import metrics
 from agent.client import ServerClient
 from agent.refusal import Refused
 from agent.state import NodeState, PodEntry, credentials_body, role_name
+from protos import REASON_METADATA
 
 # Of the --pod-wait budget, this much (at most) is kept for the unary call after waiting on the
 # stream, so the answer still arrives within the budget.
 _UNARY_RESERVE = 0.3
 _MIN_UNARY_TIMEOUT = 0.05
+
+# The server's refusal reasons become metric labels: accept only short fixed words.
+_REASON_LABEL = re.compile(r"[a-z][a-z-]{0,31}")
+_NO_ROLE = "no-role"
 
 _REFUSAL_FOR_CODE = {
     grpc.StatusCode.NOT_FOUND: (404, "unknown-pod"),
@@ -119,12 +125,20 @@ class _Budget:
 
 
 def _check_permitted(entry: PodEntry) -> None:
-    # A pod without a role is like an instance without a profile (404); one whose role is
-    # not permitted is refused with the reason (403).
+    # A pod without a role is like an instance without a profile (404); one the server refuses
+    # for any other reason — its role not permitted, or its IP held by several pods, whatever
+    # their annotations — is refused with that reason (403). Servers that send no reason
+    # (before podiam added it) leave only the role to tell the two apart.
+    if entry.denied and entry.reason and entry.reason != _NO_ROLE:
+        raise Refused(403, _reason_label(entry.reason), entry.denied)
     if not entry.role:
-        raise Refused(404, "no-role", "this pod has no iam.amazonaws.com/role annotation")
+        raise Refused(404, _NO_ROLE, "this pod has no iam.amazonaws.com/role annotation")
     if entry.denied:
-        raise Refused(403, "denied", entry.denied)
+        raise Refused(403, _reason_label(entry.reason), entry.denied)
+
+
+def _reason_label(reason: str) -> str:
+    return reason if _REASON_LABEL.fullmatch(reason) else "denied"
 
 
 def _check_requested(entry: PodEntry, requested: str) -> None:
@@ -135,4 +149,9 @@ def _check_requested(entry: PodEntry, requested: str) -> None:
 
 def _refusal(error: grpc.aio.AioRpcError) -> Refused:
     status, reason = _REFUSAL_FOR_CODE.get(error.code(), (503, "server-unavailable"))
+    if status == 403:
+        # The server names the policy rule in trailing metadata, as it does on the stream.
+        for key, value in error.trailing_metadata() or ():
+            if key == REASON_METADATA and isinstance(value, str):
+                reason = _reason_label(value)
     return Refused(status, reason, f"podiam server: {error.details() or error.code().name}")

@@ -23,6 +23,7 @@ class PodEntry:
     role_arn: str
     identity: str  # key of its credentials; empty when it gets none
     denied: str  # why it gets none; empty when permitted
+    reason: str = ""  # the server's rule that refused it ("ambiguous-ip", ...); may be empty
 
 
 def role_name(role: str) -> str:
@@ -54,6 +55,7 @@ def entry_from_state(state: kiam_pb2.PodState) -> PodEntry:
         role_arn=state.role_arn,
         identity=state.identity,
         denied=state.denied,
+        reason=state.reason,
     )
 
 

@@ -8,7 +8,8 @@
 Sections: ``hot`` (agent hot path vs a bare aiohttp baseline), ``client`` (botocore's full
 credential fetch from pods in network namespaces; needs root), ``podstart`` (watch event to
 credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``scale`` (server
-initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer). Figures are
+initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
+(one pod's policy decision under hostile ``permitted`` patterns vs a benign one). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
@@ -31,7 +32,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from bench import procs
 from bench.report import Report
 
-SECTIONS = ("hot", "client", "podstart", "sts", "scale")
+SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy")
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
 
@@ -134,6 +135,7 @@ async def run(options: argparse.Namespace) -> Report:
         "podstart": "Pod start: watch event to credentials served",
         "sts": "STS economy",
         "scale": "Server scale",
+        "policy": "Hostile policy: decision time under pathological patterns",
     }
     sections = {key: report.section(key, titles[key]) for key in SECTIONS if key in wanted}
     shared = None
@@ -192,12 +194,19 @@ async def _scale(section, cluster, options):
     await server_scale.run(section, options)
 
 
+async def _policy(section, cluster, options):
+    from bench import hostile_policy
+
+    await hostile_policy.run(section, options)
+
+
 _SECTION_RUNNERS = {
     "hot": _hot,
     "client": _client,
     "podstart": _podstart,
     "sts": _sts,
     "scale": _scale,
+    "policy": _policy,
 }
 
 

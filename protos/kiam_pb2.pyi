@@ -61,18 +61,20 @@ class WatchNodeRequest(_message.Message):
     def __init__(self, host_ip: _Optional[str] = ...) -> None: ...
 
 class PodState(_message.Message):
-    __slots__ = ("ip", "role", "identity", "denied", "role_arn")
+    __slots__ = ("ip", "role", "identity", "denied", "role_arn", "reason")
     IP_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     DENIED_FIELD_NUMBER: _ClassVar[int]
     ROLE_ARN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     ip: str
     role: str
     identity: str
     denied: str
     role_arn: str
-    def __init__(self, ip: _Optional[str] = ..., role: _Optional[str] = ..., identity: _Optional[str] = ..., denied: _Optional[str] = ..., role_arn: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, ip: _Optional[str] = ..., role: _Optional[str] = ..., identity: _Optional[str] = ..., denied: _Optional[str] = ..., role_arn: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IdentityCredentials(_message.Message):
     __slots__ = ("identity", "credentials")

@@ -21,6 +21,7 @@ from runtime.process import StartupError
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.config import ServerConfig
 from server.credentials import CredentialCache
+from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
 from server.pods import PodRecord
@@ -77,13 +78,19 @@ class PodiamServer:
         self.recorder = recorder
 
         registry: Registry | None = None
+        messages: CredentialMessages | None = None
 
         def on_update(identity, creds) -> None:
+            # New credentials, or none (released, expired): the old message goes either way.
+            if messages is not None:
+                messages.forget(identity)
             if registry is not None:
                 registry.credentials_changed(identity, creds)
 
         cache = CredentialCache(gateway, refresh_before=config.session_refresh, on_update=on_update)
         self._closers.append(cache.close)
+        messages = CredentialMessages(cache)
+        self.messages = messages
 
         def session_name(pod: PodRecord) -> str:
             return session_name_for(config.session_name, pod.session_name or pod.name)
@@ -92,7 +99,9 @@ class PodiamServer:
             resolver=resolver,
             session_name=session_name,
             credentials=cache,
+            allowed_accounts=config.allowed_accounts,
             on_denied=recorder.record,
+            on_namespace_denied=recorder.record_namespace,
         )
         self.registry = registry
         self.cache = cache
@@ -106,7 +115,7 @@ class PodiamServer:
                 "removing the %s taint from nodes whose agents report ready", config.startup_taint
             )
         await self._sync(api, registry)
-        await self._serve(registry, cache, recorder, credentials)
+        await self._serve(registry, cache, messages, recorder, credentials)
 
     async def _base_arn(self) -> str:
         if self.config.role_base_arn:
@@ -131,7 +140,7 @@ class PodiamServer:
         await asyncio.gather(*(reflector.synced.wait() for reflector in reflectors))
         log.info("synced %d pods in %d namespaces", len(registry.pods), len(registry.namespaces))
 
-    async def _serve(self, registry, cache, recorder, credentials) -> None:
+    async def _serve(self, registry, cache, messages, recorder, credentials) -> None:
         config = self.config
         age_ms = int(config.max_connection_age.total_seconds() * 1000)
         server = grpc.aio.server(
@@ -148,6 +157,7 @@ class PodiamServer:
         service = KiamService(
             registry=registry,
             credentials=cache,
+            messages=messages,
             node_binding=config.node_binding,
             on_denied=recorder.record,
             startup_taint=self.startup_taint,

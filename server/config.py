@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from runtime.flags import EnvDefaultsParser, duration, host_port
-from server.arn import ArnError, is_role_arn, normalise_base_arn
+from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
@@ -52,6 +52,7 @@ class ServerConfig:
     session_refresh: timedelta
     session_name: str
     assume_role_arn: str | None
+    allowed_accounts: frozenset[str]  # besides the base ARN's own account
     node_binding: bool
     startup_taint: str | None
     prometheus_listen_addr: tuple[str, int] | None
@@ -151,6 +152,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default=None,
         help="an intermediate role the server assumes first and uses to assume pod roles",
     )
+    parser.add_argument(
+        "--allowed-account",
+        action="append",
+        default=None,
+        metavar="ACCOUNT_ID",
+        help="a 12-digit AWS account whose roles pods may have, besides the base ARN's own "
+        "account; repeat for several. However permissive a namespace's "
+        "iam.amazonaws.com/permitted, roles in other accounts are refused "
+        "[env PODIAM_ALLOWED_ACCOUNT, comma-separated]",
+    )
     flag(
         "--no-node-binding",
         env="PODIAM_NO_NODE_BINDING",
@@ -182,6 +193,22 @@ def _env_switch(parser: EnvDefaultsParser, env: str) -> bool:
     return parser._switch_from_env(env, raw) if raw is not None else False
 
 
+def _allowed_accounts(parser: EnvDefaultsParser, flags: list[str] | None) -> frozenset[str]:
+    # Flags win over the variable, as for every other flag (argparse's "append" would add to it).
+    if flags is None:
+        raw = parser._environ.get("PODIAM_ALLOWED_ACCOUNT", "")
+        source, values = "PODIAM_ALLOWED_ACCOUNT", [v for v in raw.split(",") if v.strip()]
+    else:
+        source, values = "--allowed-account", flags
+    accounts = set()
+    for value in values:
+        account = value.strip()
+        if not ACCOUNT.fullmatch(account):
+            parser.error(f"{source} {value!r} is not a 12-digit AWS account id")
+        accounts.add(account)
+    return frozenset(accounts)
+
+
 def parse_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerConfig:
@@ -191,7 +218,7 @@ def parse_config(
     return _validate(parser, args)
 
 
-def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConfig:
     if args.role_base_arn and args.role_base_arn_autodetect:
         parser.error("--role-base-arn and --role-base-arn-autodetect exclude each other")
     if not args.role_base_arn and not args.role_base_arn_autodetect:
@@ -204,6 +231,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
             parser.error(f"--role-base-arn: {error}")
     if args.assume_role_arn and not is_role_arn(args.assume_role_arn):
         parser.error(f"--assume-role-arn {args.assume_role_arn!r} is not an IAM role ARN")
+    allowed_accounts = _allowed_accounts(parser, args.allowed_account)
     if not STS_MIN_DURATION <= args.session_duration <= STS_MAX_DURATION:
         parser.error("--session-duration must lie between 15m and 12h (STS limits)")
     if args.session_refresh < MIN_REMAINING:
@@ -236,6 +264,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Serv
         session_refresh=args.session_refresh,
         session_name=args.session_name.strip(),
         assume_role_arn=args.assume_role_arn,
+        allowed_accounts=allowed_accounts,
         node_binding=not args.no_node_binding,
         startup_taint=startup_taint,
         prometheus_listen_addr=args.prometheus_listen_addr,

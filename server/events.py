@@ -1,10 +1,12 @@
 """Kubernetes Events for denials, so that `kubectl describe pod` says why a pod got no
-credentials, and for nodes whose startup taint podiam removed (`kubectl describe node`).
+credentials, `kubectl describe namespace` why its iam.amazonaws.com/permitted permits nothing,
+and `kubectl describe node` when podiam removed a node's startup taint.
 
 Recording never blocks the caller: denials are queued and posted by one background task.
-Each (pod, reason) pair gets a deterministic Event name, so repeats — from this replica, another
-replica, or after a restart — are recognised by the API server (409 Conflict) instead of piling
-up; an in-memory set spares the API server the repeats this replica has already seen.
+Each (pod, reason) pair, and each (namespace, reason, pattern), gets a deterministic Event name,
+so repeats — from this replica, another replica, or after a restart — are recognised by the API
+server (409 Conflict) instead of piling up; an in-memory set spares the API server the repeats
+this replica has already seen.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import logging
 import socket
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +24,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from server import metrics
-from server.pods import PodRecord
+from server.pods import NamespaceRecord, PodRecord
 from server.policy import Denial
 
 log = logging.getLogger(__name__)
@@ -31,25 +34,52 @@ COMPONENT = "podiam-server"
 NODE_EVENTS_NAMESPACE = "default"
 
 
+@dataclass(frozen=True, slots=True)
+class _Subject:
+    """The object an Event is about, and what makes a repeat of the same Event."""
+
+    kind: str
+    namespace: str  # where the Event is stored: the pod's namespace, or the namespace itself
+    name: str
+    uid: str
+    identity: str  # hashed into the Event's name
+
+    @property
+    def label(self) -> str:
+        if self.kind == "Pod":
+            return f"pod {self.namespace}/{self.name}"
+        return f"namespace {self.name}"
+
+
 class EventRecorder:
     def __init__(
         self, api: client.ApiClient, *, queue_size: int = 1000, remember: int = 10_000
     ) -> None:
         self._core = client.CoreV1Api(api)
-        self._queue: asyncio.Queue[tuple[PodRecord, Denial]] = asyncio.Queue(queue_size)
-        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._queue: asyncio.Queue[tuple[_Subject, Denial]] = asyncio.Queue(queue_size)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
         self._instance = socket.gethostname()
         self._task: asyncio.Task | None = None
 
     def record(self, pod: PodRecord, denial: Denial) -> None:
-        key = (pod.uid, denial.reason.value)
+        subject = _Subject("Pod", pod.namespace, pod.name, pod.uid, f"{pod.uid}/{denial.reason}")
+        self._enqueue(subject, denial)
+
+    def record_namespace(self, namespace: NamespaceRecord, denial: Denial) -> None:
+        # The pattern is part of the identity: a new unusable pattern deserves its own Event.
+        identity = f"{namespace.uid}/{denial.reason}/{namespace.permitted}"
+        subject = _Subject("Namespace", namespace.name, namespace.name, namespace.uid, identity)
+        self._enqueue(subject, denial)
+
+    def _enqueue(self, subject: _Subject, denial: Denial) -> None:
+        key = hashlib.sha256(subject.identity.encode()).hexdigest()[:12]
         if key in self._seen:
             self._seen.move_to_end(key)
             metrics.KUBE_EVENTS.labels(result="suppressed").inc()
             return
         try:
-            self._queue.put_nowait((pod, denial))
+            self._queue.put_nowait((subject, denial))
         except asyncio.QueueFull:
             metrics.KUBE_EVENTS.labels(result="dropped").inc()
             return
@@ -71,12 +101,12 @@ class EventRecorder:
 
     async def _run(self) -> None:
         while True:
-            pod, denial = await self._queue.get()
+            subject, denial = await self._queue.get()
             try:
-                await self._post(pod, denial)
+                await self._post(subject, denial)
             except Exception as error:  # an Event is best effort; never stop recording
                 metrics.KUBE_EVENTS.labels(result="failed").inc()
-                log.warning("cannot record Event for pod %s/%s: %s", pod.namespace, pod.name, error)
+                log.warning("cannot record Event for %s: %s", subject.label, error)
             finally:
                 self._queue.task_done()
 
@@ -97,29 +127,22 @@ class EventRecorder:
         if await self._create(NODE_EVENTS_NAMESPACE, body):
             log.info("recorded Event %s on node %s", reason, name)
 
-    async def _post(self, pod: PodRecord, denial: Denial) -> None:
-        suffix = hashlib.sha256(f"{pod.uid}/{denial.reason.value}".encode()).hexdigest()[:12]
+    async def _post(self, subject: _Subject, denial: Denial) -> None:
+        suffix = hashlib.sha256(subject.identity.encode()).hexdigest()[:12]
+        involved = {"apiVersion": "v1", "kind": subject.kind, "name": subject.name}
+        if subject.kind == "Pod":  # a Namespace is cluster-scoped
+            involved["namespace"] = subject.namespace
+        involved["uid"] = subject.uid
         body = self._event(
-            name=f"{pod.name}.podiam-{suffix}",
-            namespace=pod.namespace,
-            involved={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": pod.namespace,
-                "name": pod.name,
-                "uid": pod.uid,
-            },
+            name=f"{subject.name}.podiam-{suffix}",
+            namespace=subject.namespace,
+            involved=involved,
             reason=denial.reason.event_reason,
             message=denial.message,
             event_type="Warning",
         )
-        if await self._create(pod.namespace, body):
-            log.info(
-                "recorded Event %s on pod %s/%s",
-                denial.reason.event_reason,
-                pod.namespace,
-                pod.name,
-            )
+        if await self._create(subject.namespace, body):
+            log.info("recorded Event %s on %s", denial.reason.event_reason, subject.label)
 
     def _event(
         self,

@@ -60,6 +60,10 @@ NAMESPACES_INDEXED = Gauge(
     "podiam_namespaces_indexed",
     "Namespaces held in the server's index.",
 )
+NAMESPACES_INVALID_PERMITTED = Gauge(
+    "podiam_namespaces_invalid_permitted",
+    "Namespaces whose iam.amazonaws.com/permitted RE2 cannot compile, so they permit nothing.",
+)
 WATCH_RESTARTS = Counter(
     "podiam_kube_watch_restarts_total",
     "Kubernetes watches restarted, by resource and reason (ended, gone, error).",

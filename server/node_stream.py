@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from protos import kiam_pb2
-from server.credentials_proto import credentials_message
+from server.credentials_proto import CredentialMessages
 from server.identity import RoleIdentity
+from server.policy import Reason
 from server.registry import CredentialsHolder, NodeWatch, Registry
 
 
@@ -18,9 +19,16 @@ class NodeStream:
     """Builds the messages for one agent; remembers which credentials it sent, so that it sends
     each set once per refresh and withdraws it as soon as no pod on the node uses it."""
 
-    def __init__(self, registry: Registry, credentials: CredentialsHolder, host_ip: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        credentials: CredentialsHolder,
+        messages: CredentialMessages,
+        host_ip: str,
+    ) -> None:
         self._registry = registry
         self._credentials = credentials
+        self._messages = messages
         self.host_ip = host_ip
         self._sent: dict[str, RoleIdentity] = {}
 
@@ -68,10 +76,20 @@ class NodeStream:
         if pod is None:
             return None
         if grant is None:
-            return kiam_pb2.PodState(ip=ip, denied=f"IP {ip} is held by several active pods")
+            # Carries the pod's role, so the agent answers "refused: ambiguous", never "no role".
+            return kiam_pb2.PodState(
+                ip=ip,
+                role=pod.role,
+                denied=f"IP {ip} is held by several active pods; podiam refuses to guess",
+                reason=Reason.AMBIGUOUS_IP.value,
+            )
         if grant.denial is not None:
             return kiam_pb2.PodState(
-                ip=ip, role=pod.role, role_arn=grant.role_arn, denied=grant.denial.message
+                ip=ip,
+                role=pod.role,
+                role_arn=grant.role_arn,
+                denied=grant.denial.message,
+                reason=grant.denial.reason.value,
             )
         return kiam_pb2.PodState(
             ip=ip, role=pod.role, role_arn=grant.role_arn, identity=grant.identity.key
@@ -94,5 +112,7 @@ class NodeStream:
                 continue
             self._sent[key] = identity
             update.credentials.append(
-                kiam_pb2.IdentityCredentials(identity=key, credentials=credentials_message(creds))
+                kiam_pb2.IdentityCredentials(
+                    identity=key, credentials=self._messages.message(identity, creds)
+                )
             )

@@ -6,10 +6,11 @@ Full model objects cost kilobytes each; podiam keeps a handful of strings per po
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from server.permitted import PatternError, PermittedPattern
 
 ROLE_ANNOTATION = "iam.amazonaws.com/role"
 PERMITTED_ANNOTATION = "iam.amazonaws.com/permitted"
@@ -47,8 +48,9 @@ class PodRecord:
 @dataclass(frozen=True, slots=True)
 class NamespaceRecord:
     name: str
+    uid: str
     permitted: str  # the raw annotation; empty when missing
-    pattern: re.Pattern[str] | None  # compiled when permitted is a valid, non-empty regex
+    pattern: PermittedPattern | None  # compiled when permitted is a valid, non-empty regex
     error: str  # why permitted could not be compiled; empty otherwise
 
 
@@ -82,12 +84,20 @@ def pod_from_object(obj: dict[str, Any]) -> PodRecord:
 
 
 def namespace_from_object(obj: dict[str, Any]) -> NamespaceRecord:
-    name = (obj.get("metadata") or {}).get("name") or ""
+    meta = obj.get("metadata") or {}
     permitted = (_annotations(obj).get(PERMITTED_ANNOTATION) or "").strip()
     pattern, error = None, ""
     if permitted:
         try:
-            pattern = re.compile(permitted)
-        except re.error as exc:
-            error = f"invalid {PERMITTED_ANNOTATION} regular expression: {exc}"
-    return NamespaceRecord(name=name, permitted=permitted, pattern=pattern, error=error)
+            pattern = PermittedPattern(permitted)
+        except PatternError as exc:
+            error = (
+                f"invalid {PERMITTED_ANNOTATION} regular expression, so nothing is permitted: {exc}"
+            )
+    return NamespaceRecord(
+        name=meta.get("name") or "",
+        uid=meta.get("uid") or "",
+        permitted=permitted,
+        pattern=pattern,
+        error=error,
+    )

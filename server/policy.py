@@ -9,10 +9,10 @@ pod may have at all; ``check_request`` runs per request and adds what depends on
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from server.arn import ArnError, RoleResolver
+from server.arn import ArnError, RoleResolver, quoted
 from server.identity import RoleIdentity
 from server.pods import PERMITTED_ANNOTATION, ROLE_ANNOTATION, NamespaceRecord, PodRecord
 
@@ -24,6 +24,7 @@ class Reason(enum.StrEnum):
     AMBIGUOUS_IP = "ambiguous-ip"
     NO_ROLE = "no-role"
     INVALID_ROLE = "invalid-role"
+    ACCOUNT_NOT_ALLOWED = "account-not-allowed"
     UNKNOWN_NAMESPACE = "unknown-namespace"
     NO_PERMITTED = "no-permitted"
     INVALID_PERMITTED = "invalid-permitted"
@@ -61,22 +62,47 @@ def grant_for_pod(
     *,
     resolver: RoleResolver,
     session_name: SessionNamer,
+    allowed_accounts: Collection[str] = (),
 ) -> Grant:
-    """The pod-level checks, in order: has a role, the role resolves, the namespace is known,
-    has a usable ``permitted`` expression, and that expression matches the role."""
+    """The pod-level checks, in order: has a role, the role is valid as IAM defines it, lies in
+    the base ARN's account or one in ``allowed_accounts``, the namespace is known, has a usable
+    ``permitted`` expression, and that expression matches the role."""
     if not pod.role:
         return Grant(denial=Denial(Reason.NO_ROLE, f"pod has no {ROLE_ANNOTATION} annotation"))
     try:
         role_arn = resolver.resolve(pod.role)
     except ArnError as error:
         return Grant(denial=Denial(Reason.INVALID_ROLE, str(error)))
-    denial = _namespace_denial(pod, namespace, role_arn, resolver)
+    denial = _account_denial(role_arn, resolver, allowed_accounts) or _namespace_denial(
+        pod, namespace, role_arn, resolver
+    )
     if denial is not None:
         return Grant(role_arn=role_arn, denial=denial)
     identity = RoleIdentity(
         role_arn=role_arn, session_name=session_name(pod), external_id=pod.external_id
     )
     return Grant(role_arn=role_arn, identity=identity)
+
+
+def _account_denial(
+    role_arn: str, resolver: RoleResolver, allowed_accounts: Collection[str]
+) -> Denial | None:
+    # However permissive a namespace's pattern, another account's roles are the operator's call
+    # (--allowed-account), not a namespace admin's.
+    partition, account = resolver.location(role_arn)
+    if partition != resolver.partition:
+        return Denial(
+            Reason.ACCOUNT_NOT_ALLOWED,
+            f"role {quoted(role_arn)} is in partition {partition!r}, not the server's "
+            f"{resolver.partition!r}",
+        )
+    if account != resolver.account and account not in allowed_accounts:
+        return Denial(
+            Reason.ACCOUNT_NOT_ALLOWED,
+            f"role {quoted(role_arn)} is in AWS account {account}, which the server does "
+            "not allow (its operator lists other accounts with --allowed-account)",
+        )
+    return None
 
 
 def _namespace_denial(
@@ -91,16 +117,15 @@ def _namespace_denial(
             Reason.NO_PERMITTED,
             f"namespace {namespace.name!r} has no {PERMITTED_ANNOTATION} annotation",
         )
-    # Anchored on both ends: "app-.*" must not permit "evil-app-x".
+    # Matched whole (anchored on both ends), by RE2: see server/permitted.py.
     short = resolver.short_name(role_arn)
-    if (short is not None and namespace.pattern.fullmatch(short)) or namespace.pattern.fullmatch(
-        role_arn
-    ):
+    pattern = namespace.pattern
+    if (short is not None and pattern.matches(short)) or pattern.matches(role_arn):
         return None
     return Denial(
         Reason.NOT_PERMITTED,
-        f"role {pod.role!r} is not permitted by namespace {namespace.name!r} "
-        f"({PERMITTED_ANNOTATION}={namespace.permitted!r})",
+        f"role {quoted(pod.role)} is not permitted by namespace {namespace.name!r} "
+        f"({PERMITTED_ANNOTATION}={quoted(namespace.permitted)})",
     )
 
 

@@ -75,12 +75,17 @@ class Registry:
         resolver: RoleResolver,
         session_name: SessionNamer,
         credentials: CredentialsHolder,
+        allowed_accounts: frozenset[str] = frozenset(),
         on_denied: Callable[[PodRecord, Denial], None] | None = None,
+        on_namespace_denied: Callable[[NamespaceRecord, Denial], None] | None = None,
     ) -> None:
         self.resolver = resolver
         self._session_name = session_name
         self._credentials = credentials
+        self._allowed_accounts = allowed_accounts
         self._on_denied = on_denied
+        self._on_namespace_denied = on_namespace_denied
+        self._invalid_namespaces: set[str] = set()
         self.pods: dict[PodKey, PodRecord] = {}
         self._grants: dict[PodKey, Grant] = {}
         self._by_ip: dict[str, tuple[PodKey, ...]] = {}
@@ -219,6 +224,7 @@ class Registry:
             self.namespaces.get(pod.namespace),
             resolver=self.resolver,
             session_name=self._session_name,
+            allowed_accounts=self._allowed_accounts,
         )
 
     def _move_identity(
@@ -279,6 +285,7 @@ class Registry:
         old = self.namespaces.get(record.name)
         self.namespaces[record.name] = record
         if old is None or old.permitted != record.permitted:
+            self._report_pattern(record)
             self._regrant_namespace(record.name)
         metrics.NAMESPACES_INDEXED.set(len(self.namespaces))
         return ("", record.name)
@@ -286,8 +293,22 @@ class Registry:
     def _delete_namespace_key(self, key: PodKey) -> None:
         name = key[1]
         if self.namespaces.pop(name, None) is not None:
+            self._invalid_namespaces.discard(name)
+            metrics.NAMESPACES_INVALID_PERMITTED.set(len(self._invalid_namespaces))
             self._regrant_namespace(name)
         metrics.NAMESPACES_INDEXED.set(len(self.namespaces))
+
+    def _report_pattern(self, record: NamespaceRecord) -> None:
+        """A pattern that cannot be compiled permits nothing: say so once per change, in the
+        log, the metric and an Event on the namespace, so its admin learns why."""
+        if not record.error:
+            self._invalid_namespaces.discard(record.name)
+        else:
+            self._invalid_namespaces.add(record.name)
+            log.warning("namespace %s: %s", record.name, record.error)
+            if self._on_namespace_denied is not None:
+                self._on_namespace_denied(record, Denial(Reason.INVALID_PERMITTED, record.error))
+        metrics.NAMESPACES_INVALID_PERMITTED.set(len(self._invalid_namespaces))
 
     def _regrant_namespace(self, name: str) -> None:
         for key in list(self._by_namespace.get(name, ())):

@@ -16,10 +16,10 @@ from urllib.parse import unquote
 
 import grpc
 
-from protos import kiam_pb2, kiam_pb2_grpc
+from protos import REASON_METADATA, kiam_pb2, kiam_pb2_grpc
 from server import metrics
 from server.credentials import CredentialCache, CredentialsUnavailable
-from server.credentials_proto import credentials_message
+from server.credentials_proto import CredentialMessages
 from server.node_stream import NodeStream
 from server.pods import PodRecord
 from server.policy import Denial, Reason, check_request
@@ -63,12 +63,14 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         *,
         registry: Registry,
         credentials: CredentialCache,
+        messages: CredentialMessages,
         node_binding: bool = True,
         on_denied: Callable[[PodRecord, Denial], None] | None = None,
         startup_taint: StartupTaintRemover | None = None,
     ) -> None:
         self._registry = registry
         self._credentials = credentials
+        self._messages = messages
         self._node_binding = node_binding
         self._on_denied = on_denied
         self._startup_taint = startup_taint
@@ -82,7 +84,7 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
                 creds = await self._credentials.get(grant.identity)
             except CredentialsUnavailable as error:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
-            return credentials_message(creds)
+            return self._messages.message(grant.identity, creds)
 
     async def GetPodRole(self, request, context) -> kiam_pb2.Role:
         async with _answering("GetPodRole", context, request.ip):
@@ -107,7 +109,7 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             )
         log.info("node stream opened for %s", host_ip)
         metrics.REQUESTS.labels(rpc="WatchNode", outcome="OK").inc()
-        stream = NodeStream(self._registry, self._credentials, host_ip)
+        stream = NodeStream(self._registry, self._credentials, self._messages, host_ip)
         try:
             async for update in stream.updates():
                 yield update
@@ -215,7 +217,9 @@ async def _answering(rpc: str, context, ip: str):
         if refusal.reason is not None:
             metrics.DENIALS.labels(reason=refusal.reason.value).inc()
         log.info("%s for %s refused (%s): %s", rpc, ip or "-", outcome, refusal.message)
-        await context.abort(refusal.code, refusal.message)
+        # kiam agents read the status alone; podiam's agent also labels its refusal by rule.
+        trailer = () if refusal.reason is None else ((REASON_METADATA, refusal.reason.value),)
+        await context.abort(refusal.code, refusal.message, trailing_metadata=trailer)
     except Exception:
         outcome = "INTERNAL"
         log.exception("%s for %s failed", rpc, ip or "-")

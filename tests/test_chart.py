@@ -94,6 +94,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "sessionName": "eks-prod",
             "nodeBinding": False,
             "startupTaint": "example.com/podiam-not-ready",
+            "allowedAccounts": ["111111111111", "222222222222"],
             "maxConnectionAge": "5m",
             "logLevel": "debug",
             "jsonLog": False,
@@ -201,6 +202,8 @@ def test_schema_rejects_a_typo():
         {"agent": {"hostInterface": "eni+; reboot"}},
         {"server": {"startupTaint": "not a key"}},
         {"tls": {"mode": "selfsigned"}},
+        {"server": {"allowedAccounts": "111111111111"}},
+        {"server": {"allowedAccounts": ["1111"]}},
     ],
 )
 def test_schema_rejects_wrong_types_and_values(values):
@@ -260,6 +263,7 @@ def test_every_tuned_value_reaches_its_flag(rendered):
     assert server.session_name == "eks-prod"
     assert server.node_binding is False
     assert server.startup_taint == "example.com/podiam-not-ready"
+    assert server.allowed_accounts == {"111111111111", "222222222222"}
     assert server.max_connection_age.total_seconds() == 300
     assert (server.log_level, server.json_log) == ("DEBUG", False)
     assert server.prometheus_listen_addr == ("0.0.0.0", 9700)
@@ -289,6 +293,7 @@ def test_defaults_are_the_programs_defaults_except_where_the_chart_says_why(rend
     assert server.role_base_arn_autodetect and server.role_base_arn is None
     assert server.node_binding and server.json_log
     assert server.startup_taint == "podiam.io/agent-not-ready"
+    assert server.allowed_accounts == frozenset()  # the base ARN's account only
     assert str(server.session_duration) == "1:00:00"
     assert agent.iptables and agent.host_interface == "eni+" and agent.iptables_remove
     assert agent.port == 8181

@@ -18,6 +18,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from server.credentials import MIN_REMAINING, CredentialCache, CredentialsUnavailable
+from server.credentials_proto import CredentialMessages
 from server.identity import AwsCredentials, RoleIdentity
 from server.sts import StsGateway
 from tests.support.moto_sts import MotoSts, fake_session
@@ -359,3 +360,69 @@ async def test_close_stops_every_background_task(
 def test_refresh_before_must_leave_30_minutes(gateway: StsGateway, minutes: int) -> None:
     with pytest.raises(ValueError, match="refresh_before"):
         CredentialCache(gateway, refresh_before=timedelta(minutes=minutes))
+
+
+# ---- wire messages: built once per set of credentials, forgotten with them ------------------
+
+
+@pytest_asyncio.fixture
+async def with_messages(make_cache: Callable[..., CredentialCache], updates: Updates):
+    """A cache and its wire messages, joined as the server joins them: every on_update makes
+    the messages forget the identity's old message."""
+    messages: CredentialMessages | None = None
+
+    def on_update(identity: RoleIdentity, creds: AwsCredentials | None) -> None:
+        updates(identity, creds)
+        if messages is not None:
+            messages.forget(identity)
+
+    cache = make_cache(on_update=on_update)
+    messages = CredentialMessages(cache)
+    return cache, messages
+
+
+async def test_wire_message_is_built_once_per_set_and_dropped_when_refreshed(
+    with_messages, sts: MotoSts, clock: FakeClock, updates: Updates
+) -> None:
+    cache, messages = with_messages
+    cache.acquire(ORDERS)
+    await eventually(lambda: cache.peek(ORDERS) is not None)
+    first = cache.peek(ORDERS)
+    message = messages.message(ORDERS, first)
+    assert messages.message(ORDERS, first) is message and ORDERS in messages
+
+    clock.now = first.expiration - timedelta(minutes=34)  # due for refresh
+    await eventually(lambda: len(updates.of(ORDERS)) == 2)
+    assert ORDERS not in messages  # the old secret is gone with the old credentials
+    second = cache.peek(ORDERS)
+    assert messages.message(ORDERS, second).access_key_id == second.access_key_id
+    assert second.access_key_id != first.access_key_id
+
+
+async def test_wire_message_is_dropped_when_credentials_expire_or_are_released(
+    with_messages, sts: MotoSts, clock: FakeClock
+) -> None:
+    cache, messages = with_messages
+    cache.acquire(ORDERS)
+    cache.acquire(BILLING)
+    await eventually(lambda: cache.peek(ORDERS) and cache.peek(BILLING))
+    messages.message(ORDERS, cache.peek(ORDERS))
+    messages.message(BILLING, cache.peek(BILLING))
+    assert len(messages) == 2
+
+    cache.release(BILLING)
+    assert BILLING not in messages
+
+    sts.set_failing(True, "Throttling")  # no refresh: the credentials run out
+    clock.advance(timedelta(hours=2))
+    await eventually(lambda: cache.peek(ORDERS) is None and ORDERS not in messages)
+    assert len(messages) == 0
+
+
+async def test_credentials_fetched_for_nobody_are_not_kept_as_messages(
+    with_messages, sts: MotoSts
+) -> None:
+    cache, messages = with_messages
+    creds = await cache.get(BILLING)  # nobody acquired BILLING: handed out, not kept
+    assert messages.message(BILLING, creds).access_key_id == creds.access_key_id
+    assert BILLING not in messages and len(cache) == 0

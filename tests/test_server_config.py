@@ -88,10 +88,30 @@ def test_durations_accept_units(text, seconds):
         (["--bind", "nowhere"], "expected host:port"),
         (["--assume-role-arn", "not-an-arn"], "not an IAM role ARN"),
         (["--log-level", "loud"], "invalid log level"),
+        (["--allowed-account", "1234"], "not a 12-digit AWS account id"),
+        (["--allowed-account", "12345678901a"], "not a 12-digit AWS account id"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(capsys, args, message):
     assert message in refused(capsys, *REQUIRED, *BASE, *args)
+
+
+def test_allowed_accounts_are_the_base_accounts_only_unless_listed():
+    assert parse(*BASE).allowed_accounts == frozenset()
+    listed = parse(*BASE, "--allowed-account", "111111111111", "--allowed-account=222222222222")
+    assert listed.allowed_accounts == {"111111111111", "222222222222"}
+
+
+def test_allowed_accounts_from_the_environment_and_a_flag_wins():
+    environ = {"PODIAM_ALLOWED_ACCOUNT": "111111111111, 222222222222"}
+    assert parse(*BASE, environ=environ).allowed_accounts == {"111111111111", "222222222222"}
+    flagged = parse(*BASE, "--allowed-account", "333333333333", environ=environ)
+    assert flagged.allowed_accounts == {"333333333333"}
+
+
+def test_bad_allowed_account_in_the_environment_names_the_variable(capsys):
+    err = refused(capsys, *REQUIRED, *BASE, environ={"PODIAM_ALLOWED_ACCOUNT": "nope"})
+    assert "PODIAM_ALLOWED_ACCOUNT 'nope' is not a 12-digit AWS account id" in err
 
 
 def test_bad_base_arn_is_refused(capsys):
