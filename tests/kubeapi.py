@@ -723,6 +723,11 @@ class KubeApiServer:
     def open_watches(self) -> int:
         return len(self.store.watchers)
 
+    def watching(self, resource: str) -> int:
+        """How many watches of ``resource`` are open: a test that breaks or bookmarks watches
+        must first see one open, or it acts on nothing."""
+        return sum(1 for watcher in self.store.watchers if watcher.resource == resource)
+
     # --- HTTP handlers ----------------------------------------------------------------------
 
     @web.middleware

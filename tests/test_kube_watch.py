@@ -97,13 +97,22 @@ async def api(kube: KubeApiServer, tmp_path: Path) -> AsyncIterator[ApiClient]:
 
 @contextlib.asynccontextmanager
 async def reflecting(
-    api: ApiClient, sink: RecordingSink, *, resource: str = "pods", **options: Any
+    kube: KubeApiServer,
+    api: ApiClient,
+    sink: RecordingSink,
+    *,
+    resource: str = "pods",
+    **options: Any,
 ) -> AsyncIterator[Reflector]:
-    """Run a reflector until the block ends; enter once its first list is complete."""
+    """Run a reflector until the block ends; enter once its first list is complete and its
+    watch is open (the list ends before the watch starts: a test that dropped or bookmarked
+    watches in between would act on none)."""
     reflector = Reflector(api, resource=resource, sink=sink, **options)
     task = asyncio.create_task(reflector.run())
     try:
-        await eventually(lambda: reflector.synced.is_set() or task.done())
+        await eventually(
+            lambda: (reflector.synced.is_set() and kube.watching(resource)) or task.done()
+        )
         if task.done():
             task.result()  # raises whatever killed it
         yield reflector
@@ -124,7 +133,7 @@ async def test_paged_list_reaches_exactly_every_pod(kube: KubeApiServer, api: Ap
     )
     sink = RecordingSink()
 
-    async with reflecting(api, sink, page_size=100):
+    async with reflecting(kube, api, sink, page_size=100):
         pass
 
     assert sink.names() == {f"ns{i % 7}/pod-{i}" for i in range(1234)}
@@ -136,7 +145,7 @@ async def test_namespaces_are_reflected_with_their_annotations(kube: KubeApiServ
     kube.add_namespace("team-a", annotations={"iam.amazonaws.com/permitted": "team-a-.*"})
     sink = RecordingSink()
 
-    async with reflecting(api, sink, resource="namespaces"):
+    async with reflecting(kube, api, sink, resource="namespaces"):
         kube.update_namespace("team-a", annotations={"iam.amazonaws.com/permitted": ".*"})
         kube.delete_namespace("default")
         await eventually(lambda: sink.names() == {"team-a"})
@@ -164,7 +173,7 @@ async def test_expired_continue_token_restarts_the_list_from_scratch(
             kube.compact()
 
     sink = RecordingSink(on_upsert=compact_during_first_page)
-    async with reflecting(api, sink, page_size=10):
+    async with reflecting(kube, api, sink, page_size=10):
         pass
 
     assert sink.names() == {f"default/p{i:02}" for i in range(1, 30)}
@@ -179,7 +188,7 @@ async def test_added_modified_and_deleted_pods_reach_the_sink(kube: KubeApiServe
     add_pods(kube, "stays", "goes")
     sink = RecordingSink()
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         add_pods(kube, "new")
         kube.update_pod("default", "stays", annotations={"iam.amazonaws.com/role": "reader"})
         kube.delete_pod("default", "goes")
@@ -200,7 +209,7 @@ async def test_dropped_watch_resumes_from_last_version_without_relisting(
     add_pods(kube, "a", "b", "c")
     sink = RecordingSink()
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         kube.drop_watches()
         # While the watch is down:
         add_pods(kube, "d")
@@ -220,7 +229,7 @@ async def test_watch_that_times_out_is_resumed_without_relisting(
 ):
     sink = RecordingSink()
 
-    async with reflecting(api, sink, watch_timeout=1):
+    async with reflecting(kube, api, sink, watch_timeout=1):
         await eventually(lambda: kube.watch_requests["pods"] >= 2, timeout=5)
         add_pods(kube, "after-timeout")
         await eventually(lambda: "default/after-timeout" in sink.objects)
@@ -234,7 +243,7 @@ async def test_deletions_missed_during_410_are_applied_after_relist(
     add_pods(kube, "kept", "deleted-while-away", "changed-while-away")
     sink = RecordingSink()
 
-    async with reflecting(api, sink, backoff_max=0.2) as reflector:
+    async with reflecting(kube, api, sink, backoff_max=0.2) as reflector:
         kube.drop_watches()
         kube.delete_pod("default", "deleted-while-away")
         kube.update_pod("default", "changed-while-away", ip="10.9.9.9")
@@ -260,7 +269,7 @@ async def test_expired_watch_relists_and_keeps_the_index_exact(kube: KubeApiServ
     add_pods(kube, "a", "b")
     sink = RecordingSink()
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         kube.delete_pod("default", "a")
         kube.compact()
         kube.expire_watches()
@@ -276,7 +285,7 @@ async def test_bookmark_advances_version_so_resume_after_compaction_needs_no_rel
     add_pods(kube, "a")
     sink = RecordingSink()
 
-    async with reflecting(api, sink) as reflector:
+    async with reflecting(kube, api, sink) as reflector:
         kube.add_namespace("unrelated")  # moves the global version past every pod event
         kube.send_bookmarks()
         await eventually(lambda: reflector.resource_version == str(kube.store.rv))
@@ -295,7 +304,7 @@ async def test_without_a_bookmark_the_same_compaction_forces_a_relist(
     add_pods(kube, "a")
     sink = RecordingSink()
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         kube.add_namespace("unrelated")
         kube.compact()
         kube.drop_watches()
@@ -312,7 +321,7 @@ async def test_pod_that_finishes_leaves_an_active_pods_watch_as_deleted(
     add_pods(kube, "already-done", phase="Succeeded")
     sink = RecordingSink()
 
-    async with reflecting(api, sink, field_selector=ACTIVE_PODS):
+    async with reflecting(kube, api, sink, field_selector=ACTIVE_PODS):
         assert sink.names() == {"default/running", "default/finishing"}
 
         kube.update_pod("default", "finishing", phase="Succeeded")
@@ -327,7 +336,7 @@ async def test_pod_with_huge_annotations_arrives_whole(kube: KubeApiServer, api:
     huge = "x" * (5 * 2**20)
     sink = RecordingSink()
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         kube.add_pod("default", "big", ip="10.0.0.1", annotations={"note": huge})
         add_pods(kube, "after-big")
         await eventually(lambda: "default/after-big" in sink.objects)
@@ -344,7 +353,7 @@ async def test_object_the_sink_rejects_is_skipped_and_watching_goes_on(
 
     sink = RecordingSink(on_upsert=reject_poison)
 
-    async with reflecting(api, sink):
+    async with reflecting(kube, api, sink):
         add_pods(kube, "poison", "healthy")
         await eventually(lambda: "default/healthy" in sink.objects)
 
@@ -356,7 +365,7 @@ async def test_reflector_rides_out_an_api_server_restart(kube: KubeApiServer, ap
     add_pods(kube, "a")
     sink = RecordingSink()
 
-    async with reflecting(api, sink, backoff_max=0.2):
+    async with reflecting(kube, api, sink, backoff_max=0.2):
         failures = watch_failures()
         await kube.stop()
         add_pods(kube, "added-while-down")  # the store, like etcd, survives the restart
