@@ -1,16 +1,23 @@
-"""``podiam-agent``: parse flags, then run the agent as a process."""
+"""``podiam-agent``: parse flags, then run the agent as a process; ``podiam-agent cleanup``
+removes the DNAT rule the agent leaves in place."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from agent.app import PodiamAgent
-from agent.config import parse_config
 from server import process
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cleanup"]:
+        from agent import cleanup  # without the agent's own (heavier) imports
+
+        return cleanup.main(argv[1:])
+    from agent.app import PodiamAgent
+    from agent.config import parse_config
+
     return process.main(parse_config(argv), PodiamAgent, name="podiam.agent")
 
 

@@ -23,7 +23,8 @@ def test_defaults():
     assert config.port == 8181
     assert config.server_address == "podiam-server:443"
     assert config.host_interface == "eni+"
-    assert config.iptables is False and config.iptables_remove is True
+    assert config.iptables is False
+    assert (config.conntrack, config.ready_file) == ("conntrack", None)
     assert config.pod_wait == timedelta(seconds=0.9)
     assert config.metadata_endpoint == "http://169.254.169.254"
     assert config.require_imdsv2 is False
@@ -71,3 +72,10 @@ def test_inverted_interface_is_accepted():
     assert parse_config([*REQUIRED, "--host-interface", "!docker0"], environ={}).host_interface == (
         "!docker0"
     )
+
+
+def test_the_rule_removing_flag_is_gone_so_no_stop_can_open_the_metadata_service(capsys):
+    # The rule outlives the agent; removal is `podiam-agent cleanup`, never a shutdown option.
+    with pytest.raises(SystemExit):
+        parse_config([*REQUIRED, "--no-iptables-remove"], environ={})
+    assert "unrecognized arguments: --no-iptables-remove" in capsys.readouterr().err
