@@ -379,8 +379,8 @@ def worker(keep):
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()
-                body = json.loads(response.read())
-            except (OSError, http.client.HTTPException, ValueError) as error:
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as error:
                 conn.close()
                 conn, was_reused = None, reused
                 if was_reused and attempt == 1:
@@ -395,12 +395,17 @@ def worker(keep):
                 conn = None
             else:
                 reused = True
+            # An answer is an answer: a 503 or a wrong body is a failed request, never retried.
+            try:
+                good = response.status == 200 and json.loads(raw)["Code"] == "Success"
+            except (ValueError, KeyError):
+                good = False
             with lock:
-                if response.status == 200 and body.get("Code") == "Success":
+                if good:
                     totals["ok"] += 1
                     totals["ok_after"] += late
                 else:
-                    totals["failed"].append(f"{response.status} {body}")
+                    totals["failed"].append(f"{response.status} {raw[:100]!r}")
             break
 kinds = [True] * keepalive + [False] * fresh
 threads = [threading.Thread(target=worker, args=(keep,)) for keep in kinds]
