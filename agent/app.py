@@ -160,8 +160,18 @@ class PodiamAgent:
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
         await self._serve(app, sock)
+        try:
+            listener.steer_new_connections_here(sock)
+            steered = "; new connections come here only"
+        except OSError as error:
+            steered = f"; new connections are shared with it ({error.strerror or error})"
         self._listening.set()
-        log.info("snapshot applied; serving the metadata API on %s:%d", self.config.host, self.port)
+        log.info(
+            "snapshot applied; serving the metadata API on %s:%d%s",
+            self.config.host,
+            self.port,
+            steered,
+        )
 
     async def _keep_ready_file(self, path: Path) -> None:
         was_ready = False
@@ -190,7 +200,6 @@ class PodiamAgent:
             raise StartupError(str(error)) from error
         except ValueError as error:  # a rule iptables could not express (port 0, say)
             raise StartupError(f"--iptables: {error}") from error
-        listener.enable_request_migration()
 
     def _bind(self, host: str, port: int, what: str) -> socket.socket:
         try:

@@ -2,35 +2,45 @@
 
 A zero-downtime upgrade (the chart's DaemonSet surges: the new agent starts beside the old one
 and the old one is stopped only once the new one is ready) needs two processes listening on the
-node's port at once. Both bind with ``SO_REUSEPORT``, so the kernel spreads new connections over
-both; the new agent binds at once (a port held by something else is a clear start-up error) but
-*listens* only when it can answer — its node stream has delivered a snapshot — because a socket
-joins the kernel's choice only once it listens.
+node's port at once. Both bind with ``SO_REUSEPORT``; the new agent binds at once (a port held
+by something else is a clear start-up error) but *listens* only when it can answer — its node
+stream has delivered a snapshot — because a socket joins the kernel's choice only once it
+listens.
 
-When the old agent closes its listener, connections the kernel had already queued on it (the
-handshake done, not yet accepted) would be reset. Linux ≥ 5.14 moves them to another listener of
-the same port instead when ``net.ipv4.tcp_migrate_req`` is 1 (a per network namespace sysctl:
-for a hostNetwork agent, the node's). The agent turns it on when it may write ``/proc/sys``
-and says so when it may not (a container's ``/proc/sys`` is read-only unless privileged); the
-node's bootstrap can set it instead. Without it an upgrade can reset the few connections that
-arrive in the instant the old listener closes; an SDK retries those.
-
-This module would be unnecessary if the agent's listening socket were handed from the old
-process to the new one (one socket, one accept queue), which needs a Unix socket shared by the
-two pods on the node's disk.
+The kernel spreads new connections over the listeners, and when the old agent closes its
+listener, connections queued on it (handshake done, not yet accepted) are reset. So once it
+listens, the new agent steers every new connection to itself (a one-instruction classic BPF
+program on the port's reuseport group, no privilege needed): the old agent's queue only empties
+from then on, and by the time it is stopped nothing is left there to reset. The alternatives
+were Linux's ``net.ipv4.tcp_migrate_req`` sysctl (moves queued connections to another listener
+on close; but a container's ``/proc/sys`` is read-only unless privileged) and handing the
+listening socket itself to the new agent over a Unix socket on the node's disk (one accept
+queue; a protocol and a shared hostPath). Measured, steering and the sysctl both remove the
+resets; steering needs neither privilege nor node set-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import ctypes
 import socket
-from pathlib import Path
 
-log = logging.getLogger("agent.listener")
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
 
-MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+class _SockFilter(ctypes.Structure):  # struct sock_filter, linux/filter.h
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -63,27 +73,16 @@ async def someone_listens(host: str, port: int, *, timeout: float = 1.0) -> bool
     return True
 
 
-def enable_request_migration(sysctl: Path = MIGRATE_SYSCTL) -> bool:
-    """Turn on ``net.ipv4.tcp_migrate_req`` if it is off and may be set; whether it is on."""
-    try:
-        if sysctl.read_text().strip() == "1":
-            return True
-    except OSError:
-        log.warning(
-            "%s is missing (Linux before 5.14): connections queued on this agent when it stops "
-            "are reset rather than moved to its successor",
-            sysctl,
-        )
-        return False
-    try:
-        sysctl.write_text("1")
-    except OSError as error:
-        log.warning(
-            "net.ipv4.tcp_migrate_req is 0 and cannot be set here (%s): connections queued on "
-            "this agent when it stops are reset rather than moved to its successor; set it on "
-            "the node (sysctl -w net.ipv4.tcp_migrate_req=1)",
-            error.strerror or error,
-        )
-        return False
-    log.info("set net.ipv4.tcp_migrate_req=1: queued connections move to the next agent")
-    return True
+def steer_new_connections_here(sock: socket.socket, *, index: int = 1) -> None:
+    """Send every new connection on the port to ``sock``, the newest of its listeners.
+
+    A classic BPF program on the port's reuseport group returns the index of the listener the
+    kernel must pick; ``sock`` joined the group last, so with one agent before it, it is 1.
+    From then on the old agent's accept queue only empties, and when it stops and closes its
+    listener nothing is queued there to be reset. Once the old agent has left, 1 is out of
+    range and the kernel falls back to its ordinary choice among whoever listens. Needs no
+    privilege (classic BPF); raises OSError where the kernel refuses.
+    """
+    program = (_SockFilter * 1)(_SockFilter(_BPF_RET_K, 0, 0, index))
+    fprog = _SockFprog(1, program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))

@@ -101,7 +101,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "agent": {
             "port": 8282,
             "hostInterface": "!docker0",
-            "setTcpMigrateReq": False,
             "allowRouteRegexp": "^/latest/meta-data/placement/region$",
             "podWait": "500ms",
             "requireImdsv2": True,
@@ -381,11 +380,8 @@ def test_agent_upgrades_surge_beside_the_old_agent_and_wait_for_its_own_readines
     assert agent["readinessProbe"]["exec"]["command"] == ["test", "-e", str(config.ready_file)]
     assert config.ready_file.parent == Path("/tmp")
     assert {"name": "tmp", "mountPath": "/tmp"} in agent["volumeMounts"]
-    # The node's tcp_migrate_req, from the one privileged container, which only writes it.
-    (init,) = pod["initContainers"]
-    assert init["securityContext"]["privileged"] is True
-    assert "/proc/sys/net/ipv4/tcp_migrate_req" in init["command"][-1]
-    assert "volumeMounts" not in init
+    # The handover needs no privileged helper: the new agent steers connections itself.
+    assert "initContainers" not in pod
 
 
 def test_agent_metrics_service_targets_the_port_by_number():

@@ -448,6 +448,9 @@ async def test_upgrade_beside_the_old_agent_fails_no_request_and_keeps_one_rule(
     assert len(dnat_rules(node)) == 1
     # The new agent cut no connection: the old agent's are DNATed, not the node's service's.
     assert "conntrack: cut" not in new.log()
+    # It listened only with its snapshot, and took every new connection from then on.
+    assert "snapshot applied; serving the metadata API" in new.log()
+    assert "new connections come here only" in new.log()
     # The new agent is this node's agent from now on.
     podiam.extra_agents.remove(new)
     podiam.agents[node.node_name] = new
