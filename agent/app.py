@@ -221,12 +221,14 @@ class PodiamAgent:
 
     async def stop(self) -> None:
         """Stop listening, give keep-alive clients notice, drain, disconnect; the rule stays."""
+        was_listening = self._listening.is_set()
+        self._listening.clear()  # not ready from now on, whatever the ready-file task sees
         if self.config.ready_file is not None:
             _remove(self.config.ready_file)
         for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
-        if self._routes is not None and self._listening.is_set():
+        if self._routes is not None and was_listening:
             self._routes.draining = True
             await asyncio.sleep(CLOSE_NOTICE_SECONDS)
         for runner in self._runners:
