@@ -1,5 +1,5 @@
 """``podiam-agent``: check the [agent] extra is installed, parse flags, then run the agent as a
-process."""
+process; ``podiam-agent cleanup`` removes the DNAT rule the agent leaves in place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from runtime.extras import require_extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cleanup"]:
+        from agent import cleanup  # without the agent's own (heavier) imports
+
+        return cleanup.main(argv[1:])
     require_extra("agent", prog="podiam-agent")
     # Imported only now: without the extra, these would fail with a traceback.
     from agent.app import PodiamAgent

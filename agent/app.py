@@ -2,20 +2,32 @@
 
 Order matters. Start-up checks what can be wrong (certificates, NET_ADMIN) before anything
 else, installs the DNAT rule before serving (a pod must never fall through to the node's own
-metadata service), serves at once (so /ping answers) but hands out credentials only once
-connected to a server. Shutdown drains the HTTP server first and removes the rule last.
+metadata service) and cuts connections opened to the metadata address before it, binds the
+port, and serves at once (so /ping answers) but hands out credentials only once connected to a
+server — unless another agent already serves the port (an upgrade: see agent/listener.py), in
+which case it starts listening only once its node stream has delivered a snapshot.
+
+Shutdown stops listening first (the other agent on the port, if any, takes the new
+connections), tells clients on keep-alive connections to close for a moment, then drains what
+is in flight. It never removes the DNAT rule: while no agent listens, pods get "connection
+refused", never the node's role. ``podiam-agent cleanup`` removes it (agent/cleanup.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent import listener
 from agent.client import ServerClient, ServerConnection, StreamFollower
 from agent.config import AgentConfig
+from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
 from agent.handlers.credentials import CredentialsHandler
 from agent.handlers.health import HealthHandler
 from agent.handlers.info import InfoHandler
@@ -36,6 +48,12 @@ log = logging.getLogger(__name__)
 
 # How long in-flight requests may take to finish at shutdown.
 DRAIN_SECONDS = 5.0
+# After it stops listening, how long the agent keeps answering on open keep-alive connections,
+# each answer with "Connection: close", before closing the idle ones: clients busy on a
+# connection leave it cleanly instead of racing the close with their next request.
+CLOSE_NOTICE_SECONDS = 1.0
+# How often the readiness file is brought up to date.
+READY_CHECK_SECONDS = 0.5
 
 
 class PodiamAgent:
@@ -48,9 +66,15 @@ class PodiamAgent:
         self._tasks: list[asyncio.Task] = []
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
+        self._routes: MetadataRoutes | None = None
+        self._listening = asyncio.Event()
 
     async def start(self) -> None:
         config = self.config
+        ready_file = config.ready_file
+        if ready_file is not None:
+            # A file left by a killed predecessor in the same pod must not claim readiness.
+            _remove(ready_file)
         try:
             connection = ServerConnection(
                 config.server_address, TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
@@ -102,58 +126,140 @@ class PodiamAgent:
             tokens=tokens,
             require_imdsv2=config.require_imdsv2,
         )
+        self._routes = routes
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", routes.handle)
-        self.port = await self._serve(app, config.host, config.port, "metadata API")
+        sock = self._bind(config.host, config.port, "metadata API")
+        self.port = sock.getsockname()[1]
         if config.prometheus_listen_addr is not None:
             host, port = config.prometheus_listen_addr
-            self.metrics_port = await self._serve(_metrics_app(), host, port, "metrics")
+            metrics_sock = self._bind(host, port, "metrics")
+            self.metrics_port = await self._serve(_metrics_app(), metrics_sock)
+        if await listener.someone_listens(config.host, self.port):
+            log.info(
+                "another agent serves %s:%d; listening beside it once the node stream has "
+                "delivered a snapshot from podiam server %s",
+                config.host,
+                self.port,
+                config.server_address,
+            )
+            self._tasks.append(
+                asyncio.create_task(self._listen_when_ready(app, sock), name="listen-when-ready")
+            )
+        else:
+            await self._serve(app, sock)
+            self._listening.set()
+            log.info(
+                "serving the metadata API on %s:%d; waiting for podiam server %s",
+                config.host,
+                self.port,
+                config.server_address,
+            )
+        if ready_file is not None:
+            self._tasks.append(
+                asyncio.create_task(self._keep_ready_file(ready_file), name="ready-file")
+            )
+
+    def ready(self) -> bool:
+        """Listening, and the node stream is live with its snapshot applied: what the readiness
+        probe asks of this very process (the port may be answered by another agent)."""
+        return self._listening.is_set() and self.follower.connected.is_set() and self.state.live
+
+    async def _listen_when_ready(self, app: web.Application, sock: socket.socket) -> None:
+        await self.follower.connected.wait()
+        while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
+            await asyncio.sleep(0.05)
+        await self._serve(app, sock)
+        try:
+            listener.steer_new_connections_here(sock)
+            steered = "; new connections come here only"
+        except OSError as error:
+            steered = f"; new connections are shared with it ({error.strerror or error})"
+        self._listening.set()
         log.info(
-            "serving the metadata API on %s:%d; waiting for podiam server %s",
-            config.host,
+            "snapshot applied; serving the metadata API on %s:%d%s",
+            self.config.host,
             self.port,
-            config.server_address,
+            steered,
         )
+
+    async def _keep_ready_file(self, path: Path) -> None:
+        was_ready = False
+        while True:
+            ready = self.ready()
+            if ready != was_ready:
+                if ready:
+                    path.write_text("ready\n")  # noqa: ASYNC240 - a few bytes, in tmpfs
+                else:
+                    _remove(path)
+                was_ready = ready
+            await asyncio.sleep(READY_CHECK_SECONDS)
 
     async def _install_redirect(self) -> None:
         config = self.config
         try:
             await check_can_manage()
+            check_available(config.conntrack)
             self._redirect = MetadataRedirect(
                 host=config.host, port=config.port, interface=config.host_interface
             )
             await self._redirect.install()
-        except IptablesError as error:
+            # Found or added, the rule holds only for new connections: cut the older ones.
+            await cut_metadata_connections(conntrack=config.conntrack)
+        except (IptablesError, ConntrackError) as error:
             raise StartupError(str(error)) from error
+        except ValueError as error:  # a rule iptables could not express (port 0, say)
+            raise StartupError(f"--iptables: {error}") from error
 
-    async def _serve(self, app: web.Application, host: str, port: int, what: str) -> int:
+    def _bind(self, host: str, port: int, what: str) -> socket.socket:
+        try:
+            sock = listener.bind(host, port)
+        except OSError as error:
+            message = f"cannot serve the {what} on {host}:{port}: {error.strerror or error}"
+            raise StartupError(message) from error
+        self._closers.append(_closer(sock))
+        return sock
+
+    async def _serve(self, app: web.Application, sock: socket.socket) -> int:
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
         )
         await runner.setup()
         self._runners.append(runner)
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except OSError as error:
-            message = f"cannot serve the {what} on {host}:{port}: {error.strerror or error}"
-            raise StartupError(message) from error
-        return runner.addresses[0][1]
+        await web.SockSite(runner, sock).start()
+        return sock.getsockname()[1]
 
     async def stop(self) -> None:
-        """Drain in-flight requests, then remove the DNAT rule, then disconnect."""
+        """Stop listening, give keep-alive clients notice, drain, disconnect; the rule stays."""
+        was_listening = self._listening.is_set()
+        self._listening.clear()  # not ready from now on, whatever the ready-file task sees
+        if self.config.ready_file is not None:
+            _remove(self.config.ready_file)
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+        if self._routes is not None and was_listening:
+            self._routes.draining = True
+            await asyncio.sleep(CLOSE_NOTICE_SECONDS)
         for runner in self._runners:
             await runner.cleanup()
-        if self._redirect is not None and self.config.iptables_remove:
-            try:
-                await self._redirect.remove()
-            except IptablesError as error:
-                log.error("could not remove the DNAT rule: %s", error)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for close in reversed(self._closers):
             await close()
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _closer(sock: socket.socket):
+    async def close() -> None:
+        sock.close()
+
+    return close
 
 
 def _metrics_app() -> web.Application:

@@ -29,7 +29,8 @@ class AgentConfig:
     ca: Path
     iptables: bool
     host_interface: str
-    iptables_remove: bool
+    conntrack: str
+    ready_file: Path | None
     allow_route_regexp: re.Pattern[str]
     metadata_endpoint: str
     pod_wait: timedelta
@@ -48,6 +49,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
             "answers them with credentials for each pod's own IAM role, obtained from the "
             "podiam server over mutual-TLS gRPC. It holds no AWS or Kubernetes permissions."
         ),
+        epilog="'podiam-agent cleanup' removes the DNAT rule, which outlives the agent "
+        "(see 'podiam-agent cleanup --help').",
         environ=environ,
     )
     flag = parser.add_flag
@@ -81,7 +84,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "--iptables",
         env="PODIAM_IPTABLES",
         action="store_true",
-        help="install the DNAT rule for 169.254.169.254:80 (needs NET_ADMIN)",
+        help="install the DNAT rule for 169.254.169.254:80 (needs NET_ADMIN) and cut "
+        "connections opened before it; the rule stays when the agent stops (remove it with "
+        "'podiam-agent cleanup')",
     )
     flag(
         "--host-interface",
@@ -92,11 +97,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "lxc+ (Cilium), docker0; a leading ! inverts the match",
     )
     flag(
-        "--no-iptables-remove",
-        env="PODIAM_NO_IPTABLES_REMOVE",
-        action="store_true",
-        help="leave the DNAT rule in place on shutdown (pods then get no metadata answers "
-        "until the agent is back, instead of the node's credentials)",
+        "--conntrack",
+        env="PODIAM_CONNTRACK",
+        default="conntrack",
+        help="the conntrack tool, run with --iptables after the rule is in place to cut "
+        "connections opened to 169.254.169.254:80 before it",
+    )
+    flag(
+        "--ready-file",
+        env="PODIAM_READY_FILE",
+        type=_optional_path,
+        default="",
+        help="a file that exists exactly while this agent is ready (listening, node stream "
+        "live with its snapshot): the readiness probe, which during an upgrade must ask this "
+        "process rather than whichever agent answers the shared port; empty: none",
     )
     flag(
         "--allow-route-regexp",
@@ -136,6 +150,10 @@ def _interface(text: str) -> str:
             f"invalid interface {text!r}: expected a name like eni+, cali+, !docker0"
         )
     return text.strip()
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text.strip()) if text.strip() else None
 
 
 def _regexp(text: str) -> re.Pattern[str]:
@@ -274,7 +292,8 @@ def parse_config(
         ca=args.ca,
         iptables=args.iptables,
         host_interface=args.host_interface,
-        iptables_remove=not args.no_iptables_remove,
+        conntrack=args.conntrack.strip(),
+        ready_file=args.ready_file,
         allow_route_regexp=args.allow_route_regexp,
         metadata_endpoint=args.metadata_endpoint.rstrip("/"),
         pod_wait=args.pod_wait,

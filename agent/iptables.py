@@ -12,8 +12,11 @@ DNAT rewrites only the destination, so the agent sees the pod's own IP as the cl
 that is how it tells pods apart. The node's own processes never pass PREROUTING, so they keep
 reaching the real metadata service.
 
-The rule is added only when absent (an agent restart must not stack copies) and on removal every
-copy is deleted. iptables is always called with ``-w`` so a lock held by kube-proxy or the CNI is
+The rule is added only when absent (an agent restart must not stack copies) and outlives the
+agent: no normal stop removes it, so while no agent listens pods get "connection refused",
+never the node's role. Removal is an explicit clean-up (``podiam-agent cleanup``, with
+``remove_metadata_rules``) that deletes every metadata DNAT rule pointing at the agent's port,
+wherever it points. iptables is always called with ``-w`` so a lock held by kube-proxy or the CNI is
 waited on rather than failed (iptables-legacy takes ``/run/xtables.lock``; iptables-nft accepts
 and ignores ``-w``). This module would be unnecessary if the CNI itself redirected metadata
 traffic, or if the agent ran as a sidecar with its own network namespace.
@@ -25,6 +28,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +143,77 @@ class MetadataRedirect:
         return result
 
 
+async def remove_metadata_rules(
+    *,
+    port: int,
+    metadata_ip: str = "169.254.169.254",
+    metadata_port: int = 80,
+    iptables: str = "iptables",
+    lock_wait_seconds: int = 10,
+) -> list[str]:
+    """Delete every ``nat PREROUTING`` DNAT rule for ``metadata_ip:metadata_port`` whose target
+    port is ``port``, whatever the interface or node IP it names (an agent's ``--host`` or
+    ``--host-interface`` may have changed since it installed its rule); the deleted rules, as
+    ``iptables -S`` printed them.
+
+    Matching on the target port rather than on one exact rule is what an operator uninstalling
+    podiam expects: every copy an agent of any configuration left is gone afterwards.
+    """
+    _require_ipv4("metadata_ip", metadata_ip)
+    _require_port("port", port)
+    _require_port("metadata_port", metadata_port)
+    lock = ["-w", str(lock_wait_seconds)]
+    timeout = lock_wait_seconds + _RUN_GRACE_SECONDS
+    listed = await _run([iptables, *lock, "-t", _TABLE, "-S", _CHAIN], timeout, output=True)
+    if listed.returncode != 0:
+        raise _failure("-S", listed)
+    removed = []
+    for line in listed.stdout.splitlines():
+        spec = _metadata_dnat(line, metadata_ip, metadata_port, port)
+        if spec is None:
+            continue
+        result = await _run([iptables, *lock, "-t", _TABLE, "-D", _CHAIN, *spec], timeout)
+        # Gone meanwhile (another clean-up, an agent's own) is what was wanted.
+        if result.returncode != 0 and not _missing_rule(result):
+            raise _failure("-D", result)
+        log.info("iptables: removed -t %s %s", _TABLE, line)
+        removed.append(line)
+    return removed
+
+
+def _metadata_dnat(line: str, metadata_ip: str, metadata_port: int, port: int) -> list[str] | None:
+    """The rule's specification (after ``-A PREROUTING``) if ``line`` is a metadata DNAT rule
+    to ``port``; None for every other line."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return None
+    if words[:2] != ["-A", _CHAIN]:
+        return None
+    spec = words[2:]
+
+    def value(option: str) -> str | None:
+        return spec[spec.index(option) + 1] if option in spec[:-1] else None
+
+    destination = value("-d")
+    target = value("--to-destination") or ""
+    if (
+        value("-j") != "DNAT"
+        or value("-p") != "tcp"
+        or destination not in (metadata_ip, f"{metadata_ip}/32")
+        or value("--dport") != str(metadata_port)
+        or target.rpartition(":")[2] != str(port)
+        or "!" in spec[max(0, spec.index("-d") - 1) : spec.index("-d")]
+    ):
+        return None
+    return spec
+
+
+def _missing_rule(result: _Result) -> bool:
+    text = result.stderr.lower()
+    return result.returncode == 1 and ("does a matching rule exist" in text or "bad rule" in text)
+
+
 async def check_can_manage(*, iptables: str = "iptables", lock_wait_seconds: int = 5) -> None:
     """Raise IptablesError unless ``iptables`` runs here and may change the nat table.
 
@@ -171,14 +246,20 @@ def has_capability(bit: int, *, status: Path = Path("/proc/self/status")) -> boo
 class _Result:
     returncode: int
     stderr: str
+    stdout: str = ""
 
 
-async def _run(argv: list[str], timeout: float) -> _Result:  # noqa: ASYNC109 - a hard cap on a child
+async def _run(
+    argv: list[str],
+    timeout: float,  # noqa: ASYNC109 - a hard cap on a child
+    *,
+    output: bool = False,
+) -> _Result:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if output else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
     except FileNotFoundError:
@@ -186,12 +267,16 @@ async def _run(argv: list[str], timeout: float) -> _Result:  # noqa: ASYNC109 - 
     except PermissionError:
         raise IptablesError(f"iptables: {argv[0]!r} is not executable") from None
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise IptablesError(f"iptables: {argv[0]} did not finish within {timeout:g}s") from None
-    return _Result(proc.returncode or 0, stderr.decode(errors="replace"))
+    return _Result(
+        proc.returncode or 0,
+        stderr.decode(errors="replace"),
+        (stdout or b"").decode(errors="replace"),
+    )
 
 
 def _special_failure(stderr: str) -> str | None:

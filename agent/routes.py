@@ -56,6 +56,8 @@ class MetadataRoutes:
         self._tokens = tokens
         self._require_imdsv2 = require_imdsv2
         self._token = token
+        # Set while the agent drains at shutdown: every answer tells the client to close.
+        self.draining = False
         # Exact paths, with the route's name for metrics.
         self._exact: dict[str, tuple[str, Handler]] = {
             CREDENTIALS: ("role", role),
@@ -77,6 +79,8 @@ class MetadataRoutes:
         except Refused as refused:
             response = self._refuse(request, route, refused)
         metrics.REQUESTS.count(route, response.status, time.perf_counter() - started)
+        if self.draining and not response.prepared:
+            response.force_close()
         return response
 
     def _resolve(self, request: web.Request, path: str, ip: str) -> tuple[str, Handler, tuple]:

@@ -358,6 +358,25 @@ async def test_agent_without_a_server_serves_ping_but_no_credentials(tls_dirs, m
         assert status == 503 and "not connected" in body
 
 
+async def test_ready_file_exists_exactly_while_the_agent_can_serve_from_the_stream(
+    podiam, tls_dirs, moto_sts, tmp_path
+):
+    # The readiness probe's answer, from this process alone (another agent may share the port).
+    ready = tmp_path / "ready"
+    ready.write_text("left by a killed agent\n")
+    extra = ["--ready-file", str(ready)]
+    metadata = moto_sts.endpoint_url
+    async with running_agent(server_port=1, tls=tls_dirs, metadata=metadata, extra=extra) as lone:
+        assert not ready.exists(), "a stale ready file must not claim readiness"
+        await asyncio.sleep(1.5)  # several readiness checks without a server
+        assert not ready.exists() and not lone.ready()
+    port = podiam.server.port
+    async with running_agent(server_port=port, tls=tls_dirs, metadata=metadata, extra=extra) as a:
+        await eventually(ready.exists, timeout=15)
+        assert a.ready() and a.state.live
+    assert not ready.exists(), "a stopping agent is not ready"
+
+
 async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
     # A lookup whose stream state is not live: every answer comes from the unary RPCs.
     ip = add_pod(kube, "unary", "app-unary")

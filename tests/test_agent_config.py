@@ -27,7 +27,8 @@ def test_defaults():
     assert config.port == 8181
     assert config.server_address == "podiam-server:443"
     assert config.host_interface == "eni+"
-    assert config.iptables is False and config.iptables_remove is True
+    assert config.iptables is False
+    assert (config.conntrack, config.ready_file) == ("conntrack", None)
     assert config.pod_wait == timedelta(seconds=0.9)
     assert config.metadata_endpoint == "http://169.254.169.254"
     assert config.require_imdsv2 is False
@@ -125,3 +126,10 @@ def test_a_refused_kiam_pattern_suggests_the_whole_path(capsys):
 def test_route_patterns_that_can_match_a_path_are_accepted(pattern):
     config = parse_config([*REQUIRED, "--allow-route-regexp", pattern], environ={})
     assert config.allow_route_regexp.pattern == pattern
+
+
+def test_the_rule_removing_flag_is_gone_so_no_stop_can_open_the_metadata_service(capsys):
+    # The rule outlives the agent; removal is `podiam-agent cleanup`, never a shutdown option.
+    with pytest.raises(SystemExit):
+        parse_config([*REQUIRED, "--no-iptables-remove"], environ={})
+    assert "unrecognized arguments: --no-iptables-remove" in capsys.readouterr().err

@@ -130,3 +130,37 @@ async def test_iptables_without_net_admin_is_one_clear_line(tls_dirs):
         )  # fmt: skip
     assert result.returncode == 1
     assert "NET_ADMIN" in one_line(result.stderr)
+
+
+@requires_root
+async def test_iptables_without_conntrack_is_one_clear_line(tls_dirs):
+    files = tls_dirs.agent
+    async with Cluster(prefix="agentct") as cluster:
+        node = cluster.node("n")
+        result = await node.arun(
+            *AGENT, "--iptables", "--host", node.ip, "--port", "8181",
+            "--conntrack", "/nonexistent/conntrack", "--prometheus-listen-addr", "",
+            "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
+            check=False, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "conntrack not found" in line and "--iptables" in line
+
+
+async def test_cleanup_help_says_what_uninstalling_means():
+    code, out, _ = await run_to_exit(*AGENT, "cleanup", "--help")
+    assert code == 0
+    for text in ("169.254.169.254", "real metadata", "IAM role", "NET_ADMIN", "--port"):
+        assert text in out
+    code, out, _ = await run_to_exit(*AGENT, "--help")
+    assert "podiam-agent cleanup" in out
+
+
+@requires_root
+async def test_cleanup_with_nothing_to_remove_succeeds_and_says_so():
+    async with Cluster(prefix="agentclean") as cluster:
+        node = cluster.node("n")
+        result = await node.arun(*AGENT, "cleanup", check=False, timeout=30)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "nothing to do" in result.stdout

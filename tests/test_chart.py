@@ -106,7 +106,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "agent": {
             "port": 8282,
             "hostInterface": "!docker0",
-            "iptablesRemoveOnShutdown": False,
             "allowRouteRegexp": "^/latest/meta-data/placement/region$",
             "podWait": "500ms",
             "requireImdsv2": True,
@@ -273,10 +272,9 @@ def test_every_tuned_value_reaches_its_flag(rendered):
     assert agent.node_name == "ip-10-0-1-23.eu-west-1.compute.internal"
     assert agent.port == 8282
     assert agent.server_address == f"{SERVER_FQDN}:9443"
-    assert (agent.iptables, agent.host_interface, agent.iptables_remove) == (
-        True,
-        "!docker0",
-        False,
+    assert (agent.iptables, agent.host_interface) == (True, "!docker0")
+    assert (
+        "initContainers" not in one(rendered["every-flag"], "DaemonSet")["spec"]["template"]["spec"]
     )
     assert agent.allow_route_regexp.pattern == "^/latest/meta-data/placement/region$"
     assert agent.pod_wait.total_seconds() == 0.5
@@ -295,7 +293,7 @@ def test_defaults_are_the_programs_defaults_except_where_the_chart_says_why(rend
     assert server.startup_taint == "podiam.io/agent-not-ready"
     assert server.allowed_accounts == frozenset()  # the base ARN's account only
     assert str(server.session_duration) == "1:00:00"
-    assert agent.iptables and agent.host_interface == "eni+" and agent.iptables_remove
+    assert agent.iptables and agent.host_interface == "eni+"
     assert agent.port == 8181
     # Both run in the host network on the server nodes: different metrics ports.
     assert server.prometheus_listen_addr[1] != agent.prometheus_listen_addr[1]
@@ -413,15 +411,41 @@ def test_agent_runs_everywhere_with_the_node_network(rendered):
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["priorityClassName"] == "system-node-critical"
-    # Drain (5s), then remove the rule, waiting on the xtables lock (up to 10s and more).
-    assert pod["terminationGracePeriodSeconds"] >= 30
+    # Notice to keep-alive clients (1s), then drain (5s); the rule stays.
+    assert pod["terminationGracePeriodSeconds"] >= 10
     agent = pod["containers"][0]
     assert agent["livenessProbe"]["httpGet"]["path"] == "/ping"
-    assert agent["readinessProbe"]["httpGet"]["path"] == "/health?deep=1"
     assert {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} in agent[
         "env"
     ]
     assert "affinity" not in pod  # the server is in the host network: the agent may go there
+
+
+def test_agent_upgrades_surge_beside_the_old_agent_and_wait_for_its_own_readiness(rendered):
+    ds = one(rendered["defaults"], "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = ds["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    # A declared port is a hostPort in the host network: the scheduler would keep the surging
+    # agent off its node (kubernetes/kubernetes#106417), and the upgrade would never finish.
+    assert "ports" not in agent
+    assert agent["livenessProbe"]["httpGet"]["port"] == 8181
+    # Readiness asks this process, not whichever agent answers the shared port.
+    config = parse_agent_config(agent["args"], environ=env_of(agent))
+    assert agent["readinessProbe"]["exec"]["command"] == ["test", "-e", str(config.ready_file)]
+    assert config.ready_file.parent == Path("/tmp")
+    assert {"name": "tmp", "mountPath": "/tmp"} in agent["volumeMounts"]
+    # The handover needs no privileged helper: the new agent steers connections itself.
+    assert "initContainers" not in pod
+
+
+def test_agent_metrics_service_targets_the_port_by_number():
+    manifests = render({"serviceMonitor": {"enabled": True}})
+    service = one(manifests, "Service", "podiam-agent-metrics")
+    assert service["spec"]["ports"][0]["targetPort"] == 9620
 
 
 def test_server_runs_hardened_on_dedicated_nodes(rendered):

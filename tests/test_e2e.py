@@ -10,7 +10,9 @@ credentials, ``default-role`` / access key ``test-key``; the tests check that ne
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,11 +25,12 @@ from tests.support.e2e import (
     NODE_GROUP_TAINT,
     REPO,
     WHO_AM_I,
+    NodeMetadataService,
     PodiamCluster,
     PodiamPod,
     dnat_rules,
 )
-from tests.support.netns import list_namespaces, requires_root, root_links
+from tests.support.netns import Fetched, list_namespaces, requires_root, root_links
 from tests.support.waiting import eventually
 
 pytestmark = requires_root
@@ -259,34 +262,216 @@ async def test_new_nodes_lose_only_their_startup_taint_once_their_agent_intercep
     assert {("Node", n.node_name, "PodiamAgentReady") for n in podiam.workers} <= reasons
 
 
-async def test_agent_removes_its_rule_on_stop_and_restarts_never_stack_copies(
-    podiam: PodiamCluster,
+@pytest_asyncio.fixture
+async def node_metadata(
+    podiam: PodiamCluster, tmp_path: Path
+) -> AsyncIterator[NodeMetadataService]:
+    """The node's own metadata service on worker 1 (what pods must never reach while podiam
+    is installed), with its request log."""
+    service = NodeMetadataService(podiam.worker(1), tmp_path / "node-metadata.log")
+    await service.start()
+    yield service
+    await service.stop()
+
+
+def refused(answer: Fetched) -> bool:
+    return answer.status is None and "refused" in (answer.error or "").lower()
+
+
+async def test_rule_outlives_every_stop_so_pods_are_refused_never_sent_to_the_node(
+    podiam: PodiamCluster, node_metadata: NodeMetadataService
 ) -> None:
     agent = podiam.agent(1)
     pod = podiam.add_pod(1, "apps", "restarts", "app-restarts")
     assert len(agent.dnat_rules()) == 1
 
-    assert await agent.stop() == 0, agent.log()
-    assert agent.dnat_rules() == []
-    # With no rule, the metadata address is unreachable: no answer at all, never the node's.
-    stranded = await pod.fetch(CREDS, timeout=1)
-    assert stranded.status is None, stranded
-
-    for _ in range(2):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        code = await agent.stop(sig)
+        assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), agent.log()
+        assert len(agent.dnat_rules()) == 1, f"the rule went with {sig.name}"
+        # No agent listens where the rule points: refused at once, never the node's service.
+        stranded = await pod.fetch(CREDS, timeout=1)
+        assert refused(stranded), stranded
         await agent.start()
-        assert len(agent.dnat_rules()) == 1
-        assert await agent.stop() == 0, agent.log()
-    await agent.start()
-    assert len(agent.dnat_rules()) == 1
+        assert len(agent.dnat_rules()) == 1, "a restart must not stack copies"
+        answer = await pod.fetch(CREDS)
+        assert (answer.status, answer.body) == (200, "app-restarts"), agent.log()
+    assert node_metadata.requests() == [], "a pod reached the node's metadata service"
 
-    # Killed without a chance to clean up, the rule stays (pods get no answer, not the node's
-    # credentials); the next agent finds it and does not add a second copy.
-    await agent.kill()
-    assert len(agent.dnat_rules()) == 1
+
+async def test_cleanup_hands_pods_back_to_the_nodes_metadata_service(
+    podiam: PodiamCluster, node_metadata: NodeMetadataService
+) -> None:
+    agent = podiam.agent(1)
+    pod = podiam.add_pod(1, "apps", "uninstalled", "app-uninstalled")
+    assert await agent.stop() == 0, agent.log()
+
+    cleaned = agent.cleanup()
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "removed: iptables -t nat -D PREROUTING" in cleaned.stdout, cleaned.stdout
+    assert agent.dnat_rules() == []
+    # Uninstalled: the pod reaches the node's own metadata service again.
+    direct = await pod.fetch("/latest/meta-data/instance-id")
+    assert (direct.status, direct.body) == (200, "node-metadata /latest/meta-data/instance-id")
+    assert node_metadata.requests() == [f"{pod.ip} /latest/meta-data/instance-id"]
+
+    again = agent.cleanup()
+    assert (again.returncode, again.stderr) == (0, "")
+    assert "nothing to do" in again.stdout
+
     await agent.start()
     assert len(agent.dnat_rules()) == 1
     answer = await pod.fetch(CREDS)
-    assert (answer.status, answer.body) == (200, "app-restarts"), agent.log()
+    assert (answer.status, answer.body) == (200, "app-uninstalled"), agent.log()
+    assert len(node_metadata.requests()) == 1
+
+
+# Inside a pod: one keep-alive connection to 169.254.169.254. Asks once, prints the answer, waits
+# for the file named by argv[2], asks again on the same connection, prints what happened.
+KEEP_ALIVE = r"""
+import http.client, json, os, sys, time
+path, go = sys.argv[1], sys.argv[2]
+conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=3)
+def ask(query):
+    try:
+        conn.request("GET", path + query)
+        response = conn.getresponse()
+        return [response.status, response.read().decode()]
+    except Exception as error:
+        return [None, type(error).__name__]
+print(json.dumps(ask("?first")), flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+print(json.dumps(ask("?second")), flush=True)
+"""
+
+
+async def test_connection_opened_before_the_agent_never_reaches_the_node_again(
+    podiam: PodiamCluster, node_metadata: NodeMetadataService, tmp_path: Path
+) -> None:
+    agent = podiam.agent(1)
+    pod = podiam.add_pod(1, "apps", "early-bird", "app-early")
+    assert await agent.stop() == 0, agent.log()
+    assert agent.cleanup().returncode == 0
+    go = tmp_path / "go"
+    client = await pod.netns.spawn(
+        sys.executable, "-c", KEEP_ALIVE, "/latest/meta-data/instance-id", str(go),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert client.stdout is not None
+    first = json.loads(await asyncio.wait_for(client.stdout.readline(), 10))
+    assert first == [200, "node-metadata /latest/meta-data/instance-id?first"]
+
+    await agent.start()  # installs the rule, then cuts connections opened before it
+    go.touch()
+    second = json.loads(await asyncio.wait_for(client.stdout.readline(), 10))
+    # Its conntrack entry deleted, the connection's next packet is NATed afresh — to the agent,
+    # whose kernel knows no such connection and resets it. The SDK reconnects, to the agent.
+    assert second[0] is None, second
+    assert node_metadata.requests() == [f"{pod.ip} /latest/meta-data/instance-id?first"]
+    answer = await pod.fetch(CREDS)
+    assert (answer.status, answer.body) == (200, "app-early"), agent.log()
+    assert "conntrack: cut 1 connection" in agent.log()
+
+
+# Inside a pod: threads asking for the pod's credentials without pause until the file argv[2]
+# exists; prints one JSON summary. argv[4] threads keep their connection alive (an SDK in a
+# long-running process), argv[5] open a new connection per request (a process per call, like the
+# AWS CLI) — those are the ones a closing listener could drop from its queue. Like botocore
+# (urllib3), a connection error on a *reused* keep-alive connection is retried once on a new
+# connection — the server may close an idle connection just as the client sends on it, which
+# no server can avoid — while any other error, or a second one, is a failed request.
+LOAD = r"""
+import http.client, json, os, sys, threading
+path, stop, after = sys.argv[1:4]
+keepalive, fresh = int(sys.argv[4]), int(sys.argv[5])
+lock = threading.Lock()
+totals = {"ok": 0, "ok_after": 0, "retried": 0, "failed": []}
+def worker(keep):
+    conn, reused = None, False
+    while not os.path.exists(stop):
+        late = os.path.exists(after)
+        for attempt in (1, 2):
+            if conn is None:
+                conn, reused = http.client.HTTPConnection("169.254.169.254", 80, timeout=2), False
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                conn.close()
+                conn, was_reused = None, reused
+                if was_reused and attempt == 1:
+                    with lock:
+                        totals["retried"] += 1
+                    continue
+                with lock:
+                    totals["failed"].append(f"{type(error).__name__}: {error}")
+                break
+            if response.will_close or not keep:
+                conn.close()
+                conn = None
+            else:
+                reused = True
+            # An answer is an answer: a 503 or a wrong body is a failed request, never retried.
+            try:
+                good = response.status == 200 and json.loads(raw)["Code"] == "Success"
+            except (ValueError, KeyError):
+                good = False
+            with lock:
+                if good:
+                    totals["ok"] += 1
+                    totals["ok_after"] += late
+                else:
+                    totals["failed"].append(f"{response.status} {raw[:100]!r}")
+            break
+kinds = [True] * keepalive + [False] * fresh
+threads = [threading.Thread(target=worker, args=(keep,)) for keep in kinds]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+totals["failed"] = totals["failed"][:20]
+print(json.dumps(totals))
+"""
+
+
+async def test_upgrade_beside_the_old_agent_fails_no_request_and_keeps_one_rule(
+    podiam: PodiamCluster, tmp_path: Path
+) -> None:
+    node, old = podiam.worker(1), podiam.agent(1)
+    pod = podiam.add_pod(1, "apps", "busy", "app-busy")
+    assert (await pod.fetch(CREDS)).body == "app-busy"  # its credentials are in the stream
+    stop, after = tmp_path / "stop", tmp_path / "after"
+    load = await pod.netns.spawn(
+        sys.executable, "-c", LOAD, CREDS + "app-busy", str(stop), str(after), "3", "3",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(1)
+
+    # As the DaemonSet surges: the new agent starts on the same port and becomes ready...
+    new = await podiam.start_agent_beside(node, "agent-new")
+    assert len(dnat_rules(node)) == 1
+    await asyncio.sleep(1)
+    # ...and only then is the old one sent SIGTERM.
+    assert await old.stop() == 0, old.log()
+    after.touch()
+    await asyncio.sleep(2)
+    stop.touch()
+    assert load.stdout is not None
+    totals = json.loads(await asyncio.wait_for(load.stdout.read(), 30))
+
+    assert totals["failed"] == [], f"{totals}\n{old.log()}\n{new.log()}"
+    assert totals["ok_after"] > 0, "the new agent answered nothing"
+    assert len(dnat_rules(node)) == 1
+    # The new agent cut no connection: the old agent's are DNATed, not the node's service's.
+    assert "conntrack: cut" not in new.log()
+    # It listened only with its snapshot, and took every new connection from then on.
+    assert "snapshot applied; serving the metadata API" in new.log()
+    assert "new connections come here only" in new.log()
+    # The new agent is this node's agent from now on.
+    podiam.extra_agents.remove(new)
+    podiam.agents[node.node_name] = new
 
 
 # ---------------------------------------------------------------- nothing left behind
@@ -319,7 +504,7 @@ async def test_teardown_leaves_no_namespaces_links_rules_or_processes() -> None:
             line for line in root_state(podiam) if podiam.cluster.root_interface in line
         ]
         await podiam.stop_agents()
-        assert dnat_rules(node) == [], "a stopped agent must remove its DNAT rule"
+        assert len(dnat_rules(node)) == 1, "a stopped agent must leave its DNAT rule"
         assert all(agent.returncode == 0 for agent in podiam.agents.values()), podiam.logs()
     assert leftovers(podiam) == []
     assert root_state(podiam) == []

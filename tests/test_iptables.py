@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from agent.iptables import NET_ADMIN_MESSAGE, IptablesError, MetadataRedirect, check_can_manage
+from agent.iptables import (
+    NET_ADMIN_MESSAGE,
+    IptablesError,
+    MetadataRedirect,
+    check_can_manage,
+    remove_metadata_rules,
+)
 from tests.support.netns import Cluster, Netns, Node, demand, requires_root, requires_tools
 
 METADATA_URL = "http://169.254.169.254/latest/meta-data/x"
@@ -169,6 +175,45 @@ async def test_rules_for_another_agent_port_are_a_different_rule(
     assert await other.present() is False
     assert await other.remove() is False
     assert len(nat_rules(node)) == 1
+
+
+@requires_root
+async def test_cleanup_removes_every_metadata_rule_to_the_agent_port_and_nothing_else(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    node = cluster.node("a")
+    iptables = shim(tmp_path, node)
+    # What agents of several configurations may have left: other interfaces, an old node IP.
+    for agent in (
+        MetadataRedirect(host=node.ip, port=AGENT_PORT),
+        MetadataRedirect(host=node.ip, port=AGENT_PORT, interface="!docker0"),
+        MetadataRedirect(host="10.9.9.9", port=AGENT_PORT, interface="cali+"),
+    ):
+        node.run("iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING", *agent.rule_args())
+    keep = [
+        # Another program's metadata redirect to another port, and unrelated DNAT.
+        MetadataRedirect(host=node.ip, port=9999).rule_args(),
+        ["-p", "tcp", "-d", "10.1.1.1", "--dport", "80", "-j", "DNAT",
+         "--to-destination", f"{node.ip}:{AGENT_PORT}"],
+        ["!", "-d", "169.254.169.254", "-p", "tcp", "--dport", "80", "-j", "DNAT",
+         "--to-destination", f"{node.ip}:{AGENT_PORT}"],
+    ]  # fmt: skip
+    for spec in keep:
+        node.run("iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING", *spec)
+    before = nat_rules(node)
+
+    removed = await remove_metadata_rules(port=AGENT_PORT, iptables=iptables)
+    assert len(removed) == 3
+    assert all(f":{AGENT_PORT}" in rule and "169.254.169.254/32" in rule for rule in removed)
+    assert nat_rules(node) == [rule for rule in before if rule not in removed]
+    assert len(nat_rules(node)) == len(keep)
+    # Idempotent: nothing left to remove is not an error.
+    assert await remove_metadata_rules(port=AGENT_PORT, iptables=iptables) == []
+
+
+async def test_cleanup_without_iptables_is_one_clear_error() -> None:
+    with pytest.raises(IptablesError, match=r"^iptables not found"):
+        await remove_metadata_rules(port=AGENT_PORT, iptables="/nonexistent/iptables")
 
 
 # ---------------------------------------------------------------- traffic

@@ -360,11 +360,14 @@ def test_server_image_runs_as_a_non_root_user(image):
         assert "apt-get" not in dockerfile.final.runs()
 
 
-def test_agent_image_has_iptables():
+def test_agent_image_has_iptables_and_conntrack():
     dockerfile = parse_dockerfile(ROOT / "Dockerfile.agent")
     runs = dockerfile.final.runs()
-    assert re.search(r"apt-get install [^&]*\biptables\b", runs)
-    assert "command -v iptables" in runs
+    for tool in ("iptables", "conntrack"):
+        assert re.search(rf"apt-get install [^&]*\b{tool}\b", runs)
+        assert f"command -v {tool}" in runs
+    # The uninstall step (README) runs from this image.
+    assert "podiam-agent cleanup --help" in runs
 
 
 def test_exposed_ports_are_the_charts_defaults(image):

@@ -29,6 +29,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -180,12 +181,26 @@ class AgentProcess(PodiamProcess):
     def url(self) -> str:
         return f"http://{self.node.ip}:{AGENT_PORT}"
 
+    @property
+    def ready_file(self) -> Path:
+        """The agent's ``--ready-file``: what the chart's readiness probe looks at, because
+        during an upgrade the shared port may be answered by the other agent."""
+        return self.log_path.with_suffix(".ready")
+
+    async def start(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        await super().start()
+
     async def ready(self, offset: int = 0) -> bool:
-        """Ready once the readiness probe (``/health?deep=1``) passes, asked from its node."""
-        if not self.running:
-            return False
-        answer = await self.node.fetch(f"{self.url}/health?deep=1", timeout=1)
-        return answer.status == 200
+        """Ready once this process says so in its ready file (listening, stream live)."""
+        return self.running and self.ready_file.exists()
+
+    def cleanup(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``podiam-agent cleanup`` on this agent's node, as an operator would run it."""
+        return self.node.run(
+            sys.executable, "-m", "agent", "cleanup", "--port", str(AGENT_PORT), *args,
+            env=self.env, timeout=30, check=False,
+        )  # fmt: skip
 
     def dnat_rules(self) -> list[str]:
         """The node's ``nat PREROUTING`` rules that send metadata traffic somewhere."""
@@ -253,8 +268,8 @@ class PodiamCluster:
     ``server_args`` are appended to every agent's and the server's flags.
 
     Use ``async with PodiamCluster(...) as podiam:``. Everything is stopped and removed on exit,
-    even after a failed start: agents get SIGTERM first (so they remove their DNAT rules), then
-    the server, then the in-process API servers, then the namespaces.
+    even after a failed start: agents get SIGTERM first (their DNAT rules stay, as on a real
+    node), then the server, then the in-process API servers, then the namespaces.
     """
 
     def __init__(
@@ -278,6 +293,7 @@ class PodiamCluster:
         self.server_node: Node | None = None
         self.workers: list[Node] = []
         self.agents: dict[str, AgentProcess] = {}  # by node name
+        self.extra_agents: list[AgentProcess] = []  # started beside another (upgrades)
         self.pods: list[PodiamPod] = []
         self.work = Path()
         self.tls: Path = Path()
@@ -378,8 +394,14 @@ class PodiamCluster:
         await server.start()
 
     async def _start_agent(self, node: Node) -> None:
+        agent = self._agent_process(node, "agent")
+        self.agents[node.node_name] = agent
+        await agent.start()
+
+    def _agent_process(self, node: Node, name: str) -> AgentProcess:
         assert self.sts is not None and self.server_node is not None
         files = TlsFiles.agent_in(self.tls)
+        log = self.work / f"{name}-{node.node_name}.log"
         argv = [
             "--host", node.ip,
             "--node-name", node.node_name,
@@ -390,16 +412,24 @@ class PodiamCluster:
             "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
             "--metadata-endpoint", self.sts.endpoint_url,
             "--prometheus-listen-addr", f"{node.ip}:{AGENT_METRICS_PORT}",
+            "--ready-file", str(log.with_suffix(".ready")),
             *self.agent_args,
         ]  # fmt: skip
-        log = self.work / f"agent-{node.node_name}.log"
-        agent = AgentProcess(node, "agent", argv, self._process_env(), log)
-        self.agents[node.node_name] = agent
+        return AgentProcess(node, "agent", argv, self._process_env(), log)
+
+    async def start_agent_beside(self, node: Node | str | int, name: str) -> AgentProcess:
+        """A second agent on ``node``'s port, beside the one running there (as the chart's
+        surge upgrade starts one); stopped with the others. Returns once it is ready."""
+        node = node if isinstance(node, Node) else self.worker(node)
+        agent = self._agent_process(node, name)
+        self.extra_agents.append(agent)
         await agent.start()
+        return agent
 
     async def stop_agents(self) -> None:
-        """SIGTERM every agent and wait: each removes its DNAT rule on the way out."""
-        await asyncio.gather(*(agent.stop() for agent in self.agents.values()))
+        """SIGTERM every agent and wait (their DNAT rules stay, as in production)."""
+        agents = [*self.agents.values(), *self.extra_agents]
+        await asyncio.gather(*(agent.stop() for agent in agents))
 
     @staticmethod
     def _process_env() -> dict[str, str]:
@@ -480,8 +510,67 @@ class PodiamCluster:
     @property
     def processes(self) -> list[PodiamProcess]:
         """The server and the agents (started or not)."""
-        return [p for p in (self.server, *self.agents.values()) if p is not None]
+        return [p for p in (self.server, *self.agents.values(), *self.extra_agents) if p]
 
     def logs(self) -> str:
         """Every podiam process's log, for a failure message."""
         return "".join(f"\n--- {p.what} in {p.node.name}:\n{p.log()}" for p in self.processes)
+
+
+# Runs in a node: the node's real metadata service, as far as pods without podiam can tell. It
+# keeps connections alive (as IMDS does) and logs every request it gets, one line each, so a
+# test can prove which requests reached the node's role and which never did.
+_NODE_METADATA = r"""
+import http.server, sys
+log = open(sys.argv[1], "a", buffering=1)
+class NodeMetadata(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        log.write(f"{self.client_address[0]} {self.path}\n")
+        body = f"node-metadata {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("169.254.169.254", 80), NodeMetadata)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+class NodeMetadataService:
+    """A stand-in for the node's own metadata service at 169.254.169.254:80, inside ``node``
+    (the address on its loopback), with a log of the requests it answered."""
+
+    ADDRESS = "169.254.169.254"
+
+    def __init__(self, node: Node, log: Path) -> None:
+        self.node = node
+        self.log_path = log
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.node.run("ip", "addr", "add", f"{self.ADDRESS}/32", "dev", "lo")
+        self._process = await self.node.spawn(
+            sys.executable, "-c", _NODE_METADATA, str(self.log_path),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(self._process.stdout.readline(), 10)
+        if line.strip() != b"listening":
+            raise RuntimeError(f"the node metadata stand-in did not start in {self.node.name}")
+
+    def requests(self) -> list[str]:
+        """``"<client ip> <path>"`` for every request it answered."""
+        try:
+            return self.log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    async def stop(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        self.node.run("ip", "addr", "del", f"{self.ADDRESS}/32", "dev", "lo", check=False)
