@@ -23,8 +23,9 @@ from server.config import ServerConfig
 from server.credentials import CredentialCache
 from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
-from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
+from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
 from server.pods import PodRecord
+from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
 from server.startup_taint import StartupTaintRemover
