@@ -59,7 +59,11 @@ class CredentialMessages:
     def current(self, identity: RoleIdentity) -> kiam_pb2.Credentials | None:
         """The message of the credentials the cache holds for ``identity``, if any."""
         held = self._held.get(identity)
-        return None if held is None else held.message()
+        # The cache announces expiry when its refresher next wakes; never hand out the
+        # credentials in between (the cache's own lookups refuse them as well).
+        if held is None or held.creds.seconds_left() <= 0:
+            return None
+        return held.message()
 
     def message(self, identity: RoleIdentity, creds: AwsCredentials) -> kiam_pb2.Credentials:
         """``creds`` as a message: the one kept when they are the held credentials, else one

@@ -44,14 +44,14 @@ class Holder:
         pass
 
 
-def credentials(name: str) -> AwsCredentials:
+def credentials(name: str, *, lifetime: timedelta = timedelta(hours=1)) -> AwsCredentials:
     now = datetime.now(UTC).replace(microsecond=0)
     return AwsCredentials(
         access_key_id=f"ASIA{name.upper()}",
         secret_access_key=f"secret-{name}",
         token=f"token-{name}",
-        expiration=now + timedelta(hours=1),
-        last_updated=now,
+        expiration=now + lifetime,
+        last_updated=now - timedelta(hours=1),
     )
 
 
@@ -158,6 +158,17 @@ async def test_credentials_are_pushed_when_announced_refreshed_and_withdrawn(nod
     withdrawn = await node.next()
     assert list(withdrawn.removed_identities) == [app.key] and not withdrawn.credentials
     assert app not in node.messages
+
+
+async def test_expired_credentials_are_never_pushed_even_before_the_cache_withdraws_them(
+    node: Node,
+) -> None:
+    node.pod("stale", "app-stale", ip="10.1.3.9")
+    stale = identity("app-stale", "stale")
+    node.fanout.credentials_changed(stale, credentials("stale", lifetime=timedelta(seconds=-1)))
+    snapshot = await node.next()
+    assert pods_of(snapshot)["10.1.3.9"].identity == stale.key
+    assert creds_of(snapshot) == {}
 
 
 async def test_credentials_are_withdrawn_with_the_last_pod_that_uses_them(node: Node) -> None:
