@@ -16,7 +16,10 @@ its node uses (``serve``), so a refresh wakes only the streams that push it.
 
 The credentials themselves are published with the announcement and kept, as their wire
 messages, in ``CredentialMessages`` for the streams to read — only until the cache announces
-that the identity has none, which it does on release and on expiry.
+that the identity has none, which it does on release and on expiry (and they are not handed out
+once expired, even before that announcement). One shared map rather than a copy per stream:
+a stream that starts serving an identity needs its current credentials at once, and streams
+then hold no secrets of their own to forget.
 """
 
 from __future__ import annotations
