@@ -23,8 +23,10 @@ from server.config import ServerConfig
 from server.credentials import CredentialCache
 from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
-from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
+from server.fanout import NodeFanout
+from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
 from server.pods import PodRecord
+from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
 from server.startup_taint import StartupTaintRemover
@@ -77,20 +79,16 @@ class PodiamServer:
         self._closers.append(recorder.close)
         self.recorder = recorder
 
-        registry: Registry | None = None
-        messages: CredentialMessages | None = None
-
-        def on_update(identity, creds) -> None:
-            # New credentials, or none (released, expired): the old message goes either way.
-            if messages is not None:
-                messages.forget(identity)
-            if registry is not None:
-                registry.credentials_changed(identity, creds)
-
-        cache = CredentialCache(gateway, refresh_before=config.session_refresh, on_update=on_update)
+        # The credentials cache announces each identity's credentials (or none) to the node
+        # fan-out, which keeps them as wire messages for the node streams and the unary RPC;
+        # the registry tells the fan-out which IPs changed on which nodes.
+        messages = CredentialMessages()
+        self._closers.append(_as_async(messages.clear))  # closers run last first: after the cache
+        fanout = NodeFanout(messages)
+        cache = CredentialCache(
+            gateway, refresh_before=config.session_refresh, on_update=fanout.credentials_changed
+        )
         self._closers.append(cache.close)
-        messages = CredentialMessages(cache)
-        self.messages = messages
 
         def session_name(pod: PodRecord) -> str:
             return session_name_for(config.session_name, pod.session_name or pod.name)
@@ -99,12 +97,14 @@ class PodiamServer:
             resolver=resolver,
             session_name=session_name,
             credentials=cache,
+            changes=fanout,
+            denials=recorder,
             allowed_accounts=config.allowed_accounts,
-            on_denied=recorder.record,
-            on_namespace_denied=recorder.record_namespace,
         )
         self.registry = registry
         self.cache = cache
+        self.messages = messages
+        self.fanout = fanout
         self.startup_taint: StartupTaintRemover | None = None
         if config.startup_taint is not None:
             self.startup_taint = StartupTaintRemover(
@@ -115,7 +115,7 @@ class PodiamServer:
                 "removing the %s taint from nodes whose agents report ready", config.startup_taint
             )
         await self._sync(api, registry)
-        await self._serve(registry, cache, messages, recorder, credentials)
+        await self._serve(registry, cache, messages, fanout, recorder, credentials)
 
     async def _base_arn(self) -> str:
         if self.config.role_base_arn:
@@ -140,7 +140,7 @@ class PodiamServer:
         await asyncio.gather(*(reflector.synced.wait() for reflector in reflectors))
         log.info("synced %d pods in %d namespaces", len(registry.pods), len(registry.namespaces))
 
-    async def _serve(self, registry, cache, messages, recorder, credentials) -> None:
+    async def _serve(self, registry, cache, messages, fanout, recorder, credentials) -> None:
         config = self.config
         age_ms = int(config.max_connection_age.total_seconds() * 1000)
         server = grpc.aio.server(
@@ -158,8 +158,9 @@ class PodiamServer:
             registry=registry,
             credentials=cache,
             messages=messages,
+            fanout=fanout,
             node_binding=config.node_binding,
-            on_denied=recorder.record,
+            denials=recorder,
             startup_taint=self.startup_taint,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
@@ -184,7 +185,7 @@ class PodiamServer:
         if self._grpc is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.registry.close_watches()
+            self.fanout.close()
             await self._grpc.stop(grace)
         for task in self._tasks:
             task.cancel()

@@ -3,16 +3,18 @@ once per set of credentials and forgotten with them.
 
 Every agent asking for the same identity gets the same credentials until the next refresh, and
 formatting two timestamps per call was most of the unary RPC's own work, so each message is
-built once. It is kept only while the credentials cache holds exactly those credentials: the
-cache's ``on_update`` (new credentials, or none when an identity is released or its credentials
-expire) makes ``forget`` drop it, so no secret outlives its place in the cache.
+built once. ``CredentialMessages`` is fed by what the credentials cache announces (through the
+node fan-out, server/fanout.py): new credentials replace the identity's message, and "none" —
+the identity was released, or its credentials expired — drops it. So it holds exactly the
+credentials the cache holds, and no secret outlives its place in the cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from protos import kiam_pb2
 from server.identity import AwsCredentials, RoleIdentity, format_aws_time
-from server.registry import CredentialsHolder
 
 
 def build_message(creds: AwsCredentials) -> kiam_pb2.Credentials:
@@ -27,30 +29,59 @@ def build_message(creds: AwsCredentials) -> kiam_pb2.Credentials:
     )
 
 
+@dataclass(slots=True, eq=False)
+class _Held:
+    creds: AwsCredentials
+    built: kiam_pb2.Credentials | None = None
+
+    def message(self) -> kiam_pb2.Credentials:
+        if self.built is None:
+            self.built = build_message(self.creds)
+        return self.built
+
+
 class CredentialMessages:
-    """The wire message of each identity's current credentials. Callers must not modify a
+    """The wire message of each held identity's current credentials. Callers must not modify a
     message; protobuf copies it when it is nested in another."""
 
-    def __init__(self, holder: CredentialsHolder) -> None:
-        self._holder = holder
-        self._messages: dict[RoleIdentity, tuple[AwsCredentials, kiam_pb2.Credentials]] = {}
+    def __init__(self) -> None:
+        self._held: dict[RoleIdentity, _Held] = {}
+
+    def published(self, identity: RoleIdentity, creds: AwsCredentials | None) -> None:
+        """The cache holds ``creds`` for ``identity`` from now on, or none."""
+        if creds is None:
+            self._held.pop(identity, None)
+        else:
+            # Built on first use: with no agent connected yet (or per-pod session names and
+            # thousands of identities) most would otherwise be built for nobody.
+            self._held[identity] = _Held(creds)
+
+    def current(self, identity: RoleIdentity) -> kiam_pb2.Credentials | None:
+        """The message of the credentials the cache holds for ``identity``, if any."""
+        held = self._held.get(identity)
+        # The cache announces expiry when its refresher next wakes; never hand out the
+        # credentials in between (the cache's own lookups refuse them as well).
+        if held is None or held.creds.seconds_left() <= 0:
+            return None
+        return held.message()
 
     def message(self, identity: RoleIdentity, creds: AwsCredentials) -> kiam_pb2.Credentials:
-        held = self._messages.get(identity)
-        if held is not None and held[0] is creds:
-            return held[1]
-        message = build_message(creds)
-        # Remember only what the cache itself holds (and so will announce dropping): credentials
-        # fetched for an identity nobody acquired are handed out once and never kept.
-        if self._holder.peek(identity) is creds:
-            self._messages[identity] = (creds, message)
-        return message
+        """``creds`` as a message: the one kept when they are the held credentials, else one
+        built for this call alone (credentials fetched for an identity nobody acquired are
+        handed out once and never kept)."""
+        held = self._held.get(identity)
+        if held is not None and held.creds is creds:
+            return held.message()
+        return build_message(creds)
 
-    def forget(self, identity: RoleIdentity) -> None:
-        self._messages.pop(identity, None)
+    def clear(self) -> None:
+        self._held.clear()
 
     def __contains__(self, identity: object) -> bool:
-        return identity in self._messages
+        """Whether a message is kept for ``identity`` (built, for the credentials held now)."""
+        held = self._held.get(identity)  # type: ignore[call-overload]
+        return held is not None and held.built is not None
 
     def __len__(self) -> int:
-        return len(self._messages)
+        """How many messages are kept."""
+        return sum(held.built is not None for held in self._held.values())

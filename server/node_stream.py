@@ -2,40 +2,47 @@
 is a dictionary lookup. Each agent receives the state of its own node — which pod IP holds which
 permitted identity, and the credentials for those identities — as a snapshot and then as changes,
 coalesced so that a burst of watch events becomes one message.
+
+It reads the node's state from the registry and learns of changes from the node fan-out
+(server/fanout.py), which also hands it the credentials the cache last announced: the stream
+never asks the cache, and keeps no credentials of its own between messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 from protos import kiam_pb2
-from server.credentials_proto import CredentialMessages
+from server.fanout import NodeFanout, NodeWatch
 from server.identity import RoleIdentity
-from server.policy import Reason
-from server.registry import CredentialsHolder, NodeWatch, Registry
+from server.pods import PodRecord
+from server.policy import Grant, Reason
+
+
+class NodePods(Protocol):
+    """What one node's agent should hold, as the registry decides it."""
+
+    def node_ips(self, host_ip: str) -> Iterable[str]: ...
+    def node_identities(self, host_ip: str) -> set[RoleIdentity]: ...
+    def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]: ...
 
 
 class NodeStream:
-    """Builds the messages for one agent; remembers which credentials it sent, so that it sends
-    each set once per refresh and withdraws it as soon as no pod on the node uses it."""
+    """Builds the messages for one agent; remembers which identities it sent credentials for
+    (never the credentials), so that it sends each set once per refresh and withdraws it as soon
+    as no pod on the node uses it or the cache holds none."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        credentials: CredentialsHolder,
-        messages: CredentialMessages,
-        host_ip: str,
-    ) -> None:
-        self._registry = registry
-        self._credentials = credentials
-        self._messages = messages
+    def __init__(self, *, pods: NodePods, fanout: NodeFanout, host_ip: str) -> None:
+        self._pods = pods
+        self._fanout = fanout
         self.host_ip = host_ip
-        self._sent: dict[str, RoleIdentity] = {}
+        self._sent: set[str] = set()  # identity keys
 
     async def updates(self) -> AsyncIterator[kiam_pb2.NodeUpdate]:
-        watch = self._registry.subscribe(self.host_ip)
+        watch = self._fanout.subscribe(self.host_ip)
         try:
-            yield self._snapshot()
+            yield self._snapshot(watch)
             while True:
                 await watch.changed.wait()
                 if watch.closed:
@@ -44,15 +51,15 @@ class NodeStream:
                 if update is not None:
                     yield update
         finally:
-            self._registry.unsubscribe(watch)
+            self._fanout.unsubscribe(watch)
 
-    def _snapshot(self) -> kiam_pb2.NodeUpdate:
+    def _snapshot(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate:
         update = kiam_pb2.NodeUpdate(reset=True, synced=True)
-        for ip in self._registry.node_ips(self.host_ip):
+        for ip in self._pods.node_ips(self.host_ip):
             state = self._pod_state(ip)
             if state is not None:
                 update.pods.append(state)
-        self._sync_credentials(update, refreshed=set())
+        self._sync_credentials(watch, update, refreshed=set())
         return update
 
     def _delta(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate | None:
@@ -64,7 +71,7 @@ class NodeStream:
                 update.removed_ips.append(ip)
             else:
                 update.pods.append(state)
-        self._sync_credentials(update, refreshed=refreshed)
+        self._sync_credentials(watch, update, refreshed=refreshed)
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
@@ -72,7 +79,7 @@ class NodeStream:
         return update
 
     def _pod_state(self, ip: str) -> kiam_pb2.PodState | None:
-        pod, grant = self._registry.state_on_node(ip, self.host_ip)
+        pod, grant = self._pods.state_on_node(ip, self.host_ip)
         if pod is None:
             return None
         if grant is None:
@@ -95,24 +102,27 @@ class NodeStream:
             ip=ip, role=pod.role, role_arn=grant.role_arn, identity=grant.identity.key
         )
 
-    def _sync_credentials(self, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]) -> None:
-        identities = self._registry.node_identities(self.host_ip)
+    def _sync_credentials(
+        self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]
+    ) -> None:
+        identities = self._pods.node_identities(self.host_ip)
+        # From here on, every announcement for these identities wakes this stream: any that
+        # came before is in what the fan-out hands out below.
+        self._fanout.serve(watch, identities)
         wanted = {identity.key: identity for identity in identities}
-        for key in list(self._sent):
-            if key not in wanted:
-                del self._sent[key]
-                update.removed_identities.append(key)
+        for key in sorted(self._sent - wanted.keys()):
+            self._sent.discard(key)
+            update.removed_identities.append(key)
         for key, identity in wanted.items():
             if key in self._sent and key not in refreshed:
                 continue
-            creds = self._credentials.peek(identity)
-            if creds is None:
-                if self._sent.pop(key, None) is not None:
+            message = self._fanout.credentials(identity)
+            if message is None:
+                if key in self._sent:
+                    self._sent.discard(key)
                     update.removed_identities.append(key)
                 continue
-            self._sent[key] = identity
+            self._sent.add(key)
             update.credentials.append(
-                kiam_pb2.IdentityCredentials(
-                    identity=key, credentials=self._messages.message(identity, creds)
-                )
+                kiam_pb2.IdentityCredentials(identity=key, credentials=message)
             )

@@ -1,62 +1,55 @@
-"""The server's picture of the cluster: pods and namespaces as the watches report them, what
-each pod is granted, and who must hear about changes.
+"""The server's picture of the cluster: pods and namespaces as the watches report them, and what
+each pod is granted.
 
-It is the sink of both Kubernetes reflectors. Every change goes through ``_store_pod``, which
-keeps the indexes (active pod by IP, pods by node, by namespace, by identity), takes and releases
-credential identities in the cache (so credentials are fetched the moment a pod appears and
-dropped when the last pod using them goes), and marks the IPs that changed on the node streams
-of the affected nodes. Nothing here awaits: it runs on the event loop between watch events.
+It is the sink of both Kubernetes reflectors, and the one place a pod's grant is decided. Every
+change to a pod goes through ``_store_pod``, which decides the pod's grant (server/policy.py),
+moves the pod's hold on a credentials identity in the cache (so credentials are fetched the
+moment a pod appears and dropped when the last pod using them goes), stores the pod in the index
+(server/pod_index.py), tells the node fan-out which IPs changed on which nodes, and reports a
+newly decided denial as an Event. A change to a namespace's ``permitted`` re-grants its pods.
+Nothing here awaits: it runs on the event loop between watch events.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server import metrics
 from server.arn import RoleResolver
-from server.identity import AwsCredentials, RoleIdentity
-from server.pods import (
-    NamespaceRecord,
-    PodRecord,
-    namespace_from_object,
-    object_key,
-    pod_from_object,
-)
+from server.identity import RoleIdentity
+from server.kube_sink import KeyedSink
+from server.pod_index import PodIndex, PodKey
+from server.pods import NamespaceRecord, PodRecord, namespace_from_object, pod_from_object
 from server.policy import Denial, Grant, Reason, SessionNamer, grant_for_pod
 
 log = logging.getLogger(__name__)
 
 _FINISHED = frozenset({"Succeeded", "Failed"})
 
-PodKey = tuple[str, str]
-
 
 class CredentialsHolder(Protocol):
+    """Reference counts on identities: credentials are kept while any pod holds them."""
+
     def acquire(self, identity: RoleIdentity) -> None: ...
     def release(self, identity: RoleIdentity) -> None: ...
-    def peek(self, identity: RoleIdentity) -> AwsCredentials | None: ...
 
 
-@dataclass(slots=True, eq=False)
-class NodeWatch:
-    """One agent's subscription to its node. Changes are coalesced into sets, so a slow agent
-    costs memory proportional to its node's pods, never to the number of events."""
+class PodChanges(Protocol):
+    """Who must hear that what an IP names changed on some nodes (the node fan-out)."""
 
-    host_ip: str
-    dirty_ips: set[str] = field(default_factory=set)
-    dirty_identities: set[str] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
+    @property
+    def watching(self) -> bool: ...
+    def ip_changed(self, ip: str, hosts: Iterable[str]) -> None: ...
 
-    def take(self) -> tuple[set[str], set[str]]:
-        ips, identities = self.dirty_ips, self.dirty_identities
-        self.dirty_ips, self.dirty_identities = set(), set()
-        self.changed.clear()
-        return ips, identities
+
+class DenialRecorder(Protocol):
+    """Where pod- and namespace-level denials are reported (Kubernetes Events)."""
+
+    def record(self, pod: PodRecord, denial: Denial) -> None: ...
+    def record_namespace(self, namespace: NamespaceRecord, denial: Denial) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,31 +68,30 @@ class Registry:
         resolver: RoleResolver,
         session_name: SessionNamer,
         credentials: CredentialsHolder,
+        changes: PodChanges | None = None,
+        denials: DenialRecorder | None = None,
         allowed_accounts: frozenset[str] = frozenset(),
-        on_denied: Callable[[PodRecord, Denial], None] | None = None,
-        on_namespace_denied: Callable[[NamespaceRecord, Denial], None] | None = None,
     ) -> None:
         self.resolver = resolver
         self._session_name = session_name
         self._credentials = credentials
+        self._changes = changes
+        self._denials = denials
         self._allowed_accounts = allowed_accounts
-        self._on_denied = on_denied
-        self._on_namespace_denied = on_namespace_denied
-        self._invalid_namespaces: set[str] = set()
-        self.pods: dict[PodKey, PodRecord] = {}
+        self._index = PodIndex()
+        # The index's own dictionaries, read directly by the hot lookup.
+        self.pods = self._index.pods
+        self._by_ip = self._index.by_ip
         self._grants: dict[PodKey, Grant] = {}
-        self._by_ip: dict[str, tuple[PodKey, ...]] = {}
-        self._by_node: dict[str, set[PodKey]] = {}
-        self._by_namespace: dict[str, set[PodKey]] = {}
-        self._by_role: dict[str, set[PodKey]] = {}  # role ARN → pods holding credentials
         self.namespaces: dict[str, NamespaceRecord] = {}
-        self._watches: dict[str, set[NodeWatch]] = {}
-        self._closed = False
-        self.pod_sink = _Sink(self._upsert_pod_object, self._delete_pod_key, self.pods.keys)
-        self.namespace_sink = _Sink(
-            self._upsert_namespace_object,
-            self._delete_namespace_key,
-            lambda: (("", name) for name in self.namespaces),
+        self._invalid_namespaces: set[str] = set()
+        self.pod_sink = KeyedSink(
+            upsert=self._upsert_pod_object, delete=self._delete_pod_key, stored=self.pods.keys
+        )
+        self.namespace_sink = KeyedSink(
+            upsert=self._upsert_namespace_object,
+            delete=self._delete_namespace_key,
+            stored=lambda: (("", name) for name in self.namespaces),
         )
 
     # ---- lookups (the gRPC service) -------------------------------------------------------
@@ -116,39 +108,20 @@ class Registry:
         key = keys[0]
         return Lookup(pod=self.pods[key], grant=self._grants[key])
 
-    # ---- node streams -----------------------------------------------------------------------
+    def pods_with_ip(self, ip: str) -> tuple[PodKey, ...]:
+        """The active pods that have ``ip``; more than one is the ambiguous case."""
+        return self._index.holders(ip)
 
-    def subscribe(self, host_ip: str) -> NodeWatch:
-        watch = NodeWatch(host_ip, closed=self._closed)
-        self._watches.setdefault(host_ip, set()).add(watch)
-        metrics.NODE_STREAMS.inc()
-        return watch
-
-    def close_watches(self) -> None:
-        """End every node stream (at shutdown), so agents reconnect to another replica at once
-        instead of waiting for the grace period to run out."""
-        self._closed = True
-        for watches in self._watches.values():
-            for watch in watches:
-                watch.closed = True
-                watch.changed.set()
-
-    def unsubscribe(self, watch: NodeWatch) -> None:
-        watches = self._watches.get(watch.host_ip)
-        if watches and watch in watches:
-            watches.discard(watch)
-            if not watches:
-                del self._watches[watch.host_ip]
-            metrics.NODE_STREAMS.dec()
+    # ---- what one node's agent should hold (the node streams) --------------------------------
 
     def node_ips(self, host_ip: str) -> Iterator[str]:
-        for key in self._by_node.get(host_ip, ()):
+        for key in self._index.on_node(host_ip):
             yield self.pods[key].ip
 
     def node_identities(self, host_ip: str) -> set[RoleIdentity]:
         """Identities that pods on this node are granted: what its agent should hold."""
         found = set()
-        for key in self._by_node.get(host_ip, ()):
+        for key in self._index.on_node(host_ip):
             identity = self._grants[key].identity
             if identity is not None and len(self._by_ip.get(self.pods[key].ip, ())) == 1:
                 found.add(identity)
@@ -166,18 +139,6 @@ class Registry:
             return mine[0], None
         return mine[0], self._grants[keys[0]]
 
-    def credentials_changed(self, identity: RoleIdentity, _creds: AwsCredentials | None) -> None:
-        """Called by the credentials cache when it stores or drops credentials."""
-        hosts = {
-            self.pods[key].host_ip
-            for key in self._by_role.get(identity.role_arn, ())
-            if self._grants[key].identity == identity
-        }
-        for host in hosts:
-            for watch in self._watches.get(host, ()):
-                watch.dirty_identities.add(identity.key)
-                watch.changed.set()
-
     # ---- pods -------------------------------------------------------------------------------
 
     def _upsert_pod_object(self, obj: dict[str, Any]) -> PodKey:
@@ -191,32 +152,36 @@ class Registry:
         self._store_pod(key, None)
 
     def _store_pod(self, key: PodKey, new: PodRecord | None, *, regrant: bool = False) -> None:
-        old = self.pods.get(key)
+        old = self._index.get(key)
         if new == old and not regrant:
             return
+        old_grant = self._grants.get(key)
         grant = self._grant(new) if new is not None else None
-        self._move_identity(key, old, self._grants.get(key), new, grant)
-        if old is not None:
-            self._unindex(key, old)
+        self._move_identity(old, old_grant, new, grant)
+        self._index.put(key, new)
         if new is None:
-            self.pods.pop(key, None)
             self._grants.pop(key, None)
         else:
-            self.pods[key] = new
             self._grants[key] = grant
-            self._index(key, new)
-        self._notify(old, new)
-        if new is not None and new.active:
-            self._report_denial(new, grant)
-        metrics.PODS_INDEXED.set(len(self.pods))
+        self._publish(old, new)
+        self._report_denial(old, old_grant, new, grant)
+        metrics.PODS_INDEXED.set(len(self._index))
 
-    def _report_denial(self, pod: PodRecord, grant: Grant) -> None:
-        # A pod with no role asks for nothing; everything else denied is worth an Event (the
-        # recorder deduplicates repeats of the same pod and reason).
-        denial = grant.denial
-        if denial is None or denial.reason is Reason.NO_ROLE or self._on_denied is None:
+    def _report_denial(
+        self,
+        old_pod: PodRecord | None,
+        old_grant: Grant | None,
+        new_pod: PodRecord | None,
+        new_grant: Grant | None,
+    ) -> None:
+        """Report a pod's denial when it is decided: when the pod becomes active denied, or its
+        reason changes, not again on every later update of the same pod. (The service reports
+        only what depends on the request; see KiamService._permitted.)"""
+        if self._denials is None or new_pod is None or new_grant is None:
             return
-        self._on_denied(pod, denial)
+        reported = _reported(new_pod, new_grant)
+        if reported is not None and reported != _reported(old_pod, old_grant):
+            self._denials.record(new_pod, new_grant.denial)
 
     def _grant(self, pod: PodRecord) -> Grant:
         return grant_for_pod(
@@ -229,54 +194,32 @@ class Registry:
 
     def _move_identity(
         self,
-        key: PodKey,
         old_pod: PodRecord | None,
         old_grant: Grant | None,
         new_pod: PodRecord | None,
         new_grant: Grant | None,
     ) -> None:
-        """Keep the cache's reference counts and the by-role index in step with what the pod
-        holds. The new identity is taken before the old one is released, so that a pod whose
-        identity did not change never drops (and refetches) its cached credentials."""
+        """Keep the cache's reference counts in step with what the pod holds. The new identity
+        is taken before the old one is released, so that a pod whose identity did not change
+        never drops (and refetches) its cached credentials."""
         old = _held(old_pod, old_grant)
         new = _held(new_pod, new_grant)
         if new == old:
             return
         if new is not None:
-            self._by_role.setdefault(new.role_arn, set()).add(key)
             self._credentials.acquire(new)
         if old is not None:
-            if new is None or new.role_arn != old.role_arn:
-                _discard(self._by_role, old.role_arn, key)
             self._credentials.release(old)
 
-    def _index(self, key: PodKey, pod: PodRecord) -> None:
-        self._by_namespace.setdefault(pod.namespace, set()).add(key)
-        if pod.active:
-            self._by_ip[pod.ip] = (*self._by_ip.get(pod.ip, ()), key)
-            self._by_node.setdefault(pod.host_ip, set()).add(key)
-
-    def _unindex(self, key: PodKey, pod: PodRecord) -> None:
-        _discard(self._by_namespace, pod.namespace, key)
-        if pod.active:
-            remaining = tuple(k for k in self._by_ip.get(pod.ip, ()) if k != key)
-            if remaining:
-                self._by_ip[pod.ip] = remaining
-            else:
-                self._by_ip.pop(pod.ip, None)
-            _discard(self._by_node, pod.host_ip, key)
-
-    def _notify(self, old: PodRecord | None, new: PodRecord | None) -> None:
-        if not self._watches:
+    def _publish(self, old: PodRecord | None, new: PodRecord | None) -> None:
+        changes = self._changes
+        if changes is None or not changes.watching:
             return
         for ip in {pod.ip for pod in (old, new) if pod is not None and pod.ip}:
             # Every node with a pod on this IP may see its answer change (ambiguity too).
             hosts = {pod.host_ip for pod in (old, new) if pod is not None}
             hosts.update(self.pods[key].host_ip for key in self._by_ip.get(ip, ()))
-            for host in hosts:
-                for watch in self._watches.get(host, ()):
-                    watch.dirty_ips.add(ip)
-                    watch.changed.set()
+            changes.ip_changed(ip, hosts)
 
     # ---- namespaces -------------------------------------------------------------------------
 
@@ -306,12 +249,14 @@ class Registry:
         else:
             self._invalid_namespaces.add(record.name)
             log.warning("namespace %s: %s", record.name, record.error)
-            if self._on_namespace_denied is not None:
-                self._on_namespace_denied(record, Denial(Reason.INVALID_PERMITTED, record.error))
+            if self._denials is not None:
+                self._denials.record_namespace(
+                    record, Denial(Reason.INVALID_PERMITTED, record.error)
+                )
         metrics.NAMESPACES_INVALID_PERMITTED.set(len(self._invalid_namespaces))
 
     def _regrant_namespace(self, name: str) -> None:
-        for key in list(self._by_namespace.get(name, ())):
+        for key in self._index.in_namespace(name):
             self._store_pod(key, self.pods[key], regrant=True)
 
 
@@ -324,41 +269,11 @@ def _held(pod: PodRecord | None, grant: Grant | None) -> RoleIdentity | None:
     return grant.identity
 
 
-def _discard(index: dict[str, set[PodKey]], name: str, key: PodKey) -> None:
-    members = index.get(name)
-    if members is not None:
-        members.discard(key)
-        if not members:
-            del index[name]
-
-
-class _Sink:
-    """Adapts the registry to the reflector's ObjectSink protocol, including the re-list
-    bookkeeping: objects not seen again in a full list were deleted while the watch was away."""
-
-    def __init__(
-        self,
-        upsert: Callable[[dict[str, Any]], PodKey],
-        delete: Callable[[PodKey], None],
-        stored: Callable[[], Iterable[PodKey]],
-    ) -> None:
-        self._upsert = upsert
-        self._delete = delete
-        self._stored = stored
-        self._seen: set[PodKey] | None = None
-
-    def begin_relist(self) -> None:
-        self._seen = set()
-
-    def upsert(self, obj: dict[str, Any]) -> None:
-        key = self._upsert(obj)
-        if self._seen is not None:
-            self._seen.add(key)
-
-    def delete(self, obj: dict[str, Any]) -> None:
-        self._delete(object_key(obj))
-
-    def end_relist(self) -> None:
-        seen, self._seen = self._seen or set(), None
-        for key in [key for key in self._stored() if key not in seen]:
-            self._delete(key)
+def _reported(pod: PodRecord | None, grant: Grant | None) -> tuple[str, Reason] | None:
+    """The Event a pod's grant calls for, as (pod uid, reason): one for each denial of an
+    active pod, except "no role" (a pod with no role asks for nothing)."""
+    if pod is None or grant is None or grant.denial is None or not pod.active:
+        return None
+    if grant.denial.reason is Reason.NO_ROLE:
+        return None
+    return (pod.uid, grant.denial.reason)

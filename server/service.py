@@ -10,8 +10,9 @@ import functools
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 from urllib.parse import unquote
 
 import grpc
@@ -20,6 +21,7 @@ from protos import REASON_METADATA, kiam_pb2, kiam_pb2_grpc
 from server import metrics
 from server.credentials import CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
+from server.fanout import NodeFanout
 from server.node_stream import NodeStream
 from server.pods import PodRecord
 from server.policy import Denial, Reason, check_request
@@ -27,6 +29,12 @@ from server.registry import Registry
 from server.startup_taint import NodeReportError, Outcome, StartupTaintRemover
 
 log = logging.getLogger(__name__)
+
+
+class RequestDenials(Protocol):
+    """Where denials that depend on the request are reported (Kubernetes Events)."""
+
+    def record(self, pod: PodRecord, denial: Denial) -> None: ...
 
 
 class Refusal(Exception):
@@ -64,15 +72,17 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         registry: Registry,
         credentials: CredentialCache,
         messages: CredentialMessages,
+        fanout: NodeFanout,
         node_binding: bool = True,
-        on_denied: Callable[[PodRecord, Denial], None] | None = None,
+        denials: RequestDenials | None = None,
         startup_taint: StartupTaintRemover | None = None,
     ) -> None:
         self._registry = registry
         self._credentials = credentials
         self._messages = messages
+        self._fanout = fanout
         self._node_binding = node_binding
-        self._on_denied = on_denied
+        self._denials = denials
         self._startup_taint = startup_taint
 
     # ---- kiam's RPCs ------------------------------------------------------------------------
@@ -109,7 +119,7 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             )
         log.info("node stream opened for %s", host_ip)
         metrics.REQUESTS.labels(rpc="WatchNode", outcome="OK").inc()
-        stream = NodeStream(self._registry, self._credentials, self._messages, host_ip)
+        stream = NodeStream(pods=self._registry, fanout=self._fanout, host_ip=host_ip)
         try:
             async for update in stream.updates():
                 yield update
@@ -187,8 +197,10 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             resolver=self._registry.resolver,
         )
         if denial is not None:
-            if self._on_denied is not None and denial.reason is not Reason.NO_ROLE:
-                self._on_denied(found.pod, denial)
+            # The pod's own denial was reported by the registry when it decided the grant; only
+            # what depends on this request (which node asks, which role) is reported here.
+            if denial is not found.grant.denial and self._denials is not None:
+                self._denials.record(found.pod, denial)
             code = (
                 grpc.StatusCode.NOT_FOUND
                 if denial.reason is Reason.NO_ROLE

@@ -31,6 +31,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 
 from server import metrics
+from server.kube_status import status_message
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,9 @@ class StartupTaintRemover:
         if status == 404:
             raise _Gone()
         if status in (409, 422):
-            raise _Conflict(f"HTTP {status}: {_message(body)}")
+            raise _Conflict(f"HTTP {status}: {status_message(body)}")
         if not 200 <= status < 300:
-            raise _ApiError(f"HTTP {status}: {_message(body)}")
+            raise _ApiError(f"HTTP {status}: {status_message(body)}")
         try:
             obj = json.loads(body)
         except ValueError as error:
@@ -274,10 +275,3 @@ def node_addresses(node: dict[str, Any]) -> set[str]:
 def _taints(node: dict[str, Any]) -> list[dict[str, Any]]:
     taints = (node.get("spec") or {}).get("taints") or []
     return [taint for taint in taints if isinstance(taint, dict)]
-
-
-def _message(body: bytes) -> str:
-    try:
-        return str(json.loads(body).get("message") or "")
-    except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from server.credentials import MIN_REMAINING, CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
+from server.fanout import NodeFanout
 from server.identity import AwsCredentials, RoleIdentity
 from server.sts import StsGateway
 from tests.support.moto_sts import MotoSts, fake_session
@@ -367,18 +368,16 @@ def test_refresh_before_must_leave_30_minutes(gateway: StsGateway, minutes: int)
 
 @pytest_asyncio.fixture
 async def with_messages(make_cache: Callable[..., CredentialCache], updates: Updates):
-    """A cache and its wire messages, joined as the server joins them: every on_update makes
-    the messages forget the identity's old message."""
-    messages: CredentialMessages | None = None
+    """A cache and its wire messages, joined as the server joins them: every on_update goes to
+    the node fan-out, which replaces or drops the identity's message."""
+    messages = CredentialMessages()
+    fanout = NodeFanout(messages)
 
     def on_update(identity: RoleIdentity, creds: AwsCredentials | None) -> None:
         updates(identity, creds)
-        if messages is not None:
-            messages.forget(identity)
+        fanout.credentials_changed(identity, creds)
 
-    cache = make_cache(on_update=on_update)
-    messages = CredentialMessages(cache)
-    return cache, messages
+    return make_cache(on_update=on_update), messages
 
 
 async def test_wire_message_is_built_once_per_set_and_dropped_when_refreshed(

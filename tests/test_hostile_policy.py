@@ -219,7 +219,7 @@ async def test_ambiguous_ip_is_refused_403_with_reason(podiam, kube, agent, role
     suffix = "roles" if roles[0] else "plain"
     add_pod(kube, "apps", f"twin-a-{suffix}", roles[0], ip=ip)
     add_pod(kube, "apps", f"twin-b-{suffix}", roles[1], ip=ip)
-    await eventually(lambda: len(podiam.server.registry._by_ip.get(ip, ())) == 2)
+    await eventually(lambda: len(podiam.server.registry.pods_with_ip(ip)) == 2)
     await eventually(lambda: getattr(agent.state.pods.get(ip), "reason", "") == "ambiguous-ip")
 
     before = metric("podiam_agent_refusals_total", reason="ambiguous-ip")
@@ -238,7 +238,7 @@ async def test_ambiguous_ip_is_refused_403_with_reason_without_the_stream_too(
     ip = next(_ips)
     add_pod(kube, "apps", "unary-twin-a", None, ip=ip)
     add_pod(kube, "apps", "unary-twin-b", None, ip=ip)
-    await eventually(lambda: len(podiam.server.registry._by_ip.get(ip, ())) == 2)
+    await eventually(lambda: len(podiam.server.registry.pods_with_ip(ip)) == 2)
     connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()

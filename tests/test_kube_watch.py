@@ -18,7 +18,8 @@ import pytest_asyncio
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import REGISTRY
 
-from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
+from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
+from server.reflector import Reflector
 from tests.kubeapi import KubeApiServer
 from tests.support.waiting import eventually
 

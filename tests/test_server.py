@@ -181,7 +181,7 @@ async def test_two_active_pods_on_one_ip_are_refused_not_guessed(podiam, kube, s
     await eventually(
         lambda: (
             podiam.server.registry.lookup(ip).denial is not None
-            and len(podiam.server.registry._by_ip.get(ip, ())) == 2
+            and len(podiam.server.registry.pods_with_ip(ip)) == 2
         )
     )
     error = await refused(

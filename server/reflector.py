@@ -24,18 +24,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
 import aiohttp
-import yaml
-from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
-from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION
+from kubernetes_asyncio.client import ApiClient, CoreV1Api
 
+from server.kube_status import describe, status_message
 from server.metrics import WATCH_EVENTS, WATCH_RESTARTS
 
 log = logging.getLogger(__name__)
@@ -43,90 +40,6 @@ log = logging.getLogger(__name__)
 _LIST_TIMEOUT = 60.0  # seconds for one list page, connection and body together
 _CONNECT_TIMEOUT = 10.0
 _BACKOFF_INITIAL = 0.5
-
-
-class KubeConfigError(Exception):
-    """The Kubernetes API cannot be used: bad configuration or unreachable. Fatal at start-up."""
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration.
-
-
-async def load_api_client(kubeconfig: str | None) -> ApiClient:
-    """An API client from ``kubeconfig``, or with None from the pod's service account when
-    running in a cluster, else from $KUBECONFIG or ~/.kube/config as kubectl would."""
-    configuration = Configuration()
-    if kubeconfig is not None:
-        await _load_kubeconfig(kubeconfig, configuration)
-        return ApiClient(configuration)
-    try:
-        load_incluster_config(client_configuration=configuration)
-    except ConfigException as in_cluster_error:
-        try:
-            await _load_kubeconfig(KUBE_CONFIG_DEFAULT_LOCATION, configuration)
-        except KubeConfigError as error:
-            raise KubeConfigError(
-                f"not running in a cluster ({in_cluster_error}), and {error}"
-            ) from error
-    return ApiClient(configuration)
-
-
-async def _load_kubeconfig(paths: str, configuration: Configuration) -> None:
-    # kubernetes_asyncio warns and carries on when a file is missing, and fails later with an
-    # obscure TypeError; check each file ourselves first so the operator gets one clear line.
-    _check_kubeconfig_files(paths)
-    try:
-        await load_kube_config(
-            config_file=paths, client_configuration=configuration, persist_config=False
-        )
-    except Exception as error:  # the loader raises many types for a malformed file
-        raise KubeConfigError(f"kubeconfig {paths}: {_describe(error)}") from error
-
-
-def _check_kubeconfig_files(paths: str) -> None:
-    for path in filter(None, paths.split(os.pathsep)):
-        _check_kubeconfig_file(os.path.expanduser(path))
-
-
-def _check_kubeconfig_file(path: str) -> None:
-    try:
-        with open(path) as file:
-            content = yaml.safe_load(file)
-    except OSError as error:
-        raise KubeConfigError(f"kubeconfig {path}: {error.strerror or error}") from error
-    except yaml.YAMLError as error:
-        raise KubeConfigError(f"kubeconfig {path}: not valid YAML: {error}") from error
-    if not isinstance(content, dict):
-        raise KubeConfigError(f"kubeconfig {path}: not a kubeconfig (expected a YAML mapping)")
-
-
-async def check_api_reachable(api: ApiClient, timeout: float = 10) -> None:  # noqa: ASYNC109
-    """Ask the API server for its version, so a wrong address fails start-up clearly."""
-    url = api.configuration.host
-    try:
-        async with asyncio.timeout(timeout):
-            response = await VersionApi(api).get_code(_preload_content=False)
-            async with response:
-                body = await response.read()
-    except TimeoutError as error:
-        raise KubeConfigError(
-            f"Kubernetes API at {url} unreachable: no answer in {timeout:g}s"
-        ) from error
-    except (aiohttp.ClientError, OSError) as error:
-        raise KubeConfigError(f"Kubernetes API at {url} unreachable: {_describe(error)}") from error
-    if response.status != 200:
-        # Reachable but refusing us (401, 403) is as fatal at start-up, and as clear.
-        detail = _status_message(body) or response.reason
-        raise KubeConfigError(f"Kubernetes API at {url} answered HTTP {response.status}: {detail}")
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# The reflector.
 
 
 class ObjectSink(Protocol):
@@ -214,7 +127,7 @@ class Reflector:
                 log.warning(
                     "%s list/watch failed (%s); retrying in %.1fs",
                     self._resource,
-                    _describe(error),
+                    describe(error),
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -386,25 +299,17 @@ def _parse_page(body: bytes) -> dict[str, Any]:
         if "resourceVersion" not in page["metadata"]:
             raise KeyError("metadata.resourceVersion")
     except (ValueError, KeyError, TypeError) as error:
-        raise _ApiError(f"unreadable list answer: {_describe(error)}") from error
+        raise _ApiError(f"unreadable list answer: {describe(error)}") from error
     return page
 
 
 def _raise_for_status(status: int, body: bytes) -> None:
     if 200 <= status < 300:
         return
-    message = _status_message(body)
+    message = status_message(body)
     if status == 410:
         raise _Gone(message or "410 Gone")
     raise _ApiError(f"HTTP {status}: {message}")
-
-
-def _status_message(body: bytes) -> str:
-    """The message of a Kubernetes Status body, or the start of whatever else came back."""
-    try:
-        return str(json.loads(body).get("message") or "")
-    except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")
 
 
 def _name_of(obj: Any) -> str:
