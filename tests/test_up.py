@@ -26,7 +26,11 @@ LABEL = re.compile(r"^(agent|agent metrics|server metrics|pids|curl|locust): (.*
 def test_make_up_installs_the_bench_extras_and_runs_the_stack():
     # -n -B: what `make up` would run from nothing, without running it.
     dry = subprocess.run(
-        ["make", "-n", "-B", "up"], cwd=REPO, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "-B", "up"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "'.[test,bench]'" in dry
     assert dry.strip().splitlines()[-1].endswith("python -m tests.up")
