@@ -106,20 +106,24 @@ _OUTCOME = pytest.StashKey[str]()  # "FAIL" or "skipped"; unset: passed so far
 
 
 @cache
-def build_dir(language: str) -> Path:
+def build_dir(language: str) -> Path | None:
+    """Where build.sh puts ``language``'s build for the current sources (None: it cannot say,
+    e.g. without the toolchain, whose version is part of the key)."""
     where = subprocess.run([str(BUILD), "--where", language], capture_output=True, text=True)
-    return Path(where.stdout.strip())
+    out = where.stdout.strip()
+    return Path(out) if where.returncode == 0 and out else None
 
 
 def unavailable(client: Client) -> str | None:
     """Why the client cannot run here, or None."""
+    if shutil.which(client.tool) is None and not Path(client.tool).exists():
+        return f"{client.tool} not found"
     if client.language is None:
-        if shutil.which(client.tool) is None and not Path(client.tool).exists():
-            return f"{client.tool} not found"
         return None
     if shutil.which("sha256sum") is None:
         return "sha256sum not found"
-    if not build_dir(client.language).is_dir():
+    where = build_dir(client.language)
+    if where is None or not where.is_dir():
         return f"{client.name} is not built: run {BUILD.relative_to(REPO)} {client.language}"
     return None
 
