@@ -10,8 +10,8 @@ botocore parses the code as it would from AWS — and forwards everything else t
 It can also hand out short sessions (`shorten_sessions`): AssumeRole answers for some roles
 carry an expiration seconds away instead of the 15 minutes or more STS allows, so that
 credentials reach the end of their life while a test watches (refresh tests of SDKs in pods).
-As AWS does, a request signed with such credentials after their expiration is refused with
-``ExpiredToken`` (moto itself never checks).
+As AWS does, a request made with such credentials after their expiration (and a second's grace
+for one signed just before it) is refused with ``ExpiredToken`` (moto itself never checks).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ _HOP_BY_HOP = {
 _SIGNING_KEY = re.compile(r"Credential=([^/,\s]+)/")
 _EXPIRATION = re.compile(rb"<Expiration>[^<]*</Expiration>")
 _ACCESS_KEY = re.compile(rb"<AccessKeyId>([^<]+)</AccessKeyId>")
+# A request signed a moment before its credentials expire may arrive a moment after.
+_IN_FLIGHT = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,7 @@ class MotoSts:
             return False
         with self._lock:
             expiry = self._expiring.get(signed_with.group(1))
-        return expiry is not None and datetime.now(UTC) >= expiry
+        return expiry is not None and datetime.now(UTC) >= expiry + _IN_FLIGHT
 
     def _short_lifetime(self, params: dict[str, str]) -> int | None:
         if params.get("Action") != "AssumeRole":
