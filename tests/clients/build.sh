@@ -61,7 +61,10 @@ build_one() {  # build LANG into $2 (a fresh directory)
             ;;
         java)
             cp -r "$HERE/java/." "$out/src-tree"
-            (cd "$out/src-tree" && mvn -q -B -ntp -Dstyle.color=never package)
+            # Maven prints colour codes even when quiet; its output matters only on failure.
+            (cd "$out/src-tree" && mvn -q -B -ntp package >"$out/mvn.log" 2>&1) \
+                || { cat "$out/mvn.log" >&2; exit 1; }
+            rm "$out/mvn.log"
             mv "$out/src-tree/target/classes" "$out/classes"
             mv "$out/src-tree/target/lib" "$out/lib"
             rm -rf "$out/src-tree"
@@ -105,6 +108,10 @@ for lang in "${@:-${LANGUAGES[@]}}"; do
     if nice -n 19 "$HERE/build.sh" --build-one "$lang" "$tmp"; then
         mv "$tmp" "$out"  # atomic: a directory that exists is complete
         echo "build.sh: $lang: built in $((SECONDS - started))s ($out)"
+        # Builds of older sources nobody has used for a week (other work trees may still run
+        # recent ones).
+        find "$CACHE" -maxdepth 1 -name "$lang-*" -not -path "$out" -atime +7 \
+            -exec rm -rf {} + 2>/dev/null || true
     else
         rm -rf "$tmp"
         echo "build.sh: $lang: build failed" >&2
