@@ -15,7 +15,8 @@ modes:
 Then a refresh check: the test STS hands out sessions that expire within seconds for the
 ``app-refresh-`` roles, so an SDK's cached credentials reach the end of their life while the
 program calls STS once a second; every call must succeed, and the SDK must have fetched new
-credentials through the agent along the way.
+credentials through the agent along the way. The agent is restarted before the first refresh,
+as in a DaemonSet rollout, which invalidates every IMDSv2 token the SDKs hold.
 
 The compiled clients are built by ``tests/clients/build.sh`` (``.ci/run`` runs it first) into a
 cache outside the work tree. Outside CI a client whose build or toolchain is missing is skipped;
@@ -48,10 +49,14 @@ BUILD = CLIENTS_DIR / "build.sh"
 NODE_ACCESS_KEY = "test-key"  # what moto's metadata service hands out as the node's credentials
 ACCOUNT = "123456789012"
 V2_ONLY_WORKER = 1  # the worker whose agent runs with --require-imdsv2
+REFRESH_WORKER = 2  # the refresh runs' worker, whose agent is restarted during them
 # Short sessions from the test STS: longer than the server's minimum refresh interval (1 min),
 # so the server always has fresh credentials before the old ones expire, as with real STS.
 REFRESH_LIFETIME = 75
 REFRESH_SECONDS = 100  # each refresh run outlives its first credentials by ~25 s
+# Before the first refresh: the agent's restart invalidates the IMDSv2 tokens the SDKs hold
+# (its token key lives in memory), so each SDK's refresh starts with a 401 it must recover from.
+RESTART_AFTER = 20
 RUN_TIMEOUT = 90.0
 
 
@@ -145,7 +150,7 @@ def built(client: Client) -> Path | None:
 async def podiam(request: pytest.FixtureRequest) -> AsyncIterator[PodiamCluster]:
     request.config.pluginmanager.register(_Table(), "podiam-sdk-matrix-table")
     cluster = PodiamCluster(
-        workers=2,
+        workers=3,
         permitted={"apps": "app-.*"},
         worker_args={V2_ONLY_WORKER: ["--require-imdsv2"]},
     )
@@ -218,21 +223,31 @@ class RefreshRun:
 
 @pytest_asyncio.fixture(scope="module")
 async def refresh_runs(podiam: PodiamCluster) -> AsyncIterator[dict[str, RefreshRun]]:
-    """Every refresh run, started at once: they take REFRESH_SECONDS each, so they share that
-    time with each other and with the matrix (whose tests ask for this fixture too)."""
+    """Every refresh run, started at once on their own worker: they take REFRESH_SECONDS each,
+    so they share that time with each other and with the matrix (whose tests ask for this
+    fixture too). Their agent is restarted RESTART_AFTER seconds in, as in a DaemonSet rollout."""
     runs = {}
     for client in REFRESHING:
         if unavailable(client) is not None:
             continue  # the test itself skips or fails
         slug = client.name.replace(".", "")
         role = f"app-refresh-{slug}"
-        pod = podiam.add_pod(0, "apps", f"{slug}-refresh", role)
+        pod = podiam.add_pod(REFRESH_WORKER, "apps", f"{slug}-refresh", role)
         task = asyncio.create_task(run_in_pod(podiam, pod, client, REFRESH_SECONDS))
         runs[client.name] = RefreshRun(pod, role, task)
+    restart = asyncio.create_task(restart_agent(podiam, REFRESH_WORKER, RESTART_AFTER))
     yield runs
-    for run in runs.values():
-        run.task.cancel()
-    await asyncio.gather(*(run.task for run in runs.values()), return_exceptions=True)
+    tasks = [restart, *(run.task for run in runs.values())]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def restart_agent(podiam: PodiamCluster, worker: int, after: float) -> None:
+    await asyncio.sleep(after)
+    agent = podiam.agent(worker)
+    assert await agent.stop() == 0, agent.log()
+    await agent.start()
 
 
 def assumed_role(role: str) -> str:
