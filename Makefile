@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo up protos bench bench-quick clean
+.PHONY: setup test lint demo up protos bench bench-quick clean clients
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# The SDK matrix's clients (tests/clients/), built outside the work tree; a no-op when up to date.
+clients:
+	tests/clients/build.sh
 
 demo: setup
 	@echo "==> running the demo"

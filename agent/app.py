@@ -40,7 +40,7 @@ from agent.proxy import MetadataProxy
 from agent.readiness import ReadinessReporter
 from agent.routes import MetadataRoutes
 from agent.state import NodeState
-from agent.tokens import TokenAuthority
+from agent.tokens import TokenAuthority, key_for_node
 from certs.tls import TlsConfigError, TlsFiles
 from runtime.process import StartupError
 
@@ -115,7 +115,8 @@ class PodiamAgent:
             pod_wait=config.pod_wait.total_seconds(),
             connected=follower.connected,
         )
-        tokens = TokenAuthority()
+        # Tokens survive restarts: SDKs hold them for hours (see agent/tokens.py).
+        tokens = TokenAuthority(key=key_for_node(config.key, f"{config.node_name}|{config.host}"))
         routes = MetadataRoutes(
             role=RoleHandler(lookup),
             credentials=CredentialsHandler(lookup),

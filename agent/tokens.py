@@ -1,8 +1,16 @@
 """IMDSv2 session tokens, minted by the agent and bound to the caller's IP.
 
-A token is its expiry and a MAC over (expiry, caller IP) under a key that lives only in this
-agent's memory, so tokens need no storage, a token taken from pod A is worthless to pod B, and a
-restarted agent invalidates every token (SDKs then fetch a new one, as they do after expiry).
+A token is its expiry and a MAC over (expiry, caller IP), so tokens need no storage and a token
+taken from pod A is worthless to pod B.
+
+Tokens must outlive the agent process. Real IMDS never invalidates a token before its TTL, and
+SDKs rely on that: the AWS SDK for Rust caches its token for the whole TTL (six hours by
+default) and, answered 401, retries with the same token, so a pod whose tokens died with an
+agent restart (every DaemonSet rollout) could not refresh its credentials for hours
+(``tests/test_sdk_matrix.py`` restarts the agent under every SDK to show it). So the MAC key is
+derived (`key_for_node`) from the agent's TLS private key, which survives restarts and is known
+only to agents, and from the node's name and address, so that each node has its own key. A new
+agent key (certificate rotation followed by a restart) still invalidates old tokens.
 """
 
 from __future__ import annotations
@@ -14,11 +22,25 @@ import hmac
 import os
 import struct
 import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MIN_TTL = 1
 MAX_TTL = 21600
 _EXPIRY = struct.Struct(">Q")
 _MAC_BYTES = 24
+
+
+def key_for_node(secret_file: Path, node: str) -> bytes:
+    """The token MAC key for ``node``, derived from ``secret_file`` (the agent's private key)."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"podiam IMDSv2 tokens|" + node.encode(),
+    ).derive(secret_file.read_bytes())
 
 
 class TokenAuthority:

@@ -206,6 +206,19 @@ async def test_imdsv2_token_minted_for_one_pod_is_rejected_for_another(
     assert "app-owner" not in stolen.body
 
 
+async def test_imdsv2_token_survives_an_agent_restart(podiam: PodiamCluster) -> None:
+    # SDKs keep a token for its whole TTL (the Rust SDK retries a 401 with the same token), so
+    # a DaemonSet rollout must not invalidate the tokens pods hold.
+    pod = podiam.add_pod(1, "apps", "token-keeper", "app-keeper")
+    minted = await pod.fetch("/latest/api/token", method="PUT", headers={TOKEN_TTL: "21600"})
+    assert minted.status == 200, minted
+    agent = podiam.agent(1)
+    assert await agent.stop() == 0, agent.log()
+    await agent.start()
+    answer = await pod.fetch(CREDS, headers={TOKEN: minted.body})
+    assert (answer.status, answer.body) == (200, "app-keeper"), agent.log()
+
+
 # ---------------------------------------------------------------- node binding
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
 from server.identity import RoleIdentity
@@ -236,3 +237,21 @@ async def test_sanitised_session_name_is_accepted_by_sts(gateway: StsGateway, st
     name = session_name_for("team/billing", "invoice worker:" + "z" * 80)
     creds = await gateway.assume_role(RoleIdentity(POD_ROLE, name))
     assert caller_arn(sts.endpoint_url, creds).endswith(f"/orders-api/{name}")
+
+
+async def test_short_test_sessions_expire_as_advertised_and_are_then_refused_like_aws(
+    gateway: StsGateway, sts: MotoSts
+) -> None:
+    # The SDK matrix's refresh check relies on this: a short session from the test STS that is
+    # used after its advertised expiry fails, as it would against AWS.
+    sts.shorten_sessions(POD_ROLE, 2)
+    before = datetime.now(UTC).replace(microsecond=0)
+    creds = await gateway.assume_role(RoleIdentity(POD_ROLE, "short"))
+    assert before + timedelta(seconds=2) <= creds.expiration <= before + timedelta(seconds=3)
+    assert caller_arn(sts.endpoint_url, creds).endswith("/orders-api/short")
+    # Refused once expired (allowing a second for a request signed just before expiry).
+    await asyncio.sleep((creds.expiration - datetime.now(UTC)).total_seconds() + 1.2)
+    with pytest.raises(ClientError, match="ExpiredToken"):
+        caller_arn(sts.endpoint_url, creds)
+    other = await gateway.assume_role(RoleIdentity(HOP_ROLE, "long"))
+    assert other.expiration - datetime.now(UTC) > timedelta(minutes=59)

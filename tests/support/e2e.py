@@ -265,7 +265,8 @@ class PodiamCluster:
 
     ``permitted`` maps Kubernetes namespaces to their ``iam.amazonaws.com/permitted``
     expression (None: the namespace exists without the annotation). ``agent_args`` and
-    ``server_args`` are appended to every agent's and the server's flags.
+    ``server_args`` are appended to every agent's and the server's flags; ``worker_args`` maps a
+    worker's 0-based index to flags for its agent alone (one cluster, agents set up differently).
 
     Use ``async with PodiamCluster(...) as podiam:``. Everything is stopped and removed on exit,
     even after a failed start: agents get SIGTERM first (their DNAT rules stay, as on a real
@@ -279,12 +280,14 @@ class PodiamCluster:
         permitted: Mapping[str, str | None] | None = None,
         agent_args: Sequence[str] = (),
         server_args: Sequence[str] = (),
+        worker_args: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a cluster needs at least one worker")
         self.worker_count = workers
         self.permitted = dict(permitted or {})
         self.agent_args = list(agent_args)
+        self.worker_args = {k: list(v) for k, v in (worker_args or {}).items()}
         self.server_args = list(server_args)
         self.cluster = Cluster()
         self.kube: KubeApiServer | None = None
@@ -414,6 +417,7 @@ class PodiamCluster:
             "--prometheus-listen-addr", f"{node.ip}:{AGENT_METRICS_PORT}",
             "--ready-file", str(log.with_suffix(".ready")),
             *self.agent_args,
+            *self.worker_args.get(self.workers.index(node), ()),
         ]  # fmt: skip
         return AgentProcess(node, "agent", argv, self._process_env(), log)
 

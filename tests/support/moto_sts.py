@@ -6,6 +6,12 @@ keeps no per-test count of calls and cannot be told to fail. So clients talk to 
 written here: it reads each request's STS action, records AssumeRole calls (role, session name,
 external id, signing access key), answers with a proper STS XML error when told to fail — so
 botocore parses the code as it would from AWS — and forwards everything else to moto unchanged.
+
+It can also hand out short sessions (`shorten_sessions`): AssumeRole answers for some roles
+carry an expiration seconds away instead of the 15 minutes or more STS allows, so that
+credentials reach the end of their life while a test watches (refresh tests of SDKs in pods).
+As AWS does, a request made with such credentials after their expiration (and a second's grace
+for one signed just before it) is refused with ``ExpiredToken`` (moto itself never checks).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
@@ -45,6 +52,10 @@ _HOP_BY_HOP = {
     "upgrade",
 }
 _SIGNING_KEY = re.compile(r"Credential=([^/,\s]+)/")
+_EXPIRATION = re.compile(rb"<Expiration>[^<]*</Expiration>")
+_ACCESS_KEY = re.compile(rb"<AccessKeyId>([^<]+)</AccessKeyId>")
+# A request signed a moment before its credentials expire may arrive a moment after.
+_IN_FLIGHT = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +79,8 @@ class MotoSts:
         self._fail_next = 0
         self._fail_code = "AccessDenied"
         self._failing: str | None = None
+        self._short_sessions: dict[str, int] = {}  # role ARN prefix -> lifetime in seconds
+        self._expiring: dict[str, datetime] = {}  # access key id of a short session -> expiry
         self._front: Any = None
         self._front_thread: threading.Thread | None = None
         self._moto_address: tuple[str, int] | None = None
@@ -121,6 +134,8 @@ class MotoSts:
             self._calls.clear()
             self._fail_next = 0
             self._failing = None
+            self._short_sessions.clear()
+            self._expiring.clear()
 
     def fail_next(self, n: int, code: str = "AccessDenied") -> None:
         """The next `n` AssumeRole calls fail with `code`."""
@@ -133,6 +148,12 @@ class MotoSts:
         with self._lock:
             self._failing = code if failing else None
 
+    def shorten_sessions(self, role_arn_prefix: str, seconds: int) -> None:
+        """AssumeRole answers for roles whose ARN starts with `role_arn_prefix` expire `seconds`
+        from now (moto's credentials themselves stay valid: only the advertised expiry moves)."""
+        with self._lock:
+            self._short_sessions[role_arn_prefix] = seconds
+
     # -- the front server ---------------------------------------------------------------------
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Any:
@@ -140,11 +161,46 @@ class MotoSts:
         body = request.get_data()
         params = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         params.update({k: v for k, v in request.args.items()})
+        authorization = request.headers.get("Authorization", "")
+        if self._expired(authorization):
+            return self._error("ExpiredToken")(environ, start_response)
         if params.get("Action") == "AssumeRole":
-            failure = self._record(params, request.headers.get("Authorization", ""))
+            failure = self._record(params, authorization)
             if failure is not None:
                 return self._error(failure)(environ, start_response)
-        return self._forward(request, body)(environ, start_response)
+        response = self._forward(request, body)
+        lifetime = self._short_lifetime(params)
+        if lifetime is not None and response.status_code == 200:
+            self._shorten(response, lifetime)
+        return response(environ, start_response)
+
+    def _shorten(self, response: Response, lifetime: int) -> None:
+        expiry = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=lifetime)
+        stamp = expiry.strftime("<Expiration>%Y-%m-%dT%H:%M:%SZ</Expiration>").encode()
+        data = response.get_data()
+        key = _ACCESS_KEY.search(data)
+        if key is not None:
+            with self._lock:
+                self._expiring[key.group(1).decode()] = expiry
+        response.set_data(_EXPIRATION.sub(stamp, data))
+
+    def _expired(self, authorization: str) -> bool:
+        signed_with = _SIGNING_KEY.search(authorization)
+        if signed_with is None:
+            return False
+        with self._lock:
+            expiry = self._expiring.get(signed_with.group(1))
+        return expiry is not None and datetime.now(UTC) >= expiry + _IN_FLIGHT
+
+    def _short_lifetime(self, params: dict[str, str]) -> int | None:
+        if params.get("Action") != "AssumeRole":
+            return None
+        role_arn = params.get("RoleArn", "")
+        with self._lock:
+            for prefix, seconds in self._short_sessions.items():
+                if role_arn.startswith(prefix):
+                    return seconds
+        return None
 
     def _record(self, params: dict[str, str], authorization: str) -> str | None:
         signed_with = _SIGNING_KEY.search(authorization)
