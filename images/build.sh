@@ -154,14 +154,20 @@ pip_setting() {
 
 # --- the two images ------------------------------------------------------------------------
 build() {
-    local what=$1 base=$2 started
+    local what=$1 base=$2 started previous
     started=$(now)
+    previous=$(podman image inspect --format '{{.Id}}' "localhost/podiam-$what:$TAG" 2>/dev/null || true)
     podman build --quiet --network host --pull=never \
         --build-arg "PYTHON_IMAGE=$base" \
         --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
         --build-arg "CREATED=$(git log -1 --format=%cI 2>/dev/null || echo unknown)" \
         "${SECRETS[@]}" \
         -f "Dockerfile.$what" -t "localhost/podiam-$what:$TAG" . >/dev/null
+    # The image this tag named before, now untagged, goes (unless a container still uses it).
+    if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' \
+        "localhost/podiam-$what:$TAG")" ]; then
+        podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
     log "$what: built localhost/podiam-$what:$TAG in $(took "$started") s"
 }
 
