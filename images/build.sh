@@ -154,13 +154,18 @@ pip_setting() {
 
 # --- the two images ------------------------------------------------------------------------
 build() {
-    local what=$1 base=$2 started previous
+    local what=$1 base=$2 started previous revision created
     started=$(now)
+    revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    created=$(git log -1 --format=%cI 2>/dev/null || echo unknown)
     previous=$(podman image inspect --format '{{.Id}}' "localhost/podiam-$what:$TAG" 2>/dev/null || true)
+    # The labels again as --label: podman's layer cache reuses a LABEL step whose ARG values
+    # changed (seen with podman 4.3), which would leave the previous commit's revision.
     podman build --quiet --network host --pull=never \
         --build-arg "PYTHON_IMAGE=$base" \
-        --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-        --build-arg "CREATED=$(git log -1 --format=%cI 2>/dev/null || echo unknown)" \
+        --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
+        --label "org.opencontainers.image.revision=$revision" \
+        --label "org.opencontainers.image.created=$created" \
         "${SECRETS[@]}" \
         -f "Dockerfile.$what" -t "localhost/podiam-$what:$TAG" . >/dev/null
     # The image this tag named before, now untagged, goes (unless a container still uses it).

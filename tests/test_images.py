@@ -22,11 +22,14 @@ import pytest_asyncio
 from tests.support.containers import (
     ImageCluster,
     Images,
+    as_secret,
     build_images,
     capabilities_of,
     capability_mask,
+    chart_pod,
     podman,
     requires_podman,
+    run_flags,
 )
 from tests.support.e2e import AGENT_PORT, REPO, WHO_AM_I
 from tests.support.netns import requires_root
@@ -236,3 +239,41 @@ async def test_agent_container_holds_net_admin_and_net_raw_and_nothing_else(podi
     assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == wanted
     assert status["NoNewPrivs"] == 1
     assert agent.inspect()["HostConfig"]["ReadonlyRootfs"] is True
+
+
+# A rule for a test address, added and removed again: what the agent does with its own rule.
+PROBE_RULE = "-d 169.254.169.254/32 -p tcp --dport 80 -j DNAT --to-destination 10.9.9.9:8181"
+
+
+def iptables_in_agent_container(podiam, backend: str, tmp_path: Path, *, drop: str = "") -> str:
+    """Run ``backend`` (iptables-nft or -legacy) in the agent image as the chart runs the agent,
+    less capability ``drop``, in the server's node (where no agent's rule is): its output."""
+    pod = chart_pod("DaemonSet")
+    secrets = {"tls": as_secret(podiam.agent_tls(), tmp_path / "tls")}
+    flags = run_flags(pod, secrets=secrets, host_ip=podiam.server_node.ip, scratch=tmp_path)
+    flags = [flag for flag in flags if not (drop and flag == f"--cap-add={drop}")]
+    script = (
+        f"{backend} -w 5 -t nat -A PREROUTING {PROBE_RULE}"
+        f" && {backend} -w 5 -t nat -D PREROUTING {PROBE_RULE} && echo changed"
+    )
+    result = podman(
+        "run", "--rm", "--pull=never", f"--network=ns:/run/netns/{podiam.server_node.name}",
+        *flags, "--entrypoint=sh", podiam.images.agent, "-c", script, check=False,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy"])
+def test_chart_grants_the_agent_what_either_iptables_backend_needs(podiam, backend, tmp_path):
+    assert "changed" in iptables_in_agent_container(podiam, backend, tmp_path)
+
+
+def test_legacy_iptables_is_why_the_chart_grants_net_raw(podiam, tmp_path):
+    # nf_tables needs NET_ADMIN alone; iptables-legacy's raw socket needs NET_RAW too.
+    without = iptables_in_agent_container(podiam, "iptables-nft", tmp_path / "nft", drop="NET_RAW")
+    assert "changed" in without
+    legacy = iptables_in_agent_container(
+        podiam, "iptables-legacy", tmp_path / "legacy", drop="NET_RAW"
+    )
+    assert "changed" not in legacy
+    assert "Permission denied" in legacy
