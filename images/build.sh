@@ -84,8 +84,8 @@ base_image() {
     mirror=${PODIAM_DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}
     [ -n "$mirror" ] || die "no Debian mirror for $SUITE in /etc/apt; set PODIAM_DEBIAN_MIRROR"
     hash=$( {
-        printf '%s\n' "$SUITE" "$PACKAGES" "$mirror" "$(dpkg --print-architecture)" \
-            "${IMPORT_CHANGES[@]}"
+        printf '%s\n' "$SUITE" "$PACKAGES" "$mirror" \
+            "$(dpkg --print-architecture 2>/dev/null || uname -m)" "${IMPORT_CHANGES[@]}"
         declare -f make_rootfs
     } | sha256sum | cut -c1-16)
     image=localhost/podiam-base:$hash
@@ -159,13 +159,9 @@ build() {
     revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     created=$(git log -1 --format=%cI 2>/dev/null || echo unknown)
     previous=$(podman image inspect --format '{{.Id}}' "localhost/podiam-$what:$TAG" 2>/dev/null || true)
-    # The labels again as --label: podman's layer cache reuses a LABEL step whose ARG values
-    # changed (seen with podman 4.3), which would leave the previous commit's revision.
-    podman build --quiet --network host --pull=never \
+    podman build --quiet --network host --pull="$PULL" \
         --build-arg "PYTHON_IMAGE=$base" \
         --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
-        --label "org.opencontainers.image.revision=$revision" \
-        --label "org.opencontainers.image.created=$created" \
         "${SECRETS[@]}" \
         -f "Dockerfile.$what" -t "localhost/podiam-$what:$TAG" . >/dev/null
     # The image this tag named before, now untagged, goes (unless a container still uses it).
@@ -183,8 +179,10 @@ main() {
     started=$(now)
     if [ -n "${PODIAM_PYTHON_IMAGE:-}" ]; then
         base=$PODIAM_PYTHON_IMAGE
+        PULL=missing
     else
         base=$(base_image)
+        PULL=never  # a local image: never ask a registry for it
     fi
     pip_secrets
     build server "$base"

@@ -229,7 +229,15 @@ class ContainerProcess(PodiamProcess):
     ``podman run`` in the foreground: its output goes to the log, and SIGTERM to podman is
     passed on to the program, as the kubelet's stop is."""
 
-    def __init__(self, node: Node, what: str, image: str, flags: Sequence[str], argv, log: Path):
+    def __init__(
+        self,
+        node: Node,
+        what: str,
+        image: str,
+        flags: Sequence[str],
+        argv: Sequence[str],
+        log: Path,
+    ) -> None:
         super().__init__(node, what, argv, {}, log)
         self.image = image
         self.flags = list(flags)
