@@ -74,6 +74,15 @@ make_rootfs() {
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
         "$root"/var/log/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
         "$root"/usr/share/info/* "$root"/usr/share/locale/*
+    # And so are packages installed on it later (the agent's iptables), as in Debian's slim
+    # images: dpkg leaves out documentation but the copyright files.
+    cat > "$root/etc/dpkg/dpkg.cfg.d/slim" <<'EXCLUDES'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+EXCLUDES
 }
 
 # The base image's name, made first if no cached copy matches. The tag is a hash of what the
