@@ -231,6 +231,13 @@ async def test_server_container_writes_only_to_the_charts_tmp_volume(podiam):
     assert {path for paths in changed.values() for path in paths} - made == set()
 
 
+async def test_charts_probes_pass_in_the_server_container(podiam):
+    (container,) = chart_pod("Deployment")["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        result = podiam.server.exec(*container[probe]["exec"]["command"])
+        assert result.returncode == 0, (probe, result.stdout, result.stderr)
+
+
 async def test_agent_container_holds_net_admin_and_net_raw_and_nothing_else(podiam):
     agent = podiam.agent(0)
     status = capabilities_of(agent.pid())
@@ -277,3 +284,16 @@ def test_legacy_iptables_is_why_the_chart_grants_net_raw(podiam, tmp_path):
     )
     assert "changed" not in legacy
     assert "Permission denied" in legacy
+
+
+async def test_agent_container_without_iptables_runs_unprivileged(images):
+    # agent.iptables=false: the chart runs the agent as the image's user with no capabilities.
+    values = {"agent": {"iptables": False}}
+    async with ImageCluster(images, workers=1, values=values) as cluster:
+        agent = cluster.agent(0)
+        status = capabilities_of(agent.pid())
+        assert (status["Uid"], status["Gid"]) == (65532, 65532)
+        assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == 0
+        assert status["NoNewPrivs"] == 1
+        # Ready (its deep health check passed against the server container), and no rule.
+        assert agent.dnat_rules() == []

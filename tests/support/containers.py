@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -297,14 +298,36 @@ class AgentContainer(ContainerProcess, AgentProcess):
     pass
 
 
+def sweep_containers() -> list[str]:
+    """Remove containers left by test runs that died (named ``podiam-test-<pid>-...``, their
+    pid gone): a killed ``podman run`` leaves its container running. Live runs keep theirs."""
+    names = podman("ps", "--all", "--format", "{{.Names}}").stdout.split()
+    gone = [
+        name
+        for name in names
+        if (match := re.fullmatch(r"podiam-test-(\d+)-\d+-\w+", name))
+        and not Path(f"/proc/{match.group(1)}").exists()
+    ]
+    if gone:
+        podman("rm", "--force", "--time", "0", *gone, check=False)
+    return gone
+
+
 class ImageCluster(PodiamCluster):
     """``PodiamCluster`` with its server and agents as containers of ``images``, each run as the
     chart's pod spec says (``run_flags``). The server reads the test API server from a mounted
     kubeconfig, the one thing the chart gives it differently (its service account)."""
 
-    def __init__(self, images: Images, **kwargs: Any) -> None:
+    def __init__(
+        self, images: Images, *, values: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.images = images
+        self.values = dict(values or {})  # the chart's values, beyond its defaults
+
+    async def _start(self) -> None:
+        await asyncio.to_thread(sweep_containers)
+        await super()._start()
 
     async def _start_server(self) -> None:
         assert self.kube is not None and self.sts is not None and self.server_node is not None
@@ -312,7 +335,7 @@ class ImageCluster(PodiamCluster):
         kubeconfig = self.work / "kubeconfig"
         self.kube.write_kubeconfig(str(kubeconfig))
         kubeconfig.chmod(0o644)
-        pod = chart_pod("Deployment")
+        pod = chart_pod("Deployment", self.values)
         secrets = {
             "tls": as_secret(TlsFiles.server_in(self.tls), scratch / "tls"),
             "probe-tls": as_secret(TlsFiles.agent_in(self.tls), scratch / "probe-tls"),
@@ -346,13 +369,17 @@ class ImageCluster(PodiamCluster):
     async def _start_agent(self, node: Node) -> None:
         assert self.sts is not None and self.server_node is not None
         scratch = self.work / f"agent-{node.node_name}"
-        pod = chart_pod("DaemonSet")
+        pod = chart_pod("DaemonSet", self.values)
         secrets = {"tls": as_secret(TlsFiles.agent_in(self.tls), scratch / "tls")}
         flags = run_flags(pod, secrets=secrets, host_ip=node.ip, scratch=scratch)
+        # The DNAT rule only where the chart has the agent manage it (agent.iptables).
+        (container,) = pod["containers"]
+        iptables = (
+            ["--iptables", "--host-interface", "eni+"] if "--iptables" in container["args"] else []
+        )
         argv = [
             "--port", str(AGENT_PORT),
-            "--iptables",
-            "--host-interface", "eni+",
+            *iptables,
             "--server-address", f"{self.server_node.ip}:{SERVER_PORT}",
             "--cert", "/etc/podiam/tls/tls.crt",
             "--key", "/etc/podiam/tls/tls.key",
