@@ -35,6 +35,12 @@ now() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 command -v podman >/dev/null || die "podman is not installed (apt-get install podman runc)"
+# Without systemd (containers, CI sandboxes) podman's defaults cannot work: use the project's
+# settings for such machines, unless told which to use.
+if [ -z "${CONTAINERS_CONF:-}" ] && [ ! -d /run/systemd/system ]; then
+    export CONTAINERS_CONF=$PWD/images/containers.conf
+    log "no systemd here: podman reads $CONTAINERS_CONF"
+fi
 
 # The Debian mirror apt uses for $SUITE: the first deb822 URIs or one-line `deb` entry naming it.
 apt_mirror() {

@@ -50,6 +50,11 @@ from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, R
 from tests.support.netns import Node
 
 BUILD_SCRIPT = REPO / "images" / "build.sh"
+# As images/build.sh does: without systemd, podman needs the project's settings for such
+# machines (unless CONTAINERS_CONF says otherwise).
+PODMAN_ENV = dict(os.environ)
+if "CONTAINERS_CONF" not in PODMAN_ENV and not Path("/run/systemd/system").is_dir():
+    PODMAN_ENV["CONTAINERS_CONF"] = str(REPO / "images" / "containers.conf")
 TAG = os.environ.get("PODIAM_IMAGE_TAG", "dev")  # what images/build.sh tags
 _sequence = itertools.count(1)
 
@@ -89,7 +94,12 @@ def demand_podman() -> None:
 
 def podman(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        ["podman", *argv], capture_output=True, text=True, timeout=timeout, check=False
+        ["podman", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=PODMAN_ENV,
     )
     if check and result.returncode != 0:
         raise RuntimeError(f"podman {' '.join(argv)} exited {result.returncode}: {result.stderr}")
@@ -112,6 +122,7 @@ def build_images() -> Images:
         text=True,
         timeout=1800,
         check=False,
+        env=PODMAN_ENV,
     )
     if result.returncode != 0:
         raise RuntimeError(f"images/build.sh exited {result.returncode}:\n{result.stderr}")
@@ -261,6 +272,7 @@ class ContainerProcess(PodiamProcess):
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                env=PODMAN_ENV,
             )
         finally:
             os.close(log)
