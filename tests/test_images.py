@@ -297,3 +297,11 @@ async def test_agent_container_without_iptables_runs_unprivileged(images):
         assert status["NoNewPrivs"] == 1
         # Ready (its deep health check passed against the server container), and no rule.
         assert agent.dnat_rules() == []
+
+
+async def test_containers_exit_cleanly_when_stopped_as_the_kubelet_stops_them(images):
+    # The program is the container's PID 1, which gets no default signal handling: the kubelet's
+    # SIGTERM must still end it cleanly (not after the grace period, by SIGKILL).
+    async with ImageCluster(images, workers=1) as cluster:
+        assert await cluster.agent(0).stop() == 0, cluster.logs()
+        assert await cluster.server.stop() == 0, cluster.logs()
