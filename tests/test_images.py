@@ -232,10 +232,13 @@ async def test_server_container_writes_only_to_the_charts_tmp_volume(podiam):
 
 
 async def test_charts_probes_pass_in_the_server_container(podiam):
-    (container,) = chart_pod("Deployment")["containers"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        result = podiam.server.exec(*container[probe]["exec"]["command"])
-        assert result.returncode == 0, (probe, result.stdout, result.stderr)
+        assert await podiam.server.probe(probe), probe
+
+
+async def test_charts_probes_pass_for_the_agent_container(podiam):
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert await podiam.agent(0).probe(probe), probe
 
 
 async def test_agent_container_holds_net_admin_and_net_raw_and_nothing_else(podiam):
@@ -257,7 +260,7 @@ def iptables_in_agent_container(podiam, backend: str, tmp_path: Path, *, drop: s
     less capability ``drop``, in the server's node (where no agent's rule is): its output."""
     pod = chart_pod("DaemonSet")
     secrets = {"tls": as_secret(podiam.agent_tls(), tmp_path / "tls")}
-    flags = run_flags(pod, secrets=secrets, host_ip=podiam.server_node.ip, scratch=tmp_path)
+    flags = run_flags(pod, secrets=secrets, node=podiam.server_node, scratch=tmp_path)
     flags = [flag for flag in flags if not (drop and flag == f"--cap-add={drop}")]
     script = (
         f"{backend} -w 5 -t nat -A PREROUTING {PROBE_RULE}"

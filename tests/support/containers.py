@@ -33,7 +33,6 @@ import pytest
 from certs.tls import TlsFiles
 from tests.support import helm
 from tests.support.e2e import (
-    AGENT_METRICS_PORT,
     AGENT_PORT,
     BASE_ARN,
     REPO,
@@ -141,11 +140,28 @@ def chart_pod(kind: str, values: Mapping[str, Any] | None = None) -> dict[str, A
     return helm.one(manifests, kind)["spec"]["template"]["spec"]
 
 
+# The pod fields the chart's containers read through the downward API, for a pod on ``node``.
+POD_FIELDS = {
+    "status.hostIP": lambda node: node.ip,
+    "spec.nodeName": lambda node: node.node_name,
+}
+
+
+def chart_args(pod: Mapping[str, Any], overrides: Sequence[str]) -> list[str]:
+    """The container's arguments as the chart renders them, with each flag that ``overrides``
+    names (``--flag=value`` or ``--flag``) replaced by its value there: what differs in the
+    test cluster (the server's address, STS, the kubeconfig) and nothing else."""
+    (container,) = pod["containers"]
+    names = {arg.split("=", 1)[0] for arg in overrides}
+    kept = [arg for arg in container.get("args", []) if arg.split("=", 1)[0] not in names]
+    return [*kept, *overrides]
+
+
 def run_flags(
     pod: Mapping[str, Any],
     *,
     secrets: Mapping[str, Path],
-    host_ip: str,
+    node: Node,
     scratch: Path,
 ) -> list[str]:
     """podman flags for the pod's one container: its security context, its volumes and its
@@ -197,8 +213,8 @@ def run_flags(
     for variable in container.get("env", []):
         if "value" in variable:
             flags += ["--env", f"{variable['name']}={variable['value']}"]
-        elif variable["valueFrom"].get("fieldRef", {}).get("fieldPath") == "status.hostIP":
-            flags += ["--env", f"{variable['name']}={host_ip}"]
+        elif (field := variable["valueFrom"].get("fieldRef", {}).get("fieldPath")) in POD_FIELDS:
+            flags += ["--env", f"{variable['name']}={POD_FIELDS[field](node)}"]
         else:
             raise AssertionError(f"no podman equivalent here for env {variable}")
     if "command" in container:
@@ -249,10 +265,12 @@ class ContainerProcess(PodiamProcess):
         flags: Sequence[str],
         argv: Sequence[str],
         log: Path,
+        pod: Mapping[str, Any],
     ) -> None:
         super().__init__(node, what, argv, {}, log)
         self.image = image
         self.flags = list(flags)
+        self.pod = pod  # the chart's pod spec it runs as
         self.name = f"podiam-test-{os.getpid()}-{next(_sequence)}-{what}"
 
     async def start(self) -> None:
@@ -290,6 +308,22 @@ class ContainerProcess(PodiamProcess):
         )
         return code
 
+    async def probe(self, which: str) -> bool:
+        """Run the chart's ``which`` probe (``readinessProbe``...) as the kubelet would: an exec
+        in the container, or an HTTP GET to the pod's (here: the node's) address."""
+        (container,) = self.pod["containers"]
+        probe = container[which]
+        if "exec" in probe:
+            result = await asyncio.to_thread(self.exec, *probe["exec"]["command"])
+            return result.returncode == 0
+        port = probe["httpGet"]["port"]
+        if isinstance(port, str):  # a named port
+            port = next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+        answer = await self.node.fetch(
+            f"http://{self.node.ip}:{port}{probe['httpGet']['path']}", timeout=1
+        )
+        return answer.status == 200
+
     def pid(self) -> int:
         """The program's process id, as the machine sees it."""
         return int(podman("inspect", "--format", "{{.State.Pid}}", self.name).stdout)
@@ -307,7 +341,9 @@ class ServerContainer(ContainerProcess, ServerProcess):
 
 
 class AgentContainer(ContainerProcess, AgentProcess):
-    pass
+    async def ready(self, offset: int = 0) -> bool:
+        """Ready once the chart's readiness probe passes."""
+        return self.running and await self.probe("readinessProbe")
 
 
 def sweep_containers() -> list[str]:
@@ -327,8 +363,11 @@ def sweep_containers() -> list[str]:
 
 class ImageCluster(PodiamCluster):
     """``PodiamCluster`` with its server and agents as containers of ``images``, each run as the
-    chart's pod spec says (``run_flags``). The server reads the test API server from a mounted
-    kubeconfig, the one thing the chart gives it differently (its service account)."""
+    chart's pod spec says (``run_flags``) with the chart's arguments (``chart_args``), but for
+    what the test cluster has elsewhere: the server's address (a node's IP, not the Service
+    name), STS and the upstream metadata service (moto), and the Kubernetes API, which the
+    server reads from a mounted kubeconfig instead of its service account. Readiness is the
+    chart's readiness probe for agents, the "serving gRPC" log line for the server."""
 
     def __init__(
         self, images: Images, *, values: Mapping[str, Any] | None = None, **kwargs: Any
@@ -353,26 +392,26 @@ class ImageCluster(PodiamCluster):
             "probe-tls": as_secret(TlsFiles.agent_in(self.tls), scratch / "probe-tls"),
         }
         flags = [
-            *run_flags(pod, secrets=secrets, host_ip=self.server_node.ip, scratch=scratch),
+            *run_flags(pod, secrets=secrets, node=self.server_node, scratch=scratch),
             "--volume", f"{kubeconfig}:/etc/podiam/kubeconfig:ro",
             "--env", f"AWS_ACCESS_KEY_ID={FAKE_ACCESS_KEY_ID}",
             "--env", f"AWS_SECRET_ACCESS_KEY={FAKE_SECRET_ACCESS_KEY}",
             "--env", "AWS_EC2_METADATA_DISABLED=true",
         ]  # fmt: skip
-        argv = [
-            "--bind", f"0.0.0.0:{SERVER_PORT}",
-            "--cert", "/etc/podiam/tls/tls.crt",
-            "--key", "/etc/podiam/tls/tls.key",
-            "--ca", "/etc/podiam/tls/ca.crt",
-            "--kubeconfig", "/etc/podiam/kubeconfig",
-            "--role-base-arn", BASE_ARN,
-            "--region", REGION,
-            "--sts-endpoint", self.sts.endpoint_url,
-            "--prometheus-listen-addr", "",
-            *self.server_args,
-        ]  # fmt: skip
+        argv = chart_args(
+            pod,
+            [
+                f"--bind=0.0.0.0:{SERVER_PORT}",
+                "--kubeconfig=/etc/podiam/kubeconfig",
+                f"--role-base-arn={BASE_ARN}",
+                f"--region={REGION}",
+                f"--sts-endpoint={self.sts.endpoint_url}",
+                *self.server_args,
+            ],
+        )
+        log = self.work / "server.log"
         server = ServerContainer(
-            self.server_node, "server", self.images.server, flags, argv, self.work / "server.log"
+            self.server_node, "server", self.images.server, flags, argv, log, pod
         )
         self.server = server
         self._stack.push_async_callback(server.stop)
@@ -383,25 +422,18 @@ class ImageCluster(PodiamCluster):
         scratch = self.work / f"agent-{node.node_name}"
         pod = chart_pod("DaemonSet", self.values)
         secrets = {"tls": as_secret(TlsFiles.agent_in(self.tls), scratch / "tls")}
-        flags = run_flags(pod, secrets=secrets, host_ip=node.ip, scratch=scratch)
-        # The DNAT rule only where the chart has the agent manage it (agent.iptables).
-        (container,) = pod["containers"]
-        iptables = (
-            ["--iptables", "--host-interface", "eni+"] if "--iptables" in container["args"] else []
+        flags = run_flags(pod, secrets=secrets, node=node, scratch=scratch)
+        argv = chart_args(
+            pod,
+            [
+                f"--port={AGENT_PORT}",
+                f"--server-address={self.server_node.ip}:{SERVER_PORT}",
+                f"--metadata-endpoint={self.sts.endpoint_url}",
+                *self.agent_args,
+            ],
         )
-        argv = [
-            "--port", str(AGENT_PORT),
-            *iptables,
-            "--server-address", f"{self.server_node.ip}:{SERVER_PORT}",
-            "--cert", "/etc/podiam/tls/tls.crt",
-            "--key", "/etc/podiam/tls/tls.key",
-            "--ca", "/etc/podiam/tls/ca.crt",
-            "--metadata-endpoint", self.sts.endpoint_url,
-            "--prometheus-listen-addr", f"{node.ip}:{AGENT_METRICS_PORT}",
-            *self.agent_args,
-        ]  # fmt: skip
         log = self.work / f"agent-{node.node_name}.log"
-        agent = AgentContainer(node, "agent", self.images.agent, flags, argv, log)
+        agent = AgentContainer(node, "agent", self.images.agent, flags, argv, log, pod)
         self.agents[node.node_name] = agent
         await agent.start()
 
