@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo up protos bench bench-quick clean clients
+.PHONY: setup test lint demo up protos bench bench-quick images clean clients
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench: $(VENV)/.bench
 
 bench-quick: $(VENV)/.bench
 	$(BIN)/python -m bench --quick --out bench-report.md $(BENCH_ARGS)
+
+# Both images with podman, on a Python base made from Debian packages (images/build.sh); set
+# PODIAM_PYTHON_IMAGE=python:3.11-slim-bookworm to build on the official image instead.
+images:
+	bash images/build.sh
 
 protos: setup
 	$(BIN)/python -m protos.generate
