@@ -26,10 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import pytest
 import pytest_asyncio
 import yaml
 
+from certs.tls import channel_credentials
+from protos import kiam_pb2_grpc
+from server.app import PodiamServer
+from server.config import parse_config
 from tests.kubeapi import KubeApiServer
 from tests.support import helm
 from tests.support.controlplane import (
@@ -39,7 +44,10 @@ from tests.support.controlplane import (
     KubeClient,
     admin_client,
 )
+from tests.support.moto_sts import MotoSts, fake_session
+from tests.support.server import server_argv
 from tests.support.tcpproxy import TcpProxy
+from tests.support.tls import TlsDirs
 from tests.support.waiting import eventually
 
 _ips = (f"10.{200 + n // 62500 % 50}.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
@@ -420,3 +428,35 @@ async def cluster(
     access = request.getfixturevalue("chart_access")
     async with real_cluster(plane, access) as real:
         yield real
+
+
+# --------------------------------------------------------------------------------------------
+# A podiam server against either cluster.
+
+
+@dataclass
+class RunningServer:
+    server: PodiamServer
+    tls: TlsDirs
+
+    def channel(self) -> grpc.aio.Channel:
+        target = f"localhost:{self.server.port}"
+        return grpc.aio.secure_channel(target, channel_credentials(self.tls.agent))
+
+    @staticmethod
+    def stub(channel: grpc.aio.Channel) -> kiam_pb2_grpc.KiamServiceStub:
+        return kiam_pb2_grpc.KiamServiceStub(channel)
+
+
+@asynccontextmanager
+async def podiam_server(
+    kubeconfig: Path, sts: MotoSts, tls: TlsDirs, *, extra: list[str] | None = None
+) -> AsyncIterator[RunningServer]:
+    """The real server, in this process, using ``kubeconfig`` as its only Kubernetes access."""
+    argv = server_argv(kubeconfig=kubeconfig, sts=sts, tls=tls, extra=extra)
+    server = PodiamServer(parse_config(argv, environ={}), boto_session=fake_session())
+    try:
+        await server.start()
+        yield RunningServer(server, tls)
+    finally:
+        await server.stop(grace=1)
