@@ -111,6 +111,31 @@ async def test_namespaces_are_reflected_with_their_annotations(cluster: Cluster,
     assert ns in sink.deleted
 
 
+async def test_expired_continue_token_restarts_the_list_from_scratch(
+    cluster: Cluster, api: ApiClient
+):
+    ns = unique("expire")
+    await cluster.add_namespace(ns)
+    await add_pods(cluster, ns, *(f"p{i:02}" for i in range(30)))
+    compacted = False
+
+    def compact_during_first_page(_: dict[str, Any]) -> None:
+        nonlocal compacted
+        if not compacted:
+            compacted = True
+            # Between pages: the snapshot the continue token refers to is compacted away.
+            cluster.compact_from_callback("pods")
+
+    sink = RecordingSink(on_upsert=compact_during_first_page)
+    before = cluster.requests("pods")
+    async with reflecting(cluster, api, sink, page_size=10):
+        pass
+
+    assert mine(sink, ns) == {f"{ns}/p{i:02}" for i in range(30)}
+    assert (cluster.requests("pods") - before)["list"] == 2
+    assert sink.relists_begun == 2 and sink.relists_ended == 1
+
+
 # --- watching ---------------------------------------------------------------------------------
 
 

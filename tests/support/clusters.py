@@ -108,6 +108,10 @@ class Cluster(Protocol):
     async def compact(self) -> None:
         """Compact the storage's history up to now (etcd compaction)."""
 
+    def compact_from_callback(self, resource: str) -> None:
+        """Compact now, from synchronous code (a sink's callback), and return once a list of
+        ``resource`` begun before can no longer be continued."""
+
     async def forget_watch_history(self) -> None:
         """Make every resourceVersion before now too old to watch from, as compaction plus
         the API server losing its watch cache (a restart, an upgrade) does: a client that
@@ -179,6 +183,9 @@ class DoubleCluster:
         return self.kube.store.rv
 
     async def compact(self) -> None:
+        self.kube.compact()
+
+    def compact_from_callback(self, resource: str) -> None:
         self.kube.compact()
 
     async def forget_watch_history(self) -> None:
@@ -325,6 +332,11 @@ class RealCluster:
 
     async def compact(self) -> None:
         await asyncio.to_thread(self.plane.compact)
+
+    def compact_from_callback(self, resource: str) -> None:
+        # Blocks the event loop for up to the cache's poll period; the client is between
+        # pages, waiting on nothing.
+        self.plane.compact(known_to=[resource])
 
     async def forget_watch_history(self) -> None:
         # The API server serves watches from its watch cache, whose history outlives etcd's

@@ -32,6 +32,7 @@ import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -447,12 +448,40 @@ class ControlPlane:
         answer = self._etcd("/v3/kv/range", {"key": _b64(b"/registry/health-probe")})
         return int(answer["header"]["revision"])
 
-    def compact(self) -> int:
-        """Compact etcd's history up to now through etcd's own API, as a cluster's periodic
-        compaction does: every older revision is gone from etcd. Returns that revision."""
-        revision = self.etcd_revision()
+    def compact(self, *, known_to: Sequence[str] = ()) -> int:
+        """Compact etcd's history up to now through etcd's own API, the way kube-apiservers
+        do it among themselves: record the revision under ``compact_rev_key`` (which every API
+        server watches), then compact. Returns the revision.
+
+        The API server's watch cache keeps serving watches from its own history regardless;
+        what it drops, within its next poll (15 s), are its list snapshots from before. With
+        ``known_to`` (resource names) this returns only once the cache of each has done so:
+        from then on, a continue token from before the compaction is 410 Gone.
+        """
+        probes = {resource: self._continue_token(resource) for resource in known_to}
+        # One past the latest revision: everything before this call goes, including the
+        # revision of any list or watch already made. The put itself is a write, so by the
+        # time of the compaction that revision exists.
+        revision = self.etcd_revision() + 1
+        self._etcd(
+            "/v3/kv/put",
+            {"key": _b64(b"compact_rev_key"), "value": _b64(str(revision).encode())},
+        )
         self._etcd("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        deadline = time.monotonic() + 60
+        for resource, token in probes.items():
+            if token is None:
+                raise ValueError(f"compact(known_to=...): fewer than two {resource} to page")
+            while self._api_status(f"/api/v1/{resource}?limit=1&continue={token}") != 410:
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(f"the {resource} cache never learnt of compaction")
+                time.sleep(0.2)
         return revision
+
+    def _continue_token(self, resource: str) -> str | None:
+        page = self._api("GET", f"/api/v1/{resource}?limit=1")
+        token = page.get("metadata", {}).get("continue")
+        return urllib.parse.quote(token) if token else None
 
     # --- starting -----------------------------------------------------------------------------
 
@@ -648,6 +677,15 @@ class ControlPlane:
                 return answer.status == 200
         except urllib.error.HTTPError:
             return False
+
+    def _api_status(self, path: str) -> int:
+        request = urllib.request.Request(self.url + path)
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=self.ssl_context()) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code
 
     def _api(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         """One admin request; an error answer comes back as its Status object."""
