@@ -15,7 +15,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 modules=(kubernetes etcd kwok)
 cache_root="${PODIAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/podiam}/controlplane"
 
-key="$(cd "$here/build" && for m in "${modules[@]}"; do cat "$m/go.mod" "$m/go.sum"; done |
+# The recipe is part of the key: changing how the binaries are built builds them again.
+key="$( (cat "$0" && cd "$here/build" && for m in "${modules[@]}"; do cat "$m/go.mod" "$m/go.sum"; done) |
     sha256sum | cut -c1-16)"
 bin_dir="$cache_root/$key/bin"
 binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
@@ -48,14 +49,25 @@ staging="$cache_root/$key.partial"
 rm -rf "$staging"
 mkdir -p "$staging/bin"
 started=$SECONDS
+# A Kubernetes release build stamps its version into the binaries (hack/lib/version.sh);
+# without it /version says v0.0.0-master and version-aware clients (kubectl, Helm) misjudge it.
+kube_version="$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$here/build/kubernetes/go.mod")"
+kube_minor="$(echo "$kube_version" | cut -d. -f2)"
+kube_ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    kube_ldflags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1"
+    kube_ldflags+=" -X $pkg.gitMinor=$kube_minor -X $pkg.gitTreeState=clean"
+done
 for m in "${modules[@]}"; do
     echo "controlplane: building $m tools into $staging/bin" >&2
+    ldflags="-s -w"
+    [ "$m" = kubernetes ] && ldflags+="$kube_ldflags"
     # The committed go.sum pins every module; -mod=readonly refuses to drift from it.
     # Pure Go, stripped and without paths: smaller binaries, same on every machine.
     # nice: the build takes minutes of every core, and the machine is shared.
     (cd "$here/build/$m" &&
         CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" GOTOOLCHAIN=local \
-            nice -n 19 go build -trimpath -ldflags='-s -w' -o "$staging/bin/" tool)
+            nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
 done
 # etcd's main package is its server module, so go names the binary "server".
 mv "$staging/bin/server" "$staging/bin/etcd"

@@ -526,20 +526,24 @@ class ControlPlane:
                 "--etcd-servers", self.etcd_url,
                 "--bind-address", "127.0.0.1",
                 "--advertise-address", "127.0.0.1",
+                # The endpoint reconciler refuses a loopback address for the "kubernetes"
+                # Service, which nothing here reaches from a pod anyway.
+                "--endpoint-reconciler-type", "none",
                 "--secure-port", str(self.port),
                 "--tls-cert-file", str(serving.cert),
                 "--tls-private-key-file", str(serving.key),
                 "--client-ca-file", str(self.pki.ca),
                 "--authorization-mode", "Node,RBAC",
-                "--anonymous-auth", "false",
+                "--anonymous-auth=false",
                 "--service-account-issuer", SERVICE_ACCOUNT_ISSUER,
                 "--service-account-key-file", str(self.pki.service_account_pub),
                 "--service-account-signing-key-file", str(self.pki.service_account_key),
                 "--service-cluster-ip-range", "10.96.0.0/16",
                 "--cert-dir", str(self.workdir / "apiserver-certs"),
-                # Only the tests compact etcd (through etcd's API), so when it happens is theirs
-                # to choose; a cluster's API server would also compact every five minutes.
-                "--etcd-compaction-interval", "0",
+                # Only the tests compact etcd (through etcd's API), so when is theirs to choose;
+                # an API server compacts every five minutes by default. Not 0: that would also
+                # stop it watching compact_rev_key, the way API servers learn of compactions.
+                "--etcd-compaction-interval", "24h",
                 "--audit-policy-file", str(self._write_audit_policy()),
                 "--audit-log-path", str(self.audit_log),
                 "--audit-log-format", "json",
