@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +22,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from protos import kiam_pb2
+from certs.tls import channel_credentials
+from protos import kiam_pb2, kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
 from server.kube import load_api_client
@@ -175,6 +178,51 @@ async def test_server_with_the_agents_token_never_becomes_ready(
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         await server.stop(grace=0)
+
+
+async def test_podiam_server_process_with_the_chart_token_syncs_serves_and_stops(
+    real: RealCluster, control_plane: ControlPlane, chart_access: ChartAccess, moto_sts, tls_dirs
+):
+    ns = unique("process")
+    await real.add_namespace(ns, annotations={PERMITTED: "app-.*"})
+    ip = next_ip()
+    await real.add_pod(ns, "web", ip=ip, annotations={ROLE: "app-web"})
+    # Straight to the API server, as a pod's in-cluster configuration would be.
+    kubeconfig = control_plane.kubeconfig("server-process", token=chart_access.server_token)
+    argv = server_argv(kubeconfig=kubeconfig, sts=moto_sts, tls=tls_dirs)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", *argv, "--json-log",
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        lines: list[str] = []
+        while not lines or "serving gRPC" not in lines[-1]:
+            line = await asyncio.wait_for(process.stderr.readline(), 60)
+            assert line, "podiam-server exited early: " + "".join(lines)
+            lines.append(line.decode())
+        port = int(json.loads(lines[-1])["message"].rsplit(":", 1)[1])
+        assert any("synced" in line for line in lines)
+
+        channel = grpc.aio.secure_channel(f"localhost:{port}", channel_credentials(tls_dirs.agent))
+        async with channel:
+            creds = await kiam_pb2_grpc.KiamServiceStub(channel).GetPodCredentials(
+                kiam_pb2.GetPodCredentialsRequest(ip=ip, role="app-web")
+            )
+        assert creds.code == "Success"
+
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.stderr.read(), 30)
+        assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 # --- what an operator sees --------------------------------------------------------------------
