@@ -61,12 +61,13 @@ done
 for m in "${modules[@]}"; do
     echo "controlplane: building $m tools into $staging/bin" >&2
     ldflags="-s -w"
-    [ "$m" = kubernetes ] && ldflags+="$kube_ldflags"
+    if [ "$m" = kubernetes ]; then ldflags+="$kube_ldflags"; fi
     # The committed go.sum pins every module; -mod=readonly refuses to drift from it.
-    # Pure Go, stripped and without paths: smaller binaries, same on every machine.
+    # Pure Go, stripped and without paths: smaller binaries, same on every machine. No VCS
+    # stamp: these builder modules sit in podiam's work tree, whose state is not theirs.
     # nice: the build takes minutes of every core, and the machine is shared.
     (cd "$here/build/$m" &&
-        CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly" GOTOOLCHAIN=local \
+        CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" GOTOOLCHAIN=local \
             nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
 done
 # etcd's main package is its server module, so go names the binary "server".

@@ -21,8 +21,10 @@ setpriv), so neither a failed start nor a killed pytest leaves a process behind.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import shutil
@@ -192,8 +194,6 @@ class Pki:
 
 
 def _general_name(host: str) -> x509.GeneralName:
-    import ipaddress
-
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -255,20 +255,33 @@ class Component:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 15) -> None:
-        """SIGTERM the process group, SIGKILL it if it lingers; always reaps."""
-        if self.process is None:
+        """SIGTERM the process group, SIGKILL it if it lingers; always reaps. Stopping a
+        component that already ended (and was reaped) signals nothing: its pid may be reused."""
+        if self.process is None or self.process.returncode is not None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Whatever the leader left in its group (these binaries start none) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self._signal_group(signal.SIGTERM)
+        if not self._exited(timeout):
+            self._signal_group(signal.SIGKILL)
+            self._exited(10)
+        # Exited but not yet reaped, the leader's pid cannot be reused: whatever it left in
+        # its group (these binaries start nothing) goes too, then it is reaped.
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    def _exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the process to exit, without reaping it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if state is not None:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -706,8 +719,6 @@ class ControlPlane:
 
 
 def _b64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode()
 
 
