@@ -50,7 +50,7 @@ from tests.support.tcpproxy import TcpProxy
 from tests.support.tls import TlsDirs
 from tests.support.waiting import eventually
 
-_ips = (f"10.{200 + n // 62500 % 50}.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
+_ips = (f"10.{200 + n // 62500}.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
 
 
 def next_ip() -> str:
@@ -350,7 +350,8 @@ class RealCluster:
         return (await self._ok("GET", f"/api/v1/namespaces/{namespace}/events"))["items"]
 
     def requests(self, resource: str) -> Counter[str]:
-        """Counted from the API server's audit log, for the client under test's user."""
+        """Counted from the API server's audit log, for the client under test's user: a
+        scenario that counts must be the only client with that identity at the time."""
         counts: Counter[str] = Counter()
         for record in self.plane.audit_records():
             ref = record.get("objectRef") or {}
