@@ -75,6 +75,7 @@ async def podiam(real: RealCluster, moto_sts, tls_dirs):
 NAMESPACED = ("pods", "events", "secrets", "configmaps", "serviceaccounts")
 CLUSTER_SCOPED = ("namespaces", "nodes")
 VERBS = ("get", "list", "watch", "create", "patch", "delete")
+PROBE = "podiam-probe"  # the name of the object each request is about; none exists
 
 
 def granted(manifests: list[dict], role_kind: str, resource: str, verb: str) -> bool:
@@ -85,6 +86,8 @@ def granted(manifests: list[dict], role_kind: str, resource: str, verb: str) -> 
         for rule in role.get("rules", []):
             if "" not in rule.get("apiGroups", []):
                 continue
+            if rule.get("resourceNames") and PROBE not in rule["resourceNames"]:
+                continue  # grants only named objects, never the probe
             if {resource, "*"} & set(rule.get("resources", [])) and {verb, "*"} & set(
                 rule.get("verbs", [])
             ):
@@ -97,7 +100,7 @@ async def attempt(client: KubeClient, resource: str, verb: str) -> int:
     looks at the body or the object, so a refusal is a 403 whatever is sent."""
     scope = "" if resource in CLUSTER_SCOPED else "namespaces/default/"
     base = f"/api/v1/{scope}{resource}"
-    one = f"{base}/podiam-probe"
+    one = f"{base}/{PROBE}"
     if verb == "get":
         answer = await client.get(one)
     elif verb == "list":
@@ -105,7 +108,7 @@ async def attempt(client: KubeClient, resource: str, verb: str) -> int:
     elif verb == "watch":
         answer = await client.get(base, watch="1", timeoutSeconds="1")
     elif verb == "create":
-        answer = await client.post(base, {"metadata": {"name": "podiam-probe"}})
+        answer = await client.post(base, {"metadata": {"name": PROBE}})
     elif verb == "patch":
         answer = await client.merge_patch(one, {"metadata": {"labels": {"probe": "x"}}})
     else:
