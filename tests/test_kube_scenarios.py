@@ -136,6 +136,25 @@ async def test_expired_continue_token_restarts_the_list_from_scratch(
     assert sink.relists_begun == 2 and sink.relists_ended == 1
 
 
+async def test_deleting_a_namespace_removes_its_pods_too(cluster: Cluster, api: ApiClient):
+    ns = unique("doomed")
+    await cluster.add_namespace(ns)
+    await add_pods(cluster, ns, "a", "b")
+    pods, namespaces = RecordingSink(), RecordingSink()
+
+    async with (
+        reflecting(cluster, api, pods),
+        reflecting(cluster, api, namespaces, resource="namespaces"),
+    ):
+        assert mine(pods, ns) == {f"{ns}/a", f"{ns}/b"}
+        await cluster.delete_namespace(ns)
+        # The namespace controller deletes what is in it (kwok's kubelet confirms each pod
+        # gone), then the namespace itself.
+        await eventually(lambda: not mine(pods, ns), cluster.patience)
+        await eventually(lambda: ns not in namespaces.names(), cluster.patience)
+    assert {f"{ns}/a", f"{ns}/b"} <= set(pods.deleted)
+
+
 # --- watching ---------------------------------------------------------------------------------
 
 
