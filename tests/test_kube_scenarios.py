@@ -9,8 +9,6 @@ Each test works in namespaces of its own: the real cluster lives for the whole s
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,8 +19,16 @@ import pytest_asyncio
 from kubernetes_asyncio.client import ApiClient
 
 from protos import kiam_pb2
-from server.kube import Reflector, load_api_client
-from tests.support.clusters import Cluster, next_ip, podiam_server, unique
+from tests.support.clusters import (
+    Cluster,
+    add_pods,
+    api_client,
+    mine,
+    next_ip,
+    podiam_server,
+    reflecting,
+    unique,
+)
 from tests.support.waiting import eventually
 from tests.test_kube_watch import ACTIVE_PODS, RecordingSink
 
@@ -34,45 +40,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest_asyncio.fixture
 async def api(cluster: Cluster) -> AsyncIterator[ApiClient]:
-    client = await load_api_client(str(cluster.kubeconfig))
-    yield client
-    await client.close()
-
-
-@contextlib.asynccontextmanager
-async def reflecting(
-    cluster: Cluster, api: ApiClient, sink: RecordingSink, **options: Any
-) -> AsyncIterator[Reflector]:
-    """Run a reflector until the block ends; enter once its first list is complete."""
-    options.setdefault("resource", "pods")
-    options.setdefault("backoff_max", 0.5)
-    reflector = Reflector(api, sink=sink, **options)
-    task = asyncio.create_task(reflector.run())
-    try:
-        await eventually(lambda: reflector.synced.is_set() or task.done(), cluster.patience)
-        if task.done():
-            task.result()
-        yield reflector
-        assert not task.done(), "the reflector stopped on its own"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def add_pods(cluster: Cluster, namespace: str, *names: str, **options: Any) -> None:
-    # A few at a time: the real cluster's kwok starts each one.
-    limit = asyncio.Semaphore(8)
-
-    async def add(name: str) -> None:
-        async with limit:
-            await cluster.add_pod(namespace, name, ip=next_ip(), **options)
-
-    await asyncio.gather(*(add(name) for name in names))
-
-
-def mine(sink: RecordingSink, namespace: str) -> set[str]:
-    return {key for key in sink.names() if key.startswith(f"{namespace}/")}
+    async with api_client(cluster) as client:
+        yield client
 
 
 # --- listing ----------------------------------------------------------------------------------
@@ -368,7 +337,7 @@ async def test_denial_leaves_one_warning_event_on_the_pod(cluster: Cluster, podi
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     await podiam.server.recorder.drain()
 
-    events = await cluster.events(ns)
+    events = [e for e in await cluster.events(ns) if e["involvedObject"]["kind"] == "Pod"]
     assert [(e["involvedObject"]["name"], e["type"], e["reason"]) for e in events] == [
         ("greedy", "Warning", "PodiamNotPermitted")
     ]

@@ -26,13 +26,16 @@ from certs.tls import channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
-from server.kube import load_api_client
 from tests.support.clusters import (
     ChartAccess,
     RealCluster,
+    add_pods,
+    api_client,
+    mine,
     next_ip,
     podiam_server,
     real_cluster,
+    reflecting,
     unique,
 )
 from tests.support.controlplane import (
@@ -45,7 +48,6 @@ from tests.support.controlplane import (
 from tests.support.moto_sts import fake_session
 from tests.support.server import server_argv
 from tests.support.waiting import eventually
-from tests.test_kube_scenarios import add_pods, mine, reflecting
 from tests.test_kube_watch import RecordingSink
 
 PERMITTED = "iam.amazonaws.com/permitted"
@@ -170,7 +172,7 @@ async def test_server_with_the_agents_token_never_becomes_ready(
     kubeconfig = control_plane.kubeconfig("agent-token", token=chart_access.agent_token)
     argv = server_argv(kubeconfig=kubeconfig, sts=moto_sts, tls=tls_dirs)
     server = PodiamServer(parse_config(argv, environ={}), boto_session=fake_session())
-    caplog.set_level(logging.WARNING, logger="server.kube")
+    caplog.set_level(logging.WARNING)
     starting = asyncio.create_task(server.start())
     try:
         await eventually(lambda: "HTTP 403" in caplog.text or starting.done(), 30)
@@ -302,16 +304,12 @@ async def test_watch_cache_outlives_compaction_so_a_resumed_watch_needs_no_relis
     await real.add_namespace(ns)
     await add_pods(real, ns, "a")
     sink = RecordingSink()
-    api = await load_api_client(str(real.kubeconfig))
-    try:
-        async with reflecting(real, api, sink):
-            with real.proxy.down():
-                await add_pods(real, ns, "b")
-                await real.delete_pod(ns, "a")
-                await real.compact()
-            await eventually(lambda: mine(sink, ns) == {f"{ns}/b"}, real.patience)
-    finally:
-        await api.close()
+    async with api_client(real) as api, reflecting(real, api, sink):
+        with real.proxy.down():
+            await add_pods(real, ns, "b")
+            await real.delete_pod(ns, "a")
+            await real.compact()
+        await eventually(lambda: mine(sink, ns) == {f"{ns}/b"}, real.patience)
     assert sink.relists_begun == 1
 
 

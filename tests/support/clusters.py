@@ -17,6 +17,7 @@ test of that role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from collections import Counter
@@ -30,11 +31,13 @@ import grpc
 import pytest
 import pytest_asyncio
 import yaml
+from kubernetes_asyncio.client import ApiClient
 
 from certs.tls import channel_credentials
 from protos import kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
+from server.kube import Reflector, load_api_client
 from tests.kubeapi import KubeApiServer
 from tests.support import helm
 from tests.support.controlplane import (
@@ -49,6 +52,7 @@ from tests.support.server import server_argv
 from tests.support.tcpproxy import TcpProxy
 from tests.support.tls import TlsDirs
 from tests.support.waiting import eventually
+from tests.test_kube_watch import RecordingSink
 
 _ips = (f"10.{200 + n // 62500}.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
 
@@ -441,6 +445,56 @@ async def cluster(
     access = request.getfixturevalue("chart_access")
     async with real_cluster(plane, access) as real:
         yield real
+
+
+# --------------------------------------------------------------------------------------------
+# Driving a reflector (the server's list/watch loop) against either cluster.
+
+
+@contextlib.asynccontextmanager
+async def api_client(cluster: Cluster) -> AsyncIterator[ApiClient]:
+    """The server's own Kubernetes client, configured from the cluster's kubeconfig."""
+    client = await load_api_client(str(cluster.kubeconfig))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def reflecting(
+    cluster: Cluster, api: ApiClient, sink: RecordingSink, **options: Any
+) -> AsyncIterator[Reflector]:
+    """Run a reflector until the block ends; enter once its first list is complete."""
+    options.setdefault("resource", "pods")
+    options.setdefault("backoff_max", 0.5)
+    reflector = Reflector(api, sink=sink, **options)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: reflector.synced.is_set() or task.done(), cluster.patience)
+        if task.done():
+            task.result()
+        yield reflector
+        assert not task.done(), "the reflector stopped on its own"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def add_pods(cluster: Cluster, namespace: str, *names: str, **options: Any) -> None:
+    # A few at a time: the real cluster's kwok starts each one.
+    limit = asyncio.Semaphore(8)
+
+    async def add(name: str) -> None:
+        async with limit:
+            await cluster.add_pod(namespace, name, ip=next_ip(), **options)
+
+    await asyncio.gather(*(add(name) for name in names))
+
+
+def mine(sink: RecordingSink, namespace: str) -> set[str]:
+    return {key for key in sink.names() if key.startswith(f"{namespace}/")}
 
 
 # --------------------------------------------------------------------------------------------
