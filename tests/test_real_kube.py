@@ -248,8 +248,9 @@ async def test_denial_event_is_listed_by_kubectl_get_events(real: RealCluster, p
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
     await podiam.server.recorder.drain()
 
+    selector = "involvedObject.name=sneaky,reason=PodiamNotPermitted"
     listed = real.plane.kubectl(
-        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=sneaky", "-o", "json"
+        "get", "events", "-n", ns, "--field-selector", selector, "-o", "json"
     )
     assert listed.returncode == 0, listed.stderr
     events = json.loads(listed.stdout)["items"]
