@@ -271,6 +271,14 @@ async def stub(podiam):
         yield podiam.stub(channel)
 
 
+async def permitting(cluster: Cluster, podiam, namespace: str, permitted: str) -> None:
+    """A namespace with ``permitted``, once the server knows it. Pod and namespace watches are
+    independent streams: a pod's event may otherwise reach the server first, and the pod be
+    refused for a namespace it has not seen yet."""
+    await cluster.add_namespace(namespace, annotations={PERMITTED: permitted})
+    await eventually(lambda: namespace in podiam.server.registry.namespaces, cluster.patience)
+
+
 async def indexed(podiam, ip: str, name: str, patience: float) -> None:
     def found() -> bool:
         pod = podiam.server.registry.lookup(ip).pod
@@ -287,7 +295,7 @@ async def refused(call) -> grpc.aio.AioRpcError:
 
 async def test_permitted_pod_gets_credentials_for_its_role(cluster: Cluster, podiam, stub):
     ns = unique("apps")
-    await cluster.add_namespace(ns, annotations={PERMITTED: "app-.*"})
+    await permitting(cluster, podiam, ns, "app-.*")
     ip = next_ip()
     await cluster.add_pod(ns, "web", ip=ip, annotations={ROLE: "app-web"})
     await indexed(podiam, ip, "web", cluster.patience)
@@ -303,8 +311,8 @@ async def test_ip_reused_in_another_namespace_never_serves_the_old_pods_role(
     cluster: Cluster, podiam, stub
 ):
     old_ns, new_ns = unique("old"), unique("new")
-    await cluster.add_namespace(old_ns, annotations={PERMITTED: "app-.*"})
-    await cluster.add_namespace(new_ns, annotations={PERMITTED: "other-.*"})
+    await permitting(cluster, podiam, old_ns, "app-.*")
+    await permitting(cluster, podiam, new_ns, "other-.*")
     ip = next_ip()
     await cluster.add_pod(old_ns, "old-owner", ip=ip, annotations={ROLE: "app-old"})
     await indexed(podiam, ip, "old-owner", cluster.patience)
@@ -325,7 +333,7 @@ async def test_ip_reused_in_another_namespace_never_serves_the_old_pods_role(
 
 async def test_denial_leaves_one_warning_event_on_the_pod(cluster: Cluster, podiam, stub):
     ns = unique("denied")
-    await cluster.add_namespace(ns, annotations={PERMITTED: "app-.*"})
+    await permitting(cluster, podiam, ns, "app-.*")
     ip = next_ip()
     await cluster.add_pod(ns, "greedy", ip=ip, annotations={ROLE: "admin"})
     await indexed(podiam, ip, "greedy", cluster.patience)
@@ -337,8 +345,6 @@ async def test_denial_leaves_one_warning_event_on_the_pod(cluster: Cluster, podi
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     await podiam.server.recorder.drain()
 
-    # Only this reason: the pod's watch event may reach the server before its namespace's, and
-    # the server then also records PodiamUnknownNamespace (the two watches are independent).
     events = [e for e in await cluster.events(ns) if e["reason"] == "PodiamNotPermitted"]
     assert [
         (e["involvedObject"]["kind"], e["involvedObject"]["name"], e["type"]) for e in events

@@ -70,6 +70,12 @@ async def podiam(real: RealCluster, moto_sts, tls_dirs):
         yield server
 
 
+async def known(podiam, namespace: str, real: RealCluster) -> None:
+    """Wait until the server has seen ``namespace``: its pod and namespace watches are
+    independent, and a pod seen first would be refused for an unknown namespace."""
+    await eventually(lambda: namespace in podiam.server.registry.namespaces, real.patience)
+
+
 # --- RBAC, proven by requests -----------------------------------------------------------------
 
 # What a podiam component could conceivably try: every verb on what it reads and writes, and
@@ -236,6 +242,7 @@ async def test_podiam_server_process_with_the_chart_token_syncs_serves_and_stops
 async def test_denial_event_is_listed_by_kubectl_get_events(real: RealCluster, podiam):
     ns = unique("kubectl-events")
     await real.add_namespace(ns, annotations={PERMITTED: "app-.*"})
+    await known(podiam, ns, real)
     ip = next_ip()
     await real.add_pod(ns, "sneaky", ip=ip, annotations={ROLE: "cluster-admin"})
     await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None, real.patience)
@@ -266,6 +273,7 @@ async def test_pod_placed_by_the_scheduler_on_a_fake_node_gets_credentials(
 ):
     ns = unique("scheduled")
     await real.add_namespace(ns, annotations={PERMITTED: "app-.*"})
+    await known(podiam, ns, real)
     pod = {
         "metadata": {"name": "batch", "annotations": {ROLE: "app-batch"}},
         "spec": {"containers": [{"name": "app", "image": "podiam.test/app:none"}]},
