@@ -269,11 +269,17 @@ def _held(pod: PodRecord | None, grant: Grant | None) -> RoleIdentity | None:
     return grant.identity
 
 
+_NOT_REPORTED = frozenset({Reason.NO_ROLE, Reason.UNKNOWN_NAMESPACE})
+
+
 def _reported(pod: PodRecord | None, grant: Grant | None) -> tuple[str, Reason] | None:
     """The Event a pod's grant calls for, as (pod uid, reason): one for each denial of an
-    active pod, except "no role" (a pod with no role asks for nothing)."""
+    active pod, except "no role" (a pod with no role asks for nothing) and "unknown namespace".
+    Pods and namespaces arrive on separate watches, so a pod is often seen before its namespace;
+    that denial is transient by nature (no pod outlives its namespace), and an Event for it would
+    stay on a pod that is permitted a moment later."""
     if pod is None or grant is None or grant.denial is None or not pod.active:
         return None
-    if grant.denial.reason is Reason.NO_ROLE:
+    if grant.denial.reason in _NOT_REPORTED:
         return None
     return (pod.uid, grant.denial.reason)
