@@ -77,7 +77,7 @@ async def loopback_demo(work: Path) -> bool:
                 async with running_agent(
                     server_port=podiam.server.port, tls=tls, metadata=sts.endpoint_url
                 ) as agent:
-                    await asyncio.wait_for(agent.follower.connected.wait(), 30)
+                    await asyncio.wait_for(agent.follower.synced_once.wait(), 30)
                     say(f"podiam-agent on {NODE}:{agent.port}, connected to the server\n")
                     ok = True
                     for name, role in PODS:

@@ -52,7 +52,7 @@ async def agent(podiam, moto_sts, tls_dirs):
     async with running_agent(
         server_port=podiam.server.port, tls=tls_dirs, metadata=moto_sts.endpoint_url
     ) as agent:
-        await asyncio.wait_for(agent.follower.connected.wait(), 15)
+        await asyncio.wait_for(agent.follower.synced_once.wait(), 15)
         yield agent
 
 
@@ -255,7 +255,7 @@ async def test_require_imdsv2_refuses_credentials_without_a_token(podiam, kube, 
         metadata=moto_sts.endpoint_url,
         extra=["--require-imdsv2"],
     ) as strict:
-        await asyncio.wait_for(strict.follower.connected.wait(), 15)
+        await asyncio.wait_for(strict.follower.synced_once.wait(), 15)
         ip = add_pod(kube, "strict", "app-strict")
         assert (await get(strict, ip, CREDS))[0] == 401
         assert (await get(strict, ip, CREDS + "app-strict"))[0] == 401
@@ -384,7 +384,7 @@ async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
     connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()
-    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, synced_once=connected)
     try:
         assert (await lookup.entry(ip)).role_name == "app-unary"
         assert json.loads(await lookup.credentials(ip, "app-unary"))["Code"] == "Success"
@@ -414,7 +414,7 @@ async def test_a_server_address_that_never_answers_is_reported_and_retried(tls_d
     task = asyncio.create_task(follower.run())
     try:
         await eventually(lambda: "no snapshot within 0.3s" in caplog.text, timeout=10)
-        assert not follower.connected.is_set()
+        assert not follower.synced_once.is_set()
         # Nothing was ever streamed, so nothing was "lost": the log says what happened.
         assert f"cannot open the node stream from podiam server 127.0.0.1:{port}" in caplog.text
         assert "lost" not in caplog.text
@@ -436,7 +436,7 @@ async def test_a_stream_that_ended_after_its_snapshot_is_reported_lost(
         )
         task = asyncio.create_task(follower.run())
         try:
-            await asyncio.wait_for(follower.connected.wait(), 15)
+            await asyncio.wait_for(follower.synced_once.wait(), 15)
             await own.server.stop(grace=1)
             await eventually(
                 lambda: f"node stream from podiam server {address} lost" in caplog.text

@@ -64,7 +64,7 @@ async def agent(podiam, moto_sts, tls_dirs):
     async with running_agent(
         server_port=podiam.server.port, tls=tls_dirs, metadata=moto_sts.endpoint_url
     ) as agent:
-        await asyncio.wait_for(agent.follower.connected.wait(), 15)
+        await asyncio.wait_for(agent.follower.synced_once.wait(), 15)
         yield agent
 
 
@@ -242,7 +242,7 @@ async def test_ambiguous_ip_is_refused_403_with_reason_without_the_stream_too(
     connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()
-    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, synced_once=connected)
     try:
         for ask in (lookup.entry(ip), lookup.credentials(ip, "app-x")):
             with pytest.raises(Refused) as refusal:

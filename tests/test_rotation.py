@@ -39,7 +39,7 @@ async def rotating(moto_sts, tmp_path):
             async with running_agent(
                 server_port=podiam.server.port, tls=tls, metadata=moto_sts.endpoint_url
             ) as agent:
-                await asyncio.wait_for(agent.follower.connected.wait(), 15)
+                await asyncio.wait_for(agent.follower.synced_once.wait(), 15)
                 yield podiam, agent, live
 
 

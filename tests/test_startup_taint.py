@@ -148,7 +148,7 @@ async def test_agent_without_its_rule_never_clears_the_taint(podiam, kube, tls_d
         extra=["--node-name", name],  # and no --iptables: nothing intercepts metadata here
     ) as agent:  # fmt: skip
         await asyncio.wait_for(agent.reporter.answered.wait(), 15)
-        assert agent.follower.connected.is_set()
+        assert agent.follower.synced_once.is_set()
         assert agent.reporter.last_answer == "FAILED_PRECONDITION"
     assert kube.taints(name) == [STARTUP]
     assert kube.node_requests["PATCH"] == patches
