@@ -131,6 +131,11 @@ class NodeState:
             self._waiters.discard(event)
         return self.ready(ip)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the stream to answer for their pod."""
+        return len(self._waiters)
+
     def _wake(self) -> None:
         for event in self._waiters:
             event.set()

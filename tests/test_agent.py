@@ -177,7 +177,7 @@ async def test_unknown_caller_is_refused_within_the_sdk_budget(agent):
 async def test_pod_starting_after_its_request_is_answered_when_the_stream_brings_it(agent, kube):
     ip = next(_ips)
     request = asyncio.create_task(get(agent, ip, CREDS + "app-late"))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: agent.state.waiting == 1)  # the request waits for the stream
     add_pod(kube, "late", "app-late", ip=ip)
     status, body, _ = await request
     assert status == 200 and json.loads(body)["Code"] == "Success"
