@@ -866,17 +866,20 @@ class KubeApiServer:
         query = request.query
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
-        await response.prepare(request)
         watcher = Watcher(resource, flt, bookmarks=is_true(query.get("allowWatchBookmarks")))
         try:
             initial = self._initial_events(resource, flt, query.get("resourceVersion", ""))
         except ApiError as error:
             # A watch is refused inside the stream, not with an HTTP status.
+            await response.prepare(request)
             await response.write(encode_event(resource, "ERROR", error.status()))
             return response
-        # No await between computing the initial events and registering: nothing is missed.
+        # No await between computing the initial events and registering: nothing is missed. And
+        # registered before the headers go out: a client holding the response is watching, so
+        # a test may drop or bookmark its watch at once.
         self.store.watchers.add(watcher)
         try:
+            await response.prepare(request)
             await response.write(b"".join(encode_event(resource, t, o) for t, o in initial))
             timeout = float(query.get("timeoutSeconds") or 0)
             deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None

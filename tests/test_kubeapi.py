@@ -267,7 +267,6 @@ async def test_dropped_watch_breaks_the_connection(kube: KubeApiServer, core: Co
     response = await core.list_pod_for_all_namespaces(
         watch=True, resource_version=str(kube.store.rv), _preload_content=False
     )
-    await asyncio.sleep(0)
     kube.drop_watches()
 
     with pytest.raises(aiohttp.ClientPayloadError):

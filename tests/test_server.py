@@ -412,6 +412,7 @@ async def test_index_is_exact_after_410_gone_with_deletions_missed(podiam, kube,
     gone = add_pod(kube, "apps", "casualty", "app-casualty")
     await indexed(podiam, gone)
     lists_before = kube.list_requests["pods"]
+    await eventually(lambda: kube.watching("pods"))  # else the drop would break nothing
     kube.drop_watches()
     kube.delete_pod("apps", "casualty")
     added = add_pod(kube, "apps", "newcomer", "app-newcomer")
@@ -430,9 +431,12 @@ async def test_index_is_exact_after_410_gone_with_deletions_missed(podiam, kube,
 
 
 async def test_dropped_watch_resumes_without_losing_changes(podiam, kube):
+    await eventually(lambda: kube.watching("pods"))  # else the drop would break nothing
+    watches_before = kube.watch_requests["pods"]
     kube.drop_watches()
     ip = add_pod(kube, "apps", "while-away", "app-away")
     await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None, timeout=15)
+    assert kube.watch_requests["pods"] > watches_before  # it came by a new watch
 
 
 # ---- health and TLS ------------------------------------------------------------------------
