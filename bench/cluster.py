@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import procs
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts
 from tests.support.server import running_server
 from tests.support.tls import make_tls_dirs

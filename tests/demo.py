@@ -25,8 +25,8 @@ from pathlib import Path
 
 from runtime import logs
 from server.identity import AwsCredentials
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts, caller_arn
 from tests.support.server import running_server
 from tests.support.tls import make_tls_dirs

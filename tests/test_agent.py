@@ -19,8 +19,8 @@ from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
 from server.identity import AwsCredentials
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, raw_get, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
 from tests.support.server import running_server
 from tests.support.waiting import eventually

@@ -19,8 +19,8 @@ from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
 from protos import kiam_pb2
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import BASE_ARN, running_server
 from tests.support.waiting import eventually
 

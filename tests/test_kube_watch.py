@@ -19,7 +19,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import REGISTRY
 
 from server.kube import KubeConfigError, Reflector, check_api_reachable, load_api_client
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.waiting import eventually
 
 ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"

@@ -22,7 +22,7 @@ from kubernetes_asyncio import config, watch
 from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 
 
 @pytest_asyncio.fixture
@@ -352,7 +352,7 @@ async def test_bulk_load_of_100000_pods_is_fast(kube: KubeApiServer, core: CoreV
 
 def test_runs_standalone_and_prints_its_url():
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.kubeapi", "--port", "0"],
+        [sys.executable, "-m", "tests.support.kubeapi", "--port", "0"],
         cwd=Path(__file__).parent.parent,
         stdout=subprocess.PIPE,
         text=True,

@@ -8,7 +8,7 @@ import pytest_asyncio
 
 from protos import kiam_pb2
 from server.service import peer_ip
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import running_server
 from tests.support.waiting import eventually
 

@@ -12,8 +12,8 @@ import pytest_asyncio
 from certs.authority import generate_bundle, write_bundle
 from certs.tls import TlsFiles, channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import running_server
 from tests.support.tls import TlsDirs
 from tests.support.waiting import eventually

@@ -12,7 +12,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import kiam_pb2
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
 from tests.support.server import BASE_ARN, as_aws, running_server
 from tests.support.waiting import eventually

@@ -17,7 +17,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from server.arn import ArnError, detect_base_arn
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import server_argv
 from tests.support.waiting import eventually
 

@@ -24,8 +24,8 @@ from agent.readiness import ReadinessReporter
 from agent.state import NodeState
 from protos import kiam_pb2
 from server.config import parse_config
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.netns import Cluster, Node, requires_root
 from tests.support.server import running_server, server_argv
 from tests.support.waiting import eventually

@@ -38,7 +38,7 @@ import aiohttp
 
 from runtime import logs
 from tests.demo import why_not_namespaces
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.server import BASE_ARN
 from tests.support.tls import make_tls_dirs

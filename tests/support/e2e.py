@@ -38,7 +38,7 @@ from pathlib import Path
 
 from certs.authority import DEFAULT_SERVER_NAMES, generate_bundle, write_bundle
 from certs.tls import TlsFiles
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.netns import Cluster, Fetched, Node, Pod
 

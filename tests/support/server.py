@@ -15,7 +15,7 @@ from protos import kiam_pb2, kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
 from server.identity import AWS_TIME_FORMAT, AwsCredentials
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts, fake_session
 from tests.support.tls import TlsDirs
 
