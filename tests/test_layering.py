@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("runtime", "certs", "protos")
-FIRST_PARTY = {"agent", "server", *SHARED, "tests", "bench"}
+FIRST_PARTY = {"agent", "server", *SHARED, "tests", "bench", "demo"}
 # What each package may import of the others.
 ALLOWED = {
     "agent": {"agent", *SHARED},
