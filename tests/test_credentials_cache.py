@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,10 +26,10 @@ from server.credentials import MIN_REMAINING, CredentialCache, CredentialsUnavai
 from server.credentials_proto import CredentialMessages
 from server.identity import AwsCredentials, RoleIdentity
 from server.sts import StsGateway
-from tests.support.moto_sts import MotoSts, fake_session
+from tests.support.moto_sts import MotoSts
 from tests.support.waiting import eventually
 
-# The module-wide `moto_sts` fixture comes from tests.support.moto_sts, a plugin of conftest.
+# `sts` (moto, reset per test) and `gateway` come from tests/support/fixtures.py.
 
 ACCOUNT = "123456789012"
 ORDERS = RoleIdentity(f"arn:aws:iam::{ACCOUNT}:role/orders-api", "default-orders-api")
@@ -102,22 +102,6 @@ class Updates:
 
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
-
-
-@pytest.fixture
-def sts(moto_sts: MotoSts) -> Iterator[MotoSts]:
-    moto_sts.reset()
-    yield moto_sts
-    moto_sts.reset()
-
-
-@pytest.fixture(scope="module")
-def gateway(moto_sts: MotoSts) -> Iterator[StsGateway]:
-    gateway = StsGateway(
-        region="us-east-1", endpoint_url=moto_sts.endpoint_url, boto_session=fake_session()
-    )
-    yield gateway
-    gateway.close()
 
 
 @pytest.fixture

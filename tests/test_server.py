@@ -4,7 +4,6 @@ STS, real certificates. Each test uses its own pods and IPs on one module-wide s
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import grpc
 import pytest
@@ -12,55 +11,18 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import kiam_pb2
-from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
-from tests.support.server import BASE_ARN, as_aws, running_server
+from tests.support.objects import PERMITTED
+from tests.support.pods import NODE, add_pod
+from tests.support.server import BASE_ARN, as_aws
 from tests.support.waiting import eventually
 
-PERMITTED = "iam.amazonaws.com/permitted"
-ROLE = "iam.amazonaws.com/role"
-NODE = "127.0.0.1"  # the test client connects from here, so this is "the agent's node"
 OTHER_NODE = "10.99.0.1"
-_ips = (f"10.{n // 250}.{n % 250}.{7}" for n in itertools.count(1))
 
 
-def next_ip() -> str:
-    return next(_ips)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={PERMITTED: "app-.*"})
-        kube.add_namespace("other", annotations={PERMITTED: "other-.*"})
-        kube.add_namespace("closed")
-        kube.add_namespace("empty", annotations={PERMITTED: ""})
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("srv")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
-
-
-def add_pod(kube: KubeApiServer, namespace: str, name: str, role: str | None, **kwargs) -> str:
-    ip = kwargs.pop("ip", None) or next_ip()
-    annotations = kwargs.pop("annotations", {})
-    if role is not None:
-        annotations = {**annotations, ROLE: role}
-    kube.add_pod(
-        namespace, name, ip=ip, host_ip=kwargs.pop("host_ip", NODE), annotations=annotations,
-        **kwargs,
-    )  # fmt: skip
-    return ip
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": "app-.*", "other": "other-.*", "closed": None, "empty": ""}
 
 
 async def indexed(podiam, ip: str) -> None:
