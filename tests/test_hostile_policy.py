@@ -20,7 +20,7 @@ from protos import kiam_pb2
 from tests.support.agent import pod_session
 from tests.support.objects import PERMITTED
 from tests.support.pods import NODE, add_pod, next_pod_ip
-from tests.support.server import BASE_ARN
+from tests.support.server import BASE_ARN, indexed, refused
 from tests.support.waiting import eventually
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -39,16 +39,6 @@ def namespaces():
 @pytest.fixture(scope="module")
 def server_flags():
     return ["--allowed-account", LISTED_ACCOUNT]
-
-
-async def indexed(podiam, ip: str) -> None:
-    await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
-
-
-async def refused(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call
-    return error.value
 
 
 def credentials_request(ip: str, role: str) -> kiam_pb2.GetPodCredentialsRequest:

@@ -25,11 +25,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.support.kubeapi import KubeApiServer
 
 
-@pytest_asyncio.fixture
-async def kube() -> AsyncIterator[KubeApiServer]:
-    async with KubeApiServer() as server:
-        server.add_namespace("default")
-        yield server
+@pytest.fixture(name="kube")
+def kube_of_its_own(fresh_kube: KubeApiServer) -> KubeApiServer:
+    """These tests change the API server itself (compaction, watches, request counts): each
+    test gets a new one."""
+    return fresh_kube
 
 
 @contextlib.asynccontextmanager

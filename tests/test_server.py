@@ -14,7 +14,7 @@ from protos import kiam_pb2
 from tests.support.moto_sts import caller_arn
 from tests.support.objects import PERMITTED
 from tests.support.pods import NODE, add_pod
-from tests.support.server import BASE_ARN, as_aws
+from tests.support.server import BASE_ARN, as_aws, indexed, refused
 from tests.support.waiting import eventually
 
 OTHER_NODE = "10.99.0.1"
@@ -23,16 +23,6 @@ OTHER_NODE = "10.99.0.1"
 @pytest.fixture(scope="module")
 def namespaces():
     return {"apps": "app-.*", "other": "other-.*", "closed": None, "empty": ""}
-
-
-async def indexed(podiam, ip: str) -> None:
-    await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
-
-
-async def refused(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call
-    return error.value
 
 
 # ---- credentials and roles ------------------------------------------------------------------
