@@ -59,8 +59,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from agent.paths import PathRejected, canonical_path
-from runtime import imds
-from runtime.imds import TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER
+from runtime.imds import ENDPOINT, TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER
 
 DEFAULT_ALLOW_ROUTE_REGEXP = (
     r"^/latest/meta-data/placement/(region|availability-zone)$"
@@ -128,7 +127,7 @@ class MetadataProxy:
 
     def __init__(
         self,
-        endpoint: str = imds.ENDPOINT,
+        endpoint: str = ENDPOINT,
         *,
         allow: re.Pattern[str],
         session: aiohttp.ClientSession | None = None,
