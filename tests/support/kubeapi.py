@@ -504,9 +504,8 @@ class KubeApiServer:
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> Object:
-        return copy.deepcopy(
-            self.store.create("namespaces", namespace_object(name, annotations, labels))
-        )
+        namespace = namespace_object(name, annotations=annotations, labels=labels)
+        return copy.deepcopy(self.store.create("namespaces", namespace))
 
     def update_namespace(self, name: str, **changes: Any) -> Object:
         """Change ``annotations`` and/or ``labels`` (each replaced whole; None removes)."""

@@ -4,6 +4,7 @@ the registry or the policy directly."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,8 +28,9 @@ def pod_object(
     node_name: str | None = None,
     uid: str | None = None,
 ) -> Object:
-    """A pod; ``role`` is its role annotation, added to ``annotations``. The API server
-    assigns the uid of a pod it stores; give one only to feed the registry directly."""
+    """A pod; ``role`` is its role annotation, added to ``annotations``. Each call makes a new
+    pod, with a uid of its own unless one is given (a pod recreated under the same name is a
+    different pod)."""
     metadata: Object = {"name": name, "namespace": namespace}
     if role is not None:
         annotations = {**(annotations or {}), ROLE: role}
@@ -36,8 +38,7 @@ def pod_object(
         metadata["annotations"] = dict(annotations)
     if labels:
         metadata["labels"] = dict(labels)
-    if uid:
-        metadata["uid"] = uid
+    metadata["uid"] = uid or str(uuid.uuid4())
     spec: Object = {"containers": [{"name": "app", "image": "busybox"}]}
     if node_name:
         spec["nodeName"] = node_name
@@ -55,10 +56,10 @@ def pod_object(
 
 def namespace_object(
     name: str,
+    permitted: str | None = None,
+    *,
     annotations: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
-    *,
-    permitted: str | None = None,
 ) -> Object:
     """A namespace; ``permitted`` is its permitted-roles annotation, added to ``annotations``."""
     if permitted is not None:
