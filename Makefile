@@ -32,11 +32,11 @@ clients:
 
 demo: setup
 	@echo "==> running the demo"
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m demo
 
 # A local stack that stays up until Ctrl-C: agent, server, their metrics, and locust to load it.
 up: $(VENV)/.bench
-	$(BIN)/python -m tests.up
+	$(BIN)/python -m demo.up
 
 $(VENV)/.bench: $(VENV)/.installed
 	@echo "==> installing the bench extras (locust, uvloop, py-spy, pyinstrument) into $(VENV)"

@@ -113,7 +113,7 @@ class PodiamAgent:
             self.state,
             client,
             pod_wait=config.pod_wait.total_seconds(),
-            connected=follower.connected,
+            synced_once=follower.synced_once,
         )
         # Tokens survive restarts: SDKs hold them for hours (see agent/tokens.py).
         tokens = TokenAuthority(key=key_for_node(config.key, f"{config.node_name}|{config.host}"))
@@ -122,7 +122,7 @@ class PodiamAgent:
             credentials=CredentialsHandler(lookup),
             info=InfoHandler(lookup, self.state),
             token=TokenHandler(tokens),
-            health=HealthHandler(follower.connected, self.state),
+            health=HealthHandler(follower.synced_once, self.state),
             proxy=ProxyHandler(proxy, allow_pattern=config.allow_route_regexp.pattern),
             tokens=tokens,
             require_imdsv2=config.require_imdsv2,
@@ -164,10 +164,10 @@ class PodiamAgent:
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness
         probe asks of this very process (the port may be answered by another agent)."""
-        return self._listening.is_set() and self.follower.connected.is_set() and self.state.live
+        return self._listening.is_set() and self.follower.synced_once.is_set() and self.state.live
 
     async def _listen_when_ready(self, app: web.Application, sock: socket.socket) -> None:
-        await self.follower.connected.wait()
+        await self.follower.synced_once.wait()
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
         await self._serve(app, sock)

@@ -149,8 +149,9 @@ class StreamFollower:
         self._host_ip = host_ip
         self._server = server
         self._rotated = rotated or asyncio.Event()
-        # Set once the first snapshot arrived: until then the agent serves no credentials.
-        self.connected = asyncio.Event()
+        # Set once the first snapshot arrived, never cleared: until then the agent serves no
+        # credentials (after a later loss it asks the server per request instead).
+        self.synced_once = asyncio.Event()
         self._received = False  # whether the current stream brought anything
 
     async def run(self) -> None:
@@ -218,9 +219,9 @@ class StreamFollower:
                 # Once per stream: the snapshot is applied, the state answers for the node.
                 synced = True
                 metrics.STREAM_CONNECTED.set(1)
-                if not self.connected.is_set():
+                if not self.synced_once.is_set():
                     log.info("node stream from %s synced", self._server)
-                    self.connected.set()
+                    self.synced_once.set()
                 if self._on_synced is not None:
                     self._on_synced()
             update = await stream.read()

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
+from runtime import imds
 from runtime.flags import EnvDefaultsParser, duration, port
 
 _INTERFACE = re.compile(r"^!?[A-Za-z0-9_.:+-]{1,15}$")
@@ -123,7 +124,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     flag(
         "--metadata-endpoint",
         env="PODIAM_METADATA_ENDPOINT",
-        default="http://169.254.169.254",
+        default=imds.ENDPOINT,
         help="the real EC2 metadata service",
     )
     flag(

@@ -22,6 +22,8 @@ import logging
 import re
 import shutil
 
+from runtime import imds
+
 log = logging.getLogger("agent.conntrack")
 
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
@@ -47,7 +49,7 @@ def _missing(conntrack: str) -> str:
 
 
 async def cut_metadata_connections(
-    *, ip: str = "169.254.169.254", port: int = 80, conntrack: str = "conntrack"
+    *, ip: str = imds.METADATA_IP, port: int = 80, conntrack: str = "conntrack"
 ) -> int:
     """Delete the tracked TCP connections to ``ip:port`` that were not DNATed; how many.
 

@@ -32,6 +32,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import imds
+
 log = logging.getLogger("agent.iptables")
 
 CAP_NET_ADMIN = 12  # bit number in /proc/<pid>/status CapEff (linux/capability.h)
@@ -66,7 +68,7 @@ class MetadataRedirect:
     host: str
     port: int
     interface: str = "eni+"
-    metadata_ip: str = "169.254.169.254"
+    metadata_ip: str = imds.METADATA_IP
     metadata_port: int = 80
     iptables: str = "iptables"
     # How long iptables waits for the xtables lock (``-w``) before giving up.
@@ -146,7 +148,7 @@ class MetadataRedirect:
 async def remove_metadata_rules(
     *,
     port: int,
-    metadata_ip: str = "169.254.169.254",
+    metadata_ip: str = imds.METADATA_IP,
     metadata_port: int = 80,
     iptables: str = "iptables",
     lock_wait_seconds: int = 10,

@@ -39,12 +39,12 @@ class PodLookup:
         client: ServerClient,
         *,
         pod_wait: float,
-        connected: asyncio.Event,
+        synced_once: asyncio.Event,
     ) -> None:
         self._state = state
         self._client = client
         self._pod_wait = pod_wait
-        self._connected = connected
+        self._synced_once = synced_once
 
     async def entry(self, ip: str) -> PodEntry:
         """The calling pod's entry, for the role name; refuses pods without a permitted role."""
@@ -60,10 +60,10 @@ class PodLookup:
         answered without awaiting anything; None when the stream cannot answer at once."""
         entry = self._state.pods.get(ip)
         if entry is not None and entry.identity:
-            body = self._state.credentials.get(entry.identity)
-            if body is not None:
+            served = self._state.credentials.get(entry.identity)
+            if served is not None:
                 _check_requested(entry, requested)
-                return body
+                return served.body
         return None
 
     async def credentials(self, ip: str, requested: str) -> bytes:
@@ -76,9 +76,9 @@ class PodLookup:
         if entry is not None:
             _check_permitted(entry)
             _check_requested(entry, requested)
-            body = self._state.credentials.get(entry.identity)
-            if body is not None:
-                return body
+            served = self._state.credentials.get(entry.identity)
+            if served is not None:
+                return served.body
         else:
             entry = await self._from_server(ip, budget)
             _check_permitted(entry)
@@ -92,7 +92,7 @@ class PodLookup:
         return credentials_body(creds)
 
     async def _from_stream(self, ip: str, budget: _Budget) -> PodEntry | None:
-        if not self._connected.is_set():
+        if not self._synced_once.is_set():
             raise Refused(503, "not-connected", "the agent is not connected to a podiam server")
         if not self._state.live:
             return None

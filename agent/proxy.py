@@ -59,6 +59,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from agent.paths import PathRejected, canonical_path
+from runtime.imds import ENDPOINT, TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER
 
 DEFAULT_ALLOW_ROUTE_REGEXP = (
     r"^/latest/meta-data/placement/(region|availability-zone)$"
@@ -78,9 +79,6 @@ STATIC_PATHS = frozenset(
     }
 )
 
-TOKEN_PATH = "/latest/api/token"
-TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
 MAX_TOKEN_TTL = 21600
 # Renew the upstream token once this fraction of its lifetime has passed.
 TOKEN_RENEW_FRACTION = 0.8
@@ -129,7 +127,7 @@ class MetadataProxy:
 
     def __init__(
         self,
-        endpoint: str = "http://169.254.169.254",
+        endpoint: str = ENDPOINT,
         *,
         allow: re.Pattern[str],
         session: aiohttp.ClientSession | None = None,

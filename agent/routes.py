@@ -25,14 +25,14 @@ from agent.handlers.token import TokenHandler
 from agent.paths import PathRejected, canonical_path
 from agent.refusal import Refused
 from agent.tokens import TokenAuthority
+from runtime import imds
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
-EXTENDED = "/latest/meta-data/iam/security-credentials-extended"
-INFO = "/latest/meta-data/iam/info"
-TOKEN = "/latest/api/token"
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
+CREDENTIALS = imds.CREDENTIALS_PATH
+EXTENDED = imds.EXTENDED_CREDENTIALS_PATH
+INFO = imds.INFO_PATH
+TOKEN = imds.TOKEN_PATH
 _READ = frozenset({"GET", "HEAD"})
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
@@ -109,7 +109,7 @@ class MetadataRoutes:
         return "proxy", self._proxy, (request, ip, path)
 
     def _check_token(self, request: web.Request, ip: str, path: str) -> None:
-        token = request.headers.get(TOKEN_HEADER)
+        token = request.headers.get(imds.TOKEN_HEADER)
         if token is not None:
             if not self._tokens.valid(token, ip):
                 raise Refused(401, "bad-token", "the IMDSv2 token is invalid or has expired")

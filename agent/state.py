@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from agent import metrics
 from protos import kiam_pb2
+from runtime import imds
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,14 @@ class PodEntry:
     reason: str = ""  # the server's rule that refused it ("ambiguous-ip", ...); may be empty
 
 
+@dataclass(frozen=True, slots=True)
+class ServedCredentials:
+    """One identity's credentials as the agent serves them."""
+
+    body: bytes  # the IMDS credentials document, rendered once when they arrived
+    last_updated: str  # their LastUpdated, which iam/info also reports
+
+
 def role_name(role: str) -> str:
     """IMDS lists a role by its name alone, without account or path: ``team/reader`` and
     ``arn:aws:iam::1:role/team/reader`` are both ``reader``."""
@@ -36,9 +45,9 @@ def credentials_body(creds: kiam_pb2.Credentials) -> bytes:
     """The IMDS credentials document, in the field order real IMDS uses."""
     return json.dumps(
         {
-            "Code": creds.code or "Success",
+            "Code": creds.code or imds.CODE_SUCCESS,
             "LastUpdated": creds.last_updated,
-            "Type": creds.type or "AWS-HMAC",
+            "Type": creds.type or imds.CREDENTIALS_TYPE,
             "AccessKeyId": creds.access_key_id,
             "SecretAccessKey": creds.secret_access_key,
             "Token": creds.token,
@@ -62,8 +71,7 @@ def entry_from_state(state: kiam_pb2.PodState) -> PodEntry:
 class NodeState:
     def __init__(self) -> None:
         self.pods: dict[str, PodEntry] = {}
-        self.credentials: dict[str, bytes] = {}  # identity → IMDS credentials document
-        self.last_updated: dict[str, str] = {}  # identity → LastUpdated, for iam/info
+        self.credentials: dict[str, ServedCredentials] = {}  # by identity
         self.live = False  # the stream is connected and its snapshot applied
         self._waiters: set[asyncio.Event] = set()
 
@@ -71,15 +79,15 @@ class NodeState:
         if update.reset:
             self.pods.clear()
             self.credentials.clear()
-            self.last_updated.clear()
         for ip in update.removed_ips:
             self.pods.pop(ip, None)
         for identity in update.removed_identities:
             self.credentials.pop(identity, None)
-            self.last_updated.pop(identity, None)
         for item in update.credentials:
-            self.credentials[item.identity] = credentials_body(item.credentials)
-            self.last_updated[item.identity] = item.credentials.last_updated
+            self.credentials[item.identity] = ServedCredentials(
+                body=credentials_body(item.credentials),
+                last_updated=item.credentials.last_updated,
+            )
         for state in update.pods:
             self.pods[state.ip] = entry_from_state(state)
         if update.synced:
@@ -93,7 +101,6 @@ class NodeState:
         self.live = False
         self.pods.clear()
         self.credentials.clear()
-        self.last_updated.clear()
         metrics.PODS_KNOWN.set(0)
         self._wake()
 
@@ -123,6 +130,11 @@ class NodeState:
         finally:
             self._waiters.discard(event)
         return self.ready(ip)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the stream to answer for their pod."""
+        return len(self._waiters)
 
     def _wake(self) -> None:
         for event in self._waiters:

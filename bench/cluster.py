@@ -19,16 +19,15 @@ from pathlib import Path
 import aiohttp
 
 from bench import procs
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts
+from tests.support.objects import PERMITTED, ROLE
+from tests.support.pods import NODE
 from tests.support.server import running_server
 from tests.support.tls import make_tls_dirs
 
-NODE = "127.0.0.1"
 NAMESPACE = "bench"
-ROLE = "iam.amazonaws.com/role"
 SESSION_NAME = "iam.amazonaws.com/session-name"
-PERMITTED = "iam.amazonaws.com/permitted"
 CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
 
 

@@ -32,7 +32,7 @@ _CASES = [
 
 def _decide_times(pattern: str, roles: list[str]) -> list[float]:
     resolver = RoleResolver(BASE_ARN)
-    namespace = namespace_from_object(namespace_object("bench", pattern))
+    namespace = namespace_from_object(namespace_object("bench", permitted=pattern))
     times = []
     for n, role in enumerate(roles):
         pod = pod_from_object(pod_object("bench", f"pod-{n}", role=role))
@@ -52,7 +52,7 @@ async def run(section: Section, options) -> None:
     worst = 0.0
     for label, pattern, role_for in _CASES:
         roles = [role_for(n) for n in range(decisions)]
-        if namespace_from_object(namespace_object("bench", pattern)).pattern is None:
+        if namespace_from_object(namespace_object("bench", permitted=pattern)).pattern is None:
             table.add(label, len(roles[0]), 0, "refused", "refused", "-")
             continue
         times = _decide_times(pattern, roles)

@@ -1,4 +1,4 @@
-"""The Kubernetes API test server (``tests/kubeapi.py``) as its own process, loaded with a
+"""The Kubernetes API test server (``tests/support/kubeapi.py``) as its own process, loaded with a
 synthetic cluster, so that the podiam-server process measured beside it is alone in its memory.
 
     python -m bench.kubeproc --pods N --kubeconfig PATH [--nodes K --roles R --local-pods L]
@@ -20,7 +20,7 @@ import sys
 import time
 
 from bench.procs import pin
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 
 NAMESPACES = 100
 LOCAL_NODE = "127.0.0.1"

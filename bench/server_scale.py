@@ -166,7 +166,7 @@ async def run(section: Section, options) -> None:
     asks = [[kubeproc.pod_ip(k), f"app-{k % ROLES}"] for k in range(LOCAL_PODS)]
     section.notes += [
         "podiam-server runs as its own process (pinned to one core), the Kubernetes API test "
-        "server (`tests/kubeapi.py`) in another, STS (moto) in the benchmark process.",
+        "server (`tests/support/kubeapi.py`) in another, STS (moto) in the benchmark process.",
         f"pods spread over 100 namespaces and 500 nodes, {ROLES} roles whose pods share a "
         f"session-name annotation ({ROLES} identities, so the prefetch makes {ROLES} AssumeRole "
         "calls whatever the size); the 0-pod row is the process's own footprint.",

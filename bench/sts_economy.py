@@ -87,6 +87,7 @@ async def simulated_hour(sts: MotoSts, *, pods: int, roles: int, shared: bool, p
                 NAMESPACE,
                 f"{prefix}-{k}",
                 ip=pod_ip(k, block=200),
+                host_ip=NODE,
                 role=f"{prefix}-role-{k % roles}",
                 annotations=annotations if shared else None,
             )

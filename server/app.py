@@ -25,7 +25,7 @@ from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.fanout import NodeFanout
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
-from server.pods import PodRecord
+from server.pods import UNFINISHED_PODS, PodRecord
 from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
@@ -35,9 +35,6 @@ from server.sts import StsGateway, session_name_for
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "kiam.KiamService"
-# Finished pods are of no interest, and with this selector the API server reports a pod that
-# finishes as DELETED, so the IP it held is released at once.
-ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
 
 
 class PodiamServer:
@@ -130,7 +127,7 @@ class PodiamServer:
     async def _sync(self, api, registry: Registry) -> None:
         reflectors = [
             Reflector(api, resource="namespaces", sink=registry.namespace_sink),
-            Reflector(api, resource="pods", sink=registry.pod_sink, field_selector=ACTIVE_PODS),
+            Reflector(api, resource="pods", sink=registry.pod_sink, field_selector=UNFINISHED_PODS),
         ]
         for reflector in reflectors:
             name = f"watch-{reflector.resource}"

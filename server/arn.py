@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from runtime import imds
+
 # arn:<partition>:iam::<account>:role/<path><name>; partitions include aws-cn, aws-us-gov and
 # the isolated aws-iso*. What follows "role" is checked by _split_path_and_name.
 _PARTITION_ACCOUNT = r"^arn:(aws|aws-cn|aws-us-gov|aws-iso(?:-[a-z])?):iam::(\d{12}):"
@@ -205,12 +207,11 @@ async def detect_base_arn(metadata_endpoint: str, *, timeout_seconds: float = 5.
         async with aiohttp.ClientSession(timeout=client_timeout) as http:
             headers = {}
             async with http.put(
-                f"{base}/latest/api/token",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+                base + imds.TOKEN_PATH, headers={imds.TOKEN_TTL_HEADER: "60"}
             ) as response:
                 if response.status == 200:
-                    headers["X-aws-ec2-metadata-token"] = await response.text()
-            async with http.get(f"{base}/latest/meta-data/iam/info", headers=headers) as response:
+                    headers[imds.TOKEN_HEADER] = await response.text()
+            async with http.get(base + imds.INFO_PATH, headers=headers) as response:
                 if response.status != 200:
                     raise ArnError(
                         f"metadata service {base} answered HTTP {response.status} for iam/info"

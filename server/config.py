@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from runtime import imds
 from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
+from server.identity import MIN_REMAINING
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
 
-# botocore treats credentials with less than about 25 minutes left as expiring and refreshes
-# them on every call, so podiam never hands out credentials with less than this remaining.
-MIN_REMAINING = timedelta(minutes=30)
 # STS limits on DurationSeconds.
 STS_MIN_DURATION = timedelta(minutes=15)
 STS_MAX_DURATION = timedelta(hours=12)
@@ -107,7 +106,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     flag(
         "--metadata-endpoint",
         env="PODIAM_METADATA_ENDPOINT",
-        default="http://169.254.169.254",
+        default=imds.ENDPOINT,
         help="EC2 instance metadata service, used by --role-base-arn-autodetect",
     )
     flag(

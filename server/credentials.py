@@ -35,15 +35,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from server.identity import AwsCredentials, RoleIdentity, format_aws_time
+from server.identity import MIN_REMAINING, AwsCredentials, RoleIdentity, format_aws_time
 from server.metrics import CACHE_HITS, CACHE_MISSES, CACHE_REFRESHES, CACHE_SIZE
 from server.sts import StsError, StsGateway
 
 log = logging.getLogger(__name__)
 
-# botocore treats credentials with less than ~25 minutes left as expiring and refreshes them on
-# every call; below this, credentials are handed out only when STS cannot give fresher ones.
-MIN_REMAINING = timedelta(minutes=30)
 DEFAULT_REFRESH_BEFORE = timedelta(minutes=35)
 # However short-lived STS credentials turn out to be, refresh an identity at most this often.
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)

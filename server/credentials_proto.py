@@ -14,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protos import kiam_pb2
+from runtime.imds import CODE_SUCCESS, CREDENTIALS_TYPE
 from server.identity import AwsCredentials, RoleIdentity, format_aws_time
 
 
 def build_message(creds: AwsCredentials) -> kiam_pb2.Credentials:
     return kiam_pb2.Credentials(
-        code="Success",
-        type="AWS-HMAC",
+        code=CODE_SUCCESS,
+        type=CREDENTIALS_TYPE,
         access_key_id=creds.access_key_id,
         secret_access_key=creds.secret_access_key,
         token=creds.token,

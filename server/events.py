@@ -30,6 +30,9 @@ from server.policy import Denial
 log = logging.getLogger(__name__)
 
 COMPONENT = "podiam-server"
+# Event timestamps are Kubernetes times (metav1.Time: RFC 3339, UTC, whole seconds), not the
+# metadata API's: the two formats look alike today but belong to different contracts.
+_KUBE_TIME = "%Y-%m-%dT%H:%M:%SZ"
 # Nodes are cluster-scoped; their Events go in "default", as the kubelet's do.
 NODE_EVENTS_NAMESPACE = "default"
 
@@ -154,7 +157,7 @@ class EventRecorder:
         message: str,
         event_type: str,
     ) -> dict[str, Any]:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.now(UTC).strftime(_KUBE_TIME)
         return {
             "apiVersion": "v1",
             "kind": "Event",

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-# The metadata API's time format: UTC, whole seconds, as real IMDS and the SDKs expect.
-AWS_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+from runtime.imds import TIME_FORMAT as AWS_TIME_FORMAT
+
+# botocore treats credentials with less than about 25 minutes left as expiring and refreshes them
+# on every call, so podiam never hands out credentials with less than this left while fresher
+# ones can be had (the cache's rule), and refuses flags that would make it (the server's config).
+MIN_REMAINING = timedelta(minutes=30)
 
 
 def format_aws_time(moment: datetime) -> str:

@@ -17,8 +17,15 @@ PERMITTED_ANNOTATION = "iam.amazonaws.com/permitted"
 EXTERNAL_ID_ANNOTATION = "iam.amazonaws.com/external-id"
 SESSION_NAME_ANNOTATION = "iam.amazonaws.com/session-name"
 
-# Pods in these phases have stopped; their IP may already belong to another pod.
-_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+# Pods in these phases have stopped for good; their IP may already belong to another pod.
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+# The pod watch's field selector: only pods that have not finished. The API server then sends a
+# pod's move to a finished phase as its deletion.
+UNFINISHED_PODS = ",".join(f"status.phase!={phase}" for phase in sorted(FINISHED_PHASES))
+
+
+def is_finished(phase: str) -> bool:
+    return phase in FINISHED_PHASES
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +49,7 @@ class PodRecord:
     def active(self) -> bool:
         """Whether this pod may be identified by its IP: running on the pod network and not
         finished. hostNetwork pods share the node's IP, so an IP can never name one of them."""
-        return bool(self.ip) and not self.host_network and self.phase not in _FINISHED_PHASES
+        return bool(self.ip) and not self.host_network and not is_finished(self.phase)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,16 @@ from server.arn import RoleResolver
 from server.identity import RoleIdentity
 from server.kube_sink import KeyedSink
 from server.pod_index import PodIndex, PodKey
-from server.pods import NamespaceRecord, PodRecord, namespace_from_object, pod_from_object
+from server.pods import (
+    NamespaceRecord,
+    PodRecord,
+    is_finished,
+    namespace_from_object,
+    pod_from_object,
+)
 from server.policy import Denial, Grant, Reason, SessionNamer, grant_for_pod
 
 log = logging.getLogger(__name__)
-
-_FINISHED = frozenset({"Succeeded", "Failed"})
 
 
 class CredentialsHolder(Protocol):
@@ -145,7 +149,7 @@ class Registry:
         pod = pod_from_object(obj)
         key = pod.key
         # A finished pod's IP may already be reused; it is of no further interest.
-        self._store_pod(key, None if pod.phase in _FINISHED else pod)
+        self._store_pod(key, None if is_finished(pod.phase) else pod)
         return key
 
     def _delete_pod_key(self, key: PodKey) -> None:
@@ -264,7 +268,7 @@ def _held(pod: PodRecord | None, grant: Grant | None) -> RoleIdentity | None:
     """The identity a pod holds in the cache. Pods that may ask soon hold theirs even before
     they have an IP (that is the prefetch); hostNetwork pods can never be told apart from their
     node, so they never hold one."""
-    if pod is None or grant is None or pod.host_network or pod.phase in _FINISHED:
+    if pod is None or grant is None or pod.host_network or is_finished(pod.phase):
         return None
     return grant.identity
 

@@ -5,66 +5,37 @@ watches the Kubernetes API test server and assumes roles in moto."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import re
 from datetime import UTC, datetime
 
 import grpc
 import pytest
-import pytest_asyncio
 
 from agent.client import ServerClient, ServerConnection, StreamFollower
 from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
 from server.identity import AwsCredentials
-from tests.kubeapi import KubeApiServer
-from tests.support.agent import NODE, pod_session, raw_get, running_agent
+from tests.support.agent import pod_session, raw_get, running_agent
 from tests.support.moto_sts import caller_arn
+from tests.support.objects import PERMITTED
+from tests.support.pods import NODE, add_pod, next_pod_ip
 from tests.support.server import running_server
 from tests.support.waiting import eventually
 
-PERMITTED = "iam.amazonaws.com/permitted"
-ROLE = "iam.amazonaws.com/role"
 CREDS = "/latest/meta-data/iam/security-credentials/"
 TOKEN_TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
-_ips = (f"127.0.{n // 250 + 1}.{n % 250 + 1}" for n in itertools.count())
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={PERMITTED: "app-.*"})
-        kube.add_namespace("locked")
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("s")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def agent(podiam, moto_sts, tls_dirs):
-    async with running_agent(
-        server_port=podiam.server.port, tls=tls_dirs, metadata=moto_sts.endpoint_url
-    ) as agent:
-        await asyncio.wait_for(agent.follower.connected.wait(), 15)
-        yield agent
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": "app-.*", "locked": None}
 
 
 def url(agent, path: str) -> str:
     return f"http://{NODE}:{agent.port}{path}"
-
-
-def add_pod(kube, name: str, role: str | None, namespace: str = "apps", **kwargs) -> str:
-    ip = kwargs.pop("ip", None) or next(_ips)
-    annotations = {ROLE: role} if role else {}
-    kube.add_pod(namespace, name, ip=ip, host_ip=NODE, annotations=annotations, **kwargs)
-    return ip
 
 
 async def get(agent, ip: str, path: str, **kwargs):
@@ -83,21 +54,21 @@ async def put_token(agent, ip: str, headers: dict[str, str]):
 
 
 async def test_pod_learns_its_role_name_as_plain_text_without_newline(agent, kube):
-    ip = add_pod(kube, "namer", "app-namer")
+    ip = add_pod(kube, "apps", "namer", "app-namer")
     status, body, headers = await get(agent, ip, CREDS)
     assert (status, body) == (200, "app-namer")
     assert headers["Content-Type"].startswith("text/plain")
 
 
 async def test_role_path_without_trailing_slash_redirects_to_it(agent, kube):
-    ip = add_pod(kube, "slashless", "app-slashless")
+    ip = add_pod(kube, "apps", "slashless", "app-slashless")
     status, _, headers = await get(agent, ip, CREDS.rstrip("/"))
     assert status == 301
     assert headers["Location"] == CREDS
 
 
 async def test_pod_gets_credentials_of_its_own_role_in_imds_format(agent, kube, moto_sts):
-    ip = add_pod(kube, "worker", "app-worker")
+    ip = add_pod(kube, "apps", "worker", "app-worker")
     status, body, _ = await get(agent, ip, CREDS + "app-worker")
     assert status == 200
     document = json.loads(body)
@@ -118,22 +89,22 @@ async def test_pod_gets_credentials_of_its_own_role_in_imds_format(agent, kube, 
 
 
 async def test_short_name_with_path_and_full_arn_list_the_bare_role_name(agent, kube):
-    pathed = add_pod(kube, "pathed", "app-team/app-pathed")
-    arn = add_pod(kube, "arned", "arn:aws:iam::123456789012:role/app-arned")
+    pathed = add_pod(kube, "apps", "pathed", "app-team/app-pathed")
+    arn = add_pod(kube, "apps", "arned", "arn:aws:iam::123456789012:role/app-arned")
     assert (await get(agent, pathed, CREDS))[:2] == (200, "app-pathed")
     assert (await get(agent, arn, CREDS))[:2] == (200, "app-arned")
     assert (await get(agent, arn, CREDS + "app-arned"))[0] == 200
 
 
 async def test_asking_for_a_role_that_is_not_the_pods_is_404(agent, kube):
-    ip = add_pod(kube, "nosy", "app-nosy")
+    ip = add_pod(kube, "apps", "nosy", "app-nosy")
     assert (await get(agent, ip, CREDS + "app-nosy"))[0] == 200
     for other in ("app-other", "APP-NOSY", "app-nosy/", "app-nosy/x"):
         assert (await get(agent, ip, CREDS + other))[0] == 404, other
 
 
 async def test_extended_credentials_path_is_404_so_sdks_fall_back(agent, kube):
-    ip = add_pod(kube, "modern", "app-modern")
+    ip = add_pod(kube, "apps", "modern", "app-modern")
     for path in (
         "/latest/meta-data/iam/security-credentials-extended/",
         "/latest/meta-data/iam/security-credentials-extended/app-modern",
@@ -142,7 +113,7 @@ async def test_extended_credentials_path_is_404_so_sdks_fall_back(agent, kube):
 
 
 async def test_iam_info_describes_the_pods_role_not_the_nodes(agent, kube):
-    ip = add_pod(kube, "curious", "app-curious")
+    ip = add_pod(kube, "apps", "curious", "app-curious")
     await get(agent, ip, CREDS + "app-curious")  # credentials have arrived
     status, body, _ = await get(agent, ip, "/latest/meta-data/iam/info")
     assert status == 200
@@ -153,7 +124,7 @@ async def test_iam_info_describes_the_pods_role_not_the_nodes(agent, kube):
 
 
 async def test_forbidden_pod_gets_no_credentials_and_no_node_credentials(agent, kube):
-    ip = add_pod(kube, "thief", "admin")  # apps permits app-.* only
+    ip = add_pod(kube, "apps", "thief", "admin")  # apps permits app-.* only
     status, body, _ = await get(agent, ip, CREDS)
     assert status == 403 and "not permitted" in body
     assert (await get(agent, ip, CREDS + "admin"))[0] == 403
@@ -161,7 +132,7 @@ async def test_forbidden_pod_gets_no_credentials_and_no_node_credentials(agent, 
 
 
 async def test_pod_without_role_gets_404_for_its_role(agent, kube):
-    ip = add_pod(kube, "roleless", None)
+    ip = add_pod(kube, "apps", "roleless", None)
     assert (await get(agent, ip, CREDS))[0] == 404
     assert (await get(agent, ip, "/latest/meta-data/iam/info"))[0] == 404
 
@@ -175,16 +146,16 @@ async def test_unknown_caller_is_refused_within_the_sdk_budget(agent):
 
 
 async def test_pod_starting_after_its_request_is_answered_when_the_stream_brings_it(agent, kube):
-    ip = next(_ips)
+    ip = next_pod_ip(kube)
     request = asyncio.create_task(get(agent, ip, CREDS + "app-late"))
-    await asyncio.sleep(0.1)
-    add_pod(kube, "late", "app-late", ip=ip)
+    await eventually(lambda: agent.state.waiting == 1)  # the request waits for the stream
+    add_pod(kube, "apps", "late", "app-late", ip=ip)
     status, body, _ = await request
     assert status == 200 and json.loads(body)["Code"] == "Success"
 
 
 async def test_deleted_pod_stops_being_served_at_once(agent, kube):
-    ip = add_pod(kube, "leaver", "app-leaver")
+    ip = add_pod(kube, "apps", "leaver", "app-leaver")
     assert (await get(agent, ip, CREDS + "app-leaver"))[0] == 200
     kube.delete_pod("apps", "leaver")
     await eventually(lambda: ip not in agent.state.pods)
@@ -193,10 +164,10 @@ async def test_deleted_pod_stops_being_served_at_once(agent, kube):
 
 async def test_reused_ip_in_another_namespace_gets_only_the_new_pods_answer(agent, kube):
     kube.add_namespace("second", annotations={PERMITTED: "second-.*"})
-    ip = add_pod(kube, "first-owner", "app-first")
+    ip = add_pod(kube, "apps", "first-owner", "app-first")
     assert (await get(agent, ip, CREDS))[1] == "app-first"
     kube.delete_pod("apps", "first-owner")
-    add_pod(kube, "second-owner", "second-role", namespace="second", ip=ip)
+    add_pod(kube, "second", "second-owner", "second-role", ip=ip)
     await eventually(lambda: getattr(agent.state.pods.get(ip), "role", "") == "second-role")
     assert (await get(agent, ip, CREDS))[1] == "second-role"
     assert (await get(agent, ip, CREDS + "app-first"))[0] == 404
@@ -208,7 +179,7 @@ async def test_reused_ip_in_another_namespace_gets_only_the_new_pods_answer(agen
 
 
 async def test_token_is_minted_with_the_ttl_echoed(agent, kube):
-    ip = add_pod(kube, "v2", "app-v2")
+    ip = add_pod(kube, "apps", "v2", "app-v2")
     status, token, headers = await put_token(agent, ip, {TOKEN_TTL: "21600"})
     assert status == 200 and token
     assert headers[TOKEN_TTL] == "21600"
@@ -228,21 +199,21 @@ async def test_forwarded_token_request_is_403(agent):
 
 
 async def test_invalid_token_is_401(agent, kube):
-    ip = add_pod(kube, "forger", "app-forger")
+    ip = add_pod(kube, "apps", "forger", "app-forger")
     for token in ("garbage", "A" * 44, ""):
         assert (await get(agent, ip, CREDS, headers={TOKEN: token}))[0] == 401
 
 
 async def test_token_from_one_pod_is_worthless_to_another(agent, kube):
-    a = add_pod(kube, "token-owner", "app-owner")
-    b = add_pod(kube, "token-thief", "app-thief")
+    a = add_pod(kube, "apps", "token-owner", "app-owner")
+    b = add_pod(kube, "apps", "token-thief", "app-thief")
     _, token, _ = await put_token(agent, a, {TOKEN_TTL: "300"})
     assert (await get(agent, a, CREDS, headers={TOKEN: token}))[0] == 200
     assert (await get(agent, b, CREDS, headers={TOKEN: token}))[0] == 401
 
 
 async def test_expired_token_is_401(agent, kube):
-    ip = add_pod(kube, "patient", "app-patient")
+    ip = add_pod(kube, "apps", "patient", "app-patient")
     _, token, _ = await put_token(agent, ip, {TOKEN_TTL: "1"})
     await asyncio.sleep(2.1)
     assert (await get(agent, ip, CREDS, headers={TOKEN: token}))[0] == 401
@@ -255,8 +226,8 @@ async def test_require_imdsv2_refuses_credentials_without_a_token(podiam, kube, 
         metadata=moto_sts.endpoint_url,
         extra=["--require-imdsv2"],
     ) as strict:
-        await asyncio.wait_for(strict.follower.connected.wait(), 15)
-        ip = add_pod(kube, "strict", "app-strict")
+        await asyncio.wait_for(strict.follower.synced_once.wait(), 15)
+        ip = add_pod(kube, "apps", "strict", "app-strict")
         assert (await get(strict, ip, CREDS))[0] == 401
         assert (await get(strict, ip, CREDS + "app-strict"))[0] == 401
         _, token, _ = await put_token(strict, ip, {TOKEN_TTL: "60"})
@@ -304,7 +275,7 @@ async def test_paths_off_the_allow_list_are_404_naming_the_allow_list(agent, pat
     ],
 )
 async def test_path_tricks_are_refused_before_any_route(agent, kube, path):
-    ip = add_pod(kube, f"trick-{abs(hash(path)) % 10**8}", "app-trick")
+    ip = add_pod(kube, "apps", f"trick-{abs(hash(path)) % 10**8}", "app-trick")
     assert (await get(agent, ip, CREDS))[0] == 200
     status, body = await raw_get(ip, agent.port, path)
     assert status in (400, 404), body
@@ -312,7 +283,7 @@ async def test_path_tricks_are_refused_before_any_route(agent, kube, path):
 
 
 async def test_query_strings_do_not_change_the_route(agent, kube):
-    ip = add_pod(kube, "queried", "app-queried")
+    ip = add_pod(kube, "apps", "queried", "app-queried")
     assert (await raw_get(ip, agent.port, CREDS + "?role=admin")) == (200, "app-queried")
     status, _ = await raw_get(
         ip, agent.port, "/latest/user-data?/latest/meta-data/placement/region"
@@ -379,19 +350,19 @@ async def test_ready_file_exists_exactly_while_the_agent_can_serve_from_the_stre
 
 async def test_without_the_stream_unary_calls_answer(podiam, kube, tls_dirs):
     # A lookup whose stream state is not live: every answer comes from the unary RPCs.
-    ip = add_pod(kube, "unary", "app-unary")
+    ip = add_pod(kube, "apps", "unary", "app-unary")
     await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
     connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()
-    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, synced_once=connected)
     try:
         assert (await lookup.entry(ip)).role_name == "app-unary"
         assert json.loads(await lookup.credentials(ip, "app-unary"))["Code"] == "Success"
         with pytest.raises(Refused) as refused:
             await lookup.credentials(ip, "app-other")
         assert refused.value.status == 404
-        forbidden = add_pod(kube, "unary-thief", "admin")
+        forbidden = add_pod(kube, "apps", "unary-thief", "admin")
         await eventually(lambda: podiam.server.registry.lookup(forbidden).pod is not None)
         with pytest.raises(Refused) as refused:
             await lookup.entry(forbidden)
@@ -414,7 +385,7 @@ async def test_a_server_address_that_never_answers_is_reported_and_retried(tls_d
     task = asyncio.create_task(follower.run())
     try:
         await eventually(lambda: "no snapshot within 0.3s" in caplog.text, timeout=10)
-        assert not follower.connected.is_set()
+        assert not follower.synced_once.is_set()
         # Nothing was ever streamed, so nothing was "lost": the log says what happened.
         assert f"cannot open the node stream from podiam server 127.0.0.1:{port}" in caplog.text
         assert "lost" not in caplog.text
@@ -436,7 +407,7 @@ async def test_a_stream_that_ended_after_its_snapshot_is_reported_lost(
         )
         task = asyncio.create_task(follower.run())
         try:
-            await asyncio.wait_for(follower.connected.wait(), 15)
+            await asyncio.wait_for(follower.synced_once.wait(), 15)
             await own.server.stop(grace=1)
             await eventually(
                 lambda: f"node stream from podiam server {address} lost" in caplog.text

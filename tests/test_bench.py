@@ -56,8 +56,36 @@ def test_tiny_run_writes_a_markdown_and_json_report(tmp_path):
     assert any("keep-alive" in name for name in names)
     assert any("pod start" in name for name in names)
     assert any("AssumeRole" in name for name in names)
-    assert all(check["ok"] in (True, False) for check in report["checks"])
+    verdicts_follow_the_figures(sections)
+    for check in report["checks"]:
+        assert check["target"] and check["measured"], check
+        assert isinstance(check["ok"], bool), check  # measured here, so judged
+        verdict = "ok" if check["ok"] else "MISSED"
+        assert f"| {check['name']} | {check['target']} | {check['measured']} | {verdict} |" in (
+            markdown
+        )
     # The STS economy counts are exact, whatever the machine: M per refresh, not N.
     sts = sections["sts"]["data"]
     assert sts["hour"]["rounds"] == [2, 2, 2]
     assert sts["burst"]["calls"] == 2
+    assert all(check["ok"] for check in sections["sts"]["checks"])
+
+
+def verdicts_follow_the_figures(sections: dict) -> None:
+    """Each machine-dependent verdict is the comparison of the figure the report shows with
+    its target: a verdict can be either, but not one the figures contradict."""
+    checks = {check["name"]: check for s in sections.values() for check in s["checks"]}
+    rows = sections["hot"]["data"]["rows"]
+    keepalive = [r for r in rows if r["route"] == "credentials" and r["keepalive"]]
+    worst = min(r["ratio"] for r in keepalive)
+    throughput = checks["agent credentials, keep-alive: req/s vs baseline (worst concurrency)"]
+    assert (throughput["measured"], throughput["ok"]) == (f"{worst:.2f}x", worst >= 0.9)
+    worst_p99 = max(r["p99_ratio"] for r in keepalive)
+    p99 = checks["agent credentials, keep-alive: p99 vs baseline (worst concurrency)"]
+    assert (p99["measured"], p99["ok"]) == (f"{worst_p99:.2f}x", worst_p99 <= 1.5)
+    busiest = max(r[side]["generator_cpu"] for r in rows for side in ("agent", "baseline"))
+    generator = checks["load generator is not the bottleneck: its busiest row's CPU"]
+    assert generator["ok"] == (busiest < 0.8)
+    for label, row in sections["podstart"]["data"]["rows"].items():
+        start = checks[f"pod start p99, {label}"]
+        assert start["ok"] == (row["p99_ms"] < 100 and not row["failures"])

@@ -21,8 +21,8 @@ from agent.config import parse_config as parse_agent_config
 from certs.check import check_dir
 from server.app import PodiamServer
 from server.config import parse_config as parse_server_config
-from tests.kubeapi import KubeApiServer
 from tests.support.helm import CHART, NAMESPACE, Manifest, SecretsApi, container, notes, one, render
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import fake_session
 
 # Kubernetes versions every object must validate against, strictly (no unknown fields): the

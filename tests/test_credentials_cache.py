@@ -4,12 +4,17 @@ Refresh timing runs on an injected wall clock that tests move forward; the cache
 tasks sleep in short real steps (`max_sleep`), so a refresh "35 minutes before expiry" happens
 within milliseconds of the test moving the clock there. STS's own expirations stay real (moto
 issues one-hour credentials from the real now), and the fake clock starts at the real now.
+
+"Nothing happened" is never concluded from a pause: the clock notes which tasks read it, so a
+test waits until every task watching it has read it several times since it moved (and so has
+acted on the move, AssumeRole included), or until no task watches it any more.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,9 +27,10 @@ from server.credentials_proto import CredentialMessages
 from server.fanout import NodeFanout
 from server.identity import AwsCredentials, RoleIdentity
 from server.sts import StsGateway
-from tests.support.moto_sts import MotoSts, fake_session
+from tests.support.moto_sts import MotoSts
+from tests.support.waiting import eventually
 
-# The module-wide `moto_sts` fixture comes from tests.support.moto_sts, a plugin of conftest.
+# `sts` (moto, reset per test) and `gateway` come from tests/support/fixtures.py.
 
 ACCOUNT = "123456789012"
 ORDERS = RoleIdentity(f"arn:aws:iam::{ACCOUNT}:role/orders-api", "default-orders-api")
@@ -32,14 +38,54 @@ BILLING = RoleIdentity(f"arn:aws:iam::{ACCOUNT}:role/billing", "billing-worker",
 
 
 class FakeClock:
+    """The cache's wall clock, moved by the test, noting which tasks read it since it moved."""
+
+    # A refresher that wrongly acts on what it reads reads the clock at most three times before
+    # it awaits the AssumeRole it started; its fourth read comes after moto has answered it.
+    ACTED = 4
+
     def __init__(self) -> None:
-        self.now = datetime.now(UTC)
+        self._now = datetime.now(UTC)
+        self._reads: Counter[asyncio.Task[Any]] = Counter()  # since seen_by began
+        self._readers: set[asyncio.Task[Any]] = set()
+
+    @property
+    def now(self) -> datetime:
+        return self._now
+
+    @now.setter
+    def now(self, moment: datetime) -> None:
+        self._now = moment
 
     def __call__(self) -> datetime:
-        return self.now
+        task = asyncio.current_task()
+        if task is not None:
+            self._reads[task] += 1
+            self._readers.add(task)
+        return self._now
 
     def advance(self, delta: timedelta) -> None:
-        self.now += delta
+        self.now = self._now + delta
+
+    def _watchers(self) -> list[asyncio.Task[Any]]:
+        """Tasks other than the test's own that read the clock and are still running."""
+        me = asyncio.current_task()
+        return [task for task in self._readers if task is not me and not task.done()]
+
+    async def seen_by(self, watchers: int) -> None:
+        """Until ``watchers`` tasks (a refresher per acquired identity), and every other task
+        watching the clock, have read it from now on and acted on what they read."""
+        self._reads.clear()
+
+        def seen() -> bool:
+            counts = [self._reads[task] for task in self._watchers()]
+            return len(counts) >= watchers and min(counts) >= self.ACTED
+
+        await eventually(seen)
+
+    async def unwatched(self) -> None:
+        """Until no task watches the clock: nothing is left to act on a move."""
+        await eventually(lambda: not self._watchers())
 
 
 class Updates:
@@ -55,32 +101,8 @@ class Updates:
         return [creds for who, creds in self.seen if who == identity]
 
 
-async def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-
-
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
-
-
-@pytest.fixture
-def sts(moto_sts: MotoSts) -> Iterator[MotoSts]:
-    moto_sts.reset()
-    yield moto_sts
-    moto_sts.reset()
-
-
-@pytest.fixture(scope="module")
-def gateway(moto_sts: MotoSts) -> Iterator[StsGateway]:
-    gateway = StsGateway(
-        region="us-east-1", endpoint_url=moto_sts.endpoint_url, boto_session=fake_session()
-    )
-    yield gateway
-    gateway.close()
 
 
 @pytest.fixture
@@ -176,7 +198,7 @@ async def test_release_stops_refreshing(
     cache.release(ORDERS)
 
     clock.advance(timedelta(hours=2))
-    await asyncio.sleep(0.1)
+    await clock.unwatched()
     assert sts.assume_role_calls() == 1
 
 
@@ -222,13 +244,13 @@ async def test_refresh_happens_once_per_period_and_is_pushed(
 
     # 40 minutes left: not yet due (refresh_before is 35 minutes).
     clock.now = first.expiration - timedelta(minutes=40)
-    await asyncio.sleep(0.1)
+    await clock.seen_by(watchers=1)
     assert sts.assume_role_calls() == 1
 
     # 34 minutes left: due, refreshed exactly once and pushed.
     clock.now = first.expiration - timedelta(minutes=34)
     await eventually(lambda: len(updates.of(ORDERS)) == 2)
-    await asyncio.sleep(0.1)
+    await clock.seen_by(watchers=1)
     assert sts.assume_role_calls() == 2
     second = updates.of(ORDERS)[1]
     assert second is not None and second.access_key_id != first.access_key_id
@@ -252,7 +274,7 @@ async def test_get_never_hands_out_credentials_under_30_minutes_when_sts_can_ref
     assert fresh.access_key_id != old.access_key_id
     assert cache.peek(ORDERS) == fresh
     # The refresher, due at the same moment, shared that call or saw its result: one call.
-    await asyncio.sleep(0.1)
+    await clock.seen_by(watchers=1)
     assert sts.assume_role_calls() == 2
 
 
@@ -351,7 +373,7 @@ async def test_close_stops_every_background_task(
 
     await cache.close()
     clock.advance(timedelta(hours=2))
-    await asyncio.sleep(0.1)
+    await clock.unwatched()
 
     assert len(cache) == 0
     assert sts.assume_role_calls() == 2

@@ -1,4 +1,4 @@
-"""The README's first command must stay true: `make demo` runs `python -m tests.demo`."""
+"""The README's first command must stay true: `make demo` runs `python -m demo`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.support.netns import requires_root
 
 async def run_demo(**env: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.demo",
+        sys.executable, "-m", "demo",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **env},
     )  # fmt: skip

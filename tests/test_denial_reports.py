@@ -18,7 +18,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from protos import kiam_pb2
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import running_server
 from tests.support.waiting import eventually
 

@@ -7,11 +7,9 @@ AWS account, or turn an ambiguous IP into a guess.
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import grpc
 import pytest
-import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from agent.client import ServerClient, ServerConnection
@@ -19,70 +17,28 @@ from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
 from protos import kiam_pb2
-from tests.kubeapi import KubeApiServer
-from tests.support.agent import NODE, pod_session, running_agent
-from tests.support.server import BASE_ARN, running_server
+from tests.support.agent import pod_session
+from tests.support.objects import PERMITTED
+from tests.support.pods import NODE, add_pod, next_pod_ip
+from tests.support.server import BASE_ARN, indexed, refused
 from tests.support.waiting import eventually
 
-PERMITTED = "iam.amazonaws.com/permitted"
-ROLE = "iam.amazonaws.com/role"
 CREDS = "/latest/meta-data/iam/security-credentials/"
 LISTED_ACCOUNT = "111111111111"
 UNLISTED_ACCOUNT = "999999999999"
 # 500 characters, valid as IAM defines roles (a 435-character path segment and a 64-character
 # name), and the worst case for a backtracking engine matching "(a+)+$": all a's, then not.
 HOSTILE_ROLE = "a" * 435 + "/" + "a" * 63 + "="
-_ips = (f"127.0.{n // 250 + 100}.{n % 250 + 1}" for n in itertools.count())
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={PERMITTED: "app-.*"})
-        kube.add_namespace("anything", annotations={PERMITTED: ".*"})
-        yield kube
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": "app-.*", "anything": ".*"}
 
 
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    extra = ["--allowed-account", LISTED_ACCOUNT]
-    async with running_server(
-        kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("hostile"), extra=extra
-    ) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
-
-
-@pytest_asyncio.fixture(scope="module")
-async def agent(podiam, moto_sts, tls_dirs):
-    async with running_agent(
-        server_port=podiam.server.port, tls=tls_dirs, metadata=moto_sts.endpoint_url
-    ) as agent:
-        await asyncio.wait_for(agent.follower.connected.wait(), 15)
-        yield agent
-
-
-def add_pod(kube, namespace: str, name: str, role: str | None, *, ip: str | None = None) -> str:
-    ip = ip or next(_ips)
-    annotations = {ROLE: role} if role is not None else {}
-    kube.add_pod(namespace, name, ip=ip, host_ip=NODE, annotations=annotations)
-    return ip
-
-
-async def indexed(podiam, ip: str) -> None:
-    await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
-
-
-async def refused(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call
-    return error.value
+@pytest.fixture(scope="module")
+def server_flags():
+    return ["--allowed-account", LISTED_ACCOUNT]
 
 
 def credentials_request(ip: str, role: str) -> kiam_pb2.GetPodCredentialsRequest:
@@ -215,7 +171,7 @@ async def test_role_in_listed_account_is_served(podiam, kube, stub, moto_sts):
 
 @pytest.mark.parametrize("roles", [("app-twin-a", "app-twin-b"), (None, None)])
 async def test_ambiguous_ip_is_refused_403_with_reason(podiam, kube, agent, roles):
-    ip = next(_ips)
+    ip = next_pod_ip(kube)
     suffix = "roles" if roles[0] else "plain"
     add_pod(kube, "apps", f"twin-a-{suffix}", roles[0], ip=ip)
     add_pod(kube, "apps", f"twin-b-{suffix}", roles[1], ip=ip)
@@ -235,14 +191,14 @@ async def test_ambiguous_ip_is_refused_403_with_reason_without_the_stream_too(
 ):
     # A lookup whose stream is not live answers from the unary RPCs, kiam's wire: the reason
     # travels in trailing metadata.
-    ip = next(_ips)
+    ip = next_pod_ip(kube)
     add_pod(kube, "apps", "unary-twin-a", None, ip=ip)
     add_pod(kube, "apps", "unary-twin-b", None, ip=ip)
     await eventually(lambda: len(podiam.server.registry.pods_with_ip(ip)) == 2)
     connection = ServerConnection(f"127.0.0.1:{podiam.server.port}", tls_dirs.agent)
     connected = asyncio.Event()
     connected.set()
-    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, connected=connected)
+    lookup = PodLookup(NodeState(), ServerClient(connection), pod_wait=0.9, synced_once=connected)
     try:
         for ask in (lookup.entry(ip), lookup.credentials(ip, "app-x")):
             with pytest.raises(Refused) as refusal:
@@ -271,4 +227,5 @@ async def test_released_identity_leaves_no_credentials_in_any_cache(podiam, kube
     await eventually(lambda: server.cache.peek(identity) is None)
     assert identity not in server.messages
     await eventually(lambda: identity.key not in agent.state.credentials)
-    assert not any(creds.access_key_id.encode() in doc for doc in agent.state.credentials.values())
+    served = agent.state.credentials.values()
+    assert not any(creds.access_key_id.encode() in doc.body for doc in served)

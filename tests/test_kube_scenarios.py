@@ -19,6 +19,7 @@ import pytest_asyncio
 from kubernetes_asyncio.client import ApiClient
 
 from protos import kiam_pb2
+from server.pods import UNFINISHED_PODS
 from tests.support.clusters import (
     Cluster,
     add_pods,
@@ -30,7 +31,7 @@ from tests.support.clusters import (
     unique,
 )
 from tests.support.waiting import eventually
-from tests.test_kube_watch import ACTIVE_PODS, RecordingSink
+from tests.test_kube_watch import RecordingSink
 
 PERMITTED = "iam.amazonaws.com/permitted"
 ROLE = "iam.amazonaws.com/role"
@@ -246,7 +247,7 @@ async def test_pod_that_finishes_leaves_an_active_pods_watch_as_deleted(
     await add_pods(cluster, ns, "already-done", phase="Succeeded")
     sink = RecordingSink()
 
-    async with reflecting(cluster, api, sink, field_selector=ACTIVE_PODS):
+    async with reflecting(cluster, api, sink, field_selector=UNFINISHED_PODS):
         assert mine(sink, ns) == {f"{ns}/running", f"{ns}/finishing"}
 
         await cluster.set_pod(ns, "finishing", phase="Succeeded")

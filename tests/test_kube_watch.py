@@ -19,11 +19,10 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import REGISTRY
 
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
+from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.waiting import eventually
-
-ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
 
 
 class RecordingSink:
@@ -80,11 +79,11 @@ def add_pods(kube: KubeApiServer, *names: str, phase: str = "Running") -> None:
         kube.add_pod("default", name, ip=f"10.0.{number >> 8}.{number & 255}", phase=phase)
 
 
-@pytest_asyncio.fixture
-async def kube() -> AsyncIterator[KubeApiServer]:
-    async with KubeApiServer() as server:
-        server.add_namespace("default")
-        yield server
+@pytest.fixture(name="kube")
+def kube_of_its_own(fresh_kube: KubeApiServer) -> KubeApiServer:
+    """These tests change the API server itself (compaction, watches, request counts): each
+    test gets a new one."""
+    return fresh_kube
 
 
 @pytest_asyncio.fixture
@@ -322,7 +321,7 @@ async def test_pod_that_finishes_leaves_an_active_pods_watch_as_deleted(
     add_pods(kube, "already-done", phase="Succeeded")
     sink = RecordingSink()
 
-    async with reflecting(kube, api, sink, field_selector=ACTIVE_PODS):
+    async with reflecting(kube, api, sink, field_selector=UNFINISHED_PODS):
         assert sink.names() == {"default/running", "default/finishing"}
 
         kube.update_pod("default", "finishing", phase="Succeeded")

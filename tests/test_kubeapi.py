@@ -22,14 +22,14 @@ from kubernetes_asyncio import config, watch
 from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 
 
-@pytest_asyncio.fixture
-async def kube() -> AsyncIterator[KubeApiServer]:
-    async with KubeApiServer() as server:
-        server.add_namespace("default")
-        yield server
+@pytest.fixture(name="kube")
+def kube_of_its_own(fresh_kube: KubeApiServer) -> KubeApiServer:
+    """These tests change the API server itself (compaction, watches, request counts): each
+    test gets a new one."""
+    return fresh_kube
 
 
 @contextlib.asynccontextmanager
@@ -267,7 +267,6 @@ async def test_dropped_watch_breaks_the_connection(kube: KubeApiServer, core: Co
     response = await core.list_pod_for_all_namespaces(
         watch=True, resource_version=str(kube.store.rv), _preload_content=False
     )
-    await asyncio.sleep(0)
     kube.drop_watches()
 
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -353,7 +352,7 @@ async def test_bulk_load_of_100000_pods_is_fast(kube: KubeApiServer, core: CoreV
 
 def test_runs_standalone_and_prints_its_url():
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.kubeapi", "--port", "0"],
+        [sys.executable, "-m", "tests.support.kubeapi", "--port", "0"],
         cwd=Path(__file__).parent.parent,
         stdout=subprocess.PIPE,
         text=True,

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("runtime", "certs", "protos")
-FIRST_PARTY = {"agent", "server", *SHARED, "tests", "bench"}
+FIRST_PARTY = {"agent", "server", *SHARED, "tests", "bench", "demo"}
 # What each package may import of the others.
 ALLOWED = {
     "agent": {"agent", *SHARED},
@@ -138,3 +138,16 @@ def test_agent_install_brings_no_server_libraries():
     agent = _closure(_declared("agent"))
     for library in ("boto3", "botocore", "kubernetes-asyncio", "grpcio-health-checking"):
         assert library not in agent
+
+
+def test_the_demo_builds_on_the_test_support_never_the_reverse():
+    """demo/ is a developer tool made of tests/support's servers; the tests run it as a program
+    (``python -m demo``) and import nothing from it, so it can leave or change freely."""
+    importers = sorted(
+        path.relative_to(ROOT).as_posix()
+        for package in ("tests", "bench")
+        for path in modules(package)
+        if "demo" in imported_top_levels(path)
+    )
+    assert not importers, f"import from demo/: {importers}"
+    assert {"tests"} <= set().union(*(imported_top_levels(p) for p in modules("demo")))

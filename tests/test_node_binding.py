@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import pytest_asyncio
 
 from protos import kiam_pb2
 from server.service import peer_ip
-from tests.kubeapi import KubeApiServer
-from tests.support.server import running_server
+from tests.support.pods import add_pod
 from tests.support.waiting import eventually
 
 
@@ -28,26 +26,21 @@ def test_peer_addresses_are_read_as_node_ips(peer, ip):
     assert peer_ip(peer) == ip
 
 
-@pytest_asyncio.fixture(scope="module")
-async def unbound(moto_sts, tls_dirs, tmp_path_factory):
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={"iam.amazonaws.com/permitted": ".*"})
-        kube.add_namespace("default")
-        tmp = tmp_path_factory.mktemp("unbound")
-        async with running_server(
-            kube, moto_sts, tls_dirs, tmp, extra=["--no-node-binding"]
-        ) as running:
-            yield running
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": ".*", "default": None}
 
 
-async def test_without_node_binding_any_agent_may_ask_for_any_pod(unbound):
-    unbound.kube.add_pod(
-        "apps", "far", ip="10.7.0.1", host_ip="10.99.0.9",
-        annotations={"iam.amazonaws.com/role": "far-role"},
-    )  # fmt: skip
-    await eventually(lambda: unbound.server.registry.lookup("10.7.0.1").pod is not None)
-    async with unbound.channel() as channel:
-        stub = unbound.stub(channel)
+@pytest.fixture(scope="module")
+def server_flags():
+    return ["--no-node-binding"]
+
+
+async def test_without_node_binding_any_agent_may_ask_for_any_pod(podiam):
+    add_pod(podiam.kube, "apps", "far", "far-role", ip="10.7.0.1", host_ip="10.99.0.9")
+    await eventually(lambda: podiam.server.registry.lookup("10.7.0.1").pod is not None)
+    async with podiam.channel() as channel:
+        stub = podiam.stub(channel)
         request = kiam_pb2.GetPodCredentialsRequest(ip="10.7.0.1", role="far-role")
         assert (await stub.GetPodCredentials(request)).access_key_id
         stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip="10.99.0.9"))
@@ -57,15 +50,15 @@ async def test_without_node_binding_any_agent_may_ask_for_any_pod(unbound):
 
 
 async def test_without_node_binding_the_startup_taint_follows_the_address_the_agent_claims(
-    unbound,
+    podiam,
 ):
     # Peer addresses are not node addresses where node binding is off (a proxy, NAT), so the
     # node must carry the address the agent says it serves: a misconfigured agent is caught,
     # though a malicious one is not, as with every other check under --no-node-binding.
     taint = {"key": "podiam.io/agent-not-ready", "value": "true", "effect": "NoExecute"}
-    unbound.kube.add_node("far-node", internal_ip="10.99.0.9", taints=[taint])
-    async with unbound.channel() as channel:
-        stub = unbound.stub(channel)
+    podiam.kube.add_node("far-node", internal_ip="10.99.0.9", taints=[taint])
+    async with podiam.channel() as channel:
+        stub = podiam.stub(channel)
 
         def report(host_ip: str):
             return stub.ReportNodeReady(
@@ -78,6 +71,6 @@ async def test_without_node_binding_the_startup_taint_follows_the_address_the_ag
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await report("10.99.0.8")
         assert error.value.code() is grpc.StatusCode.PERMISSION_DENIED
-        assert unbound.kube.taints("far-node") == [taint]
+        assert podiam.kube.taints("far-node") == [taint]
         assert (await report("10.99.0.9")).outcome == "scheduled"
-    await eventually(lambda: unbound.kube.taints("far-node") == [])
+    await eventually(lambda: podiam.kube.taints("far-node") == [])

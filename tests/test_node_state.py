@@ -53,12 +53,12 @@ def test_snapshot_gives_each_pod_its_role_name_and_credentials_document() -> Non
     entry = node.pods["10.0.0.1"]
     assert (entry.role, entry.role_name) == ("team/app-reader", "app-reader")
     assert entry.identity == "id-1"
-    document = json.loads(node.credentials["id-1"])
+    document = json.loads(node.credentials["id-1"].body)
     assert list(document) == [
         "Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"
     ]  # fmt: skip
     assert document["AccessKeyId"] == "AK1" and document["Expiration"] == "2030-01-01T00:00:00Z"
-    assert node.last_updated["id-1"] == "2029-12-31T23:00:00Z"
+    assert node.credentials["id-1"].last_updated == "2029-12-31T23:00:00Z"
     assert node.live
 
 
@@ -67,7 +67,7 @@ def test_a_new_snapshot_replaces_everything_the_last_one_said() -> None:
     node.apply(snapshot(state("10.0.0.1", identity="id-1"), credentials=[creds("id-1", "AK1")]))
     node.apply(snapshot(state("10.0.0.2")))
     assert set(node.pods) == {"10.0.0.2"}
-    assert node.credentials == {} and node.last_updated == {}
+    assert node.credentials == {}
 
 
 def test_changes_remove_before_they_add() -> None:
@@ -83,14 +83,14 @@ def test_changes_remove_before_they_add() -> None:
         )
     )
     assert node.pods["10.0.0.1"].identity == "new"
-    assert set(node.credentials) == {"new"} and set(node.last_updated) == {"new"}
+    assert set(node.credentials) == {"new"}
 
 
 def test_refreshed_credentials_replace_the_document() -> None:
     node = NodeState()
     node.apply(snapshot(state("10.0.0.1", identity="id-1"), credentials=[creds("id-1", "AK1")]))
     node.apply(kiam_pb2.NodeUpdate(credentials=[creds("id-1", "AK2")]))
-    assert json.loads(node.credentials["id-1"])["AccessKeyId"] == "AK2"
+    assert json.loads(node.credentials["id-1"].body)["AccessKeyId"] == "AK2"
 
 
 def test_lost_stream_forgets_everything_it_said() -> None:
@@ -98,7 +98,7 @@ def test_lost_stream_forgets_everything_it_said() -> None:
     node.apply(snapshot(state("10.0.0.1", identity="id-1"), credentials=[creds("id-1", "AK1")]))
     node.lost()
     assert not node.live
-    assert node.pods == {} and node.credentials == {} and node.last_updated == {}
+    assert node.pods == {} and node.credentials == {}
     assert not node.ready("10.0.0.1")
 
 

@@ -138,7 +138,8 @@ def test_wheel_holds_every_package_and_the_proto(wheel):
     missing = sorted(p for p in source_packages if f"{p}/__init__.py" not in names)
     assert not missing, f"packages missing from the wheel: {missing}"
     assert "protos/kiam.proto" in names
-    assert not any(name.startswith("tests/") for name in names)
+    # Developer tools stay out: the tests, the benchmarks, the demo.
+    assert not any(name.startswith(("tests/", "bench/", "demo/")) for name in names)
 
 
 def test_wheel_declares_the_console_scripts(wheel):

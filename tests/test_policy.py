@@ -22,7 +22,7 @@ def decide(
     allowed_accounts: frozenset[str] = frozenset({OTHER_ACCOUNT}),
 ):
     pod = pod_from_object(pod_object("team", "app", role=role))
-    namespace = namespace_from_object(namespace_object("team", permitted))
+    namespace = namespace_from_object(namespace_object("team", permitted=permitted))
     return grant_for_pod(
         pod,
         namespace if namespace_known else None,
@@ -149,7 +149,7 @@ def test_pattern_over_the_re2_budget_permits_nothing():
 def test_pathological_pattern_is_matched_by_re2_and_decides():
     # With a backtracking engine this decision takes longer than the age of the universe
     # (2^500 paths); RE2 matches in time linear in the role, so the test ends at all.
-    record = namespace_from_object(namespace_object("team", "(a+)+$"))
+    record = namespace_from_object(namespace_object("team", permitted="(a+)+$"))
     assert record.pattern.engine == "re2"
     role = "a" * 435 + "/" + "a" * 63 + "="  # 500 characters, a valid IAM path and name
     assert len(role) == 500
@@ -167,7 +167,7 @@ def test_external_id_is_part_of_the_identity():
     pod = pod_from_object(pod_object("team", "app", role="r", annotations=annotations))
     grant = grant_for_pod(
         pod,
-        namespace_from_object(namespace_object("team", ".*")),
+        namespace_from_object(namespace_object("team", permitted=".*")),
         resolver=resolver,
         session_name=lambda p: "s",
     )
@@ -178,7 +178,7 @@ def _permitted_pod(role="app-reader", host_ip="10.0.0.1"):
     pod = pod_from_object(pod_object("team", "app", role=role, host_ip=host_ip))
     grant = grant_for_pod(
         pod,
-        namespace_from_object(namespace_object("team", ".*")),
+        namespace_from_object(namespace_object("team", permitted=".*")),
         resolver=resolver,
         session_name=lambda p: "s",
     )

@@ -12,8 +12,8 @@ import pytest_asyncio
 from certs.authority import generate_bundle, write_bundle
 from certs.tls import TlsFiles, channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.server import running_server
 from tests.support.tls import TlsDirs
 from tests.support.waiting import eventually
@@ -39,7 +39,7 @@ async def rotating(moto_sts, tmp_path):
             async with running_agent(
                 server_port=podiam.server.port, tls=tls, metadata=moto_sts.endpoint_url
             ) as agent:
-                await asyncio.wait_for(agent.follower.connected.wait(), 15)
+                await asyncio.wait_for(agent.follower.synced_once.wait(), 15)
                 yield podiam, agent, live
 
 

@@ -4,7 +4,6 @@ STS, real certificates. Each test uses its own pods and IPs on one module-wide s
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import grpc
 import pytest
@@ -12,65 +11,18 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import kiam_pb2
-from tests.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
-from tests.support.server import BASE_ARN, as_aws, running_server
+from tests.support.objects import PERMITTED
+from tests.support.pods import NODE, add_pod
+from tests.support.server import BASE_ARN, as_aws, indexed, refused
 from tests.support.waiting import eventually
 
-PERMITTED = "iam.amazonaws.com/permitted"
-ROLE = "iam.amazonaws.com/role"
-NODE = "127.0.0.1"  # the test client connects from here, so this is "the agent's node"
 OTHER_NODE = "10.99.0.1"
-_ips = (f"10.{n // 250}.{n % 250}.{7}" for n in itertools.count(1))
 
 
-def next_ip() -> str:
-    return next(_ips)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={PERMITTED: "app-.*"})
-        kube.add_namespace("other", annotations={PERMITTED: "other-.*"})
-        kube.add_namespace("closed")
-        kube.add_namespace("empty", annotations={PERMITTED: ""})
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("srv")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
-
-
-def add_pod(kube: KubeApiServer, namespace: str, name: str, role: str | None, **kwargs) -> str:
-    ip = kwargs.pop("ip", None) or next_ip()
-    annotations = kwargs.pop("annotations", {})
-    if role is not None:
-        annotations = {**annotations, ROLE: role}
-    kube.add_pod(
-        namespace, name, ip=ip, host_ip=kwargs.pop("host_ip", NODE), annotations=annotations,
-        **kwargs,
-    )  # fmt: skip
-    return ip
-
-
-async def indexed(podiam, ip: str) -> None:
-    await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
-
-
-async def refused(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call
-    return error.value
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": "app-.*", "other": "other-.*", "closed": None, "empty": ""}
 
 
 # ---- credentials and roles ------------------------------------------------------------------
@@ -412,6 +364,7 @@ async def test_index_is_exact_after_410_gone_with_deletions_missed(podiam, kube,
     gone = add_pod(kube, "apps", "casualty", "app-casualty")
     await indexed(podiam, gone)
     lists_before = kube.list_requests["pods"]
+    await eventually(lambda: kube.watching("pods"))  # else the drop would break nothing
     kube.drop_watches()
     kube.delete_pod("apps", "casualty")
     added = add_pod(kube, "apps", "newcomer", "app-newcomer")
@@ -430,9 +383,12 @@ async def test_index_is_exact_after_410_gone_with_deletions_missed(podiam, kube,
 
 
 async def test_dropped_watch_resumes_without_losing_changes(podiam, kube):
+    await eventually(lambda: kube.watching("pods"))  # else the drop would break nothing
+    watches_before = kube.watch_requests["pods"]
     kube.drop_watches()
     ip = add_pod(kube, "apps", "while-away", "app-away")
     await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None, timeout=15)
+    assert kube.watch_requests["pods"] > watches_before  # it came by a new watch
 
 
 # ---- health and TLS ------------------------------------------------------------------------

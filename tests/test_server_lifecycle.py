@@ -11,7 +11,7 @@ from certs.tls import channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import fake_session
 from tests.support.server import server_argv
 

@@ -17,7 +17,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from server.arn import ArnError, detect_base_arn
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
+from tests.support.pods import add_pod
 from tests.support.server import server_argv
 from tests.support.waiting import eventually
 
@@ -48,19 +49,14 @@ async def run_to_exit(*args: str, command: list[str] = PYTHON, **env: str) -> tu
     return process.returncode, stderr.decode()
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={"iam.amazonaws.com/permitted": ".*"})
-        kube.add_pod(
-            "apps", "web", ip="10.3.0.1", host_ip="127.0.0.1",
-            annotations={"iam.amazonaws.com/role": "web"},
-        )  # fmt: skip
-        yield kube
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"apps": ".*"}
 
 
 @pytest.fixture(scope="module")
 def kubeconfig(kube, tmp_path_factory) -> Path:
+    add_pod(kube, "apps", "web", "web", ip="10.3.0.1")
     path = tmp_path_factory.mktemp("kube") / "config"
     kube.write_kubeconfig(str(path))
     return path

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from agent.client import ServerClient, ServerConnection, StreamFollower
@@ -24,8 +22,8 @@ from agent.readiness import ReadinessReporter
 from agent.state import NodeState
 from protos import kiam_pb2
 from server.config import parse_config
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.netns import Cluster, Node, requires_root
 from tests.support.server import running_server, server_argv
 from tests.support.waiting import eventually
@@ -39,24 +37,9 @@ CALLER = "127.0.0.1"  # test clients and in-process agents connect from here
 _names = (f"node-{n}" for n in itertools.count(1))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube() -> AsyncIterator[KubeApiServer]:
-    async with KubeApiServer() as kube:
-        kube.add_namespace("default")  # where Events about nodes go
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("srv")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
+@pytest.fixture(scope="module")
+def namespaces():
+    return {"default": None}  # where Events about nodes go
 
 
 def new_node(kube: KubeApiServer, *, ip: str = CALLER, taints=(STARTUP,)) -> str:
@@ -148,7 +131,7 @@ async def test_agent_without_its_rule_never_clears_the_taint(podiam, kube, tls_d
         extra=["--node-name", name],  # and no --iptables: nothing intercepts metadata here
     ) as agent:  # fmt: skip
         await asyncio.wait_for(agent.reporter.answered.wait(), 15)
-        assert agent.follower.connected.is_set()
+        assert agent.follower.synced_once.is_set()
         assert agent.reporter.last_answer == "FAILED_PRECONDITION"
     assert kube.taints(name) == [STARTUP]
     assert kube.node_requests["PATCH"] == patches

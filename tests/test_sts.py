@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,27 +14,11 @@ from server.identity import RoleIdentity
 from server.sts import StsError, StsGateway, session_name_for
 from tests.support.moto_sts import MotoSts, caller_arn, fake_session
 
-# The module-wide `moto_sts` fixture comes from tests.support.moto_sts, a plugin of conftest.
+# `sts` (moto, reset per test) and `gateway` come from tests/support/fixtures.py.
 
 ACCOUNT = "123456789012"
 POD_ROLE = f"arn:aws:iam::{ACCOUNT}:role/orders-api"
 HOP_ROLE = f"arn:aws:iam::{ACCOUNT}:role/podiam-server"
-
-
-@pytest.fixture
-def sts(moto_sts: MotoSts) -> Iterator[MotoSts]:
-    moto_sts.reset()
-    yield moto_sts
-    moto_sts.reset()
-
-
-@pytest.fixture
-def gateway(sts: MotoSts) -> Iterator[StsGateway]:
-    gateway = StsGateway(
-        region="us-east-1", endpoint_url=sts.endpoint_url, boto_session=fake_session()
-    )
-    yield gateway
-    gateway.close()
 
 
 def sts_calls_metric(outcome: str) -> float:

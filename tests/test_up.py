@@ -33,7 +33,7 @@ def test_make_up_installs_the_bench_extras_and_runs_the_stack():
         check=True,
     ).stdout
     assert "'.[test,bench]'" in dry
-    assert dry.strip().splitlines()[-1].endswith("python -m tests.up")
+    assert dry.strip().splitlines()[-1].endswith("python -m demo.up")
 
 
 async def read_report(process: asyncio.subprocess.Process) -> dict[str, str]:
@@ -64,7 +64,7 @@ async def test_the_local_stack_serves_curl_metrics_and_a_headless_locust_run(tmp
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PODIAM_DEMO": variant}
     with (tmp_path / "logs").open("wb") as logs:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.up", cwd=REPO, env=env,
+            sys.executable, "-m", "demo.up", cwd=REPO, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=logs,
         )  # fmt: skip
     try:

@@ -15,12 +15,12 @@ async def ping(request: web.Request, ip: str) -> web.Response:
 
 
 class HealthHandler:
-    def __init__(self, connected: asyncio.Event, state: NodeState) -> None:
-        self._connected = connected
+    def __init__(self, synced_once: asyncio.Event, state: NodeState) -> None:
+        self._synced_once = synced_once
         self._state = state
 
     async def __call__(self, request: web.Request, ip: str) -> web.Response:
-        if not self._connected.is_set():
+        if not self._synced_once.is_set():
             raise Refused(503, "not-connected", "not connected to a podiam server yet")
         # deep=1 (the readiness probe) also wants the live, synced stream of the hot path.
         if request.query.get("deep") in ("1", "true") and not self._state.live:

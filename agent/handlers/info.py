@@ -14,6 +14,7 @@ from aiohttp import web
 from agent.lookup import PodLookup
 from agent.refusal import Refused
 from agent.state import NodeState
+from runtime import imds
 
 
 class InfoHandler:
@@ -27,9 +28,10 @@ class InfoHandler:
         if not arn:
             # Only the node stream carries the role's ARN for a short-named role.
             raise Refused(503, "no-stream", "iam/info is unavailable while the node stream is down")
+        served = self._state.credentials.get(entry.identity)
         body = {
-            "Code": "Success",
-            "LastUpdated": self._state.last_updated.get(entry.identity, ""),
+            "Code": imds.CODE_SUCCESS,
+            "LastUpdated": served.last_updated if served is not None else "",
             "InstanceProfileArn": instance_profile_arn(arn),
             "InstanceProfileId": instance_profile_id(arn),
         }

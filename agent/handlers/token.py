@@ -6,8 +6,7 @@ from aiohttp import web
 
 from agent.refusal import Refused
 from agent.tokens import MAX_TTL, MIN_TTL, TokenAuthority, parse_ttl
-
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+from runtime.imds import TOKEN_TTL_HEADER as TTL_HEADER
 
 
 class TokenHandler:

@@ -15,9 +15,8 @@ import aiohttp
 
 from agent.app import PodiamAgent
 from agent.config import parse_config
+from tests.support.pods import NODE
 from tests.support.tls import TlsDirs
-
-NODE = "127.0.0.1"
 
 
 def agent_argv(*, server_port: int, tls: TlsDirs, metadata: str, extra: list[str] | None = None):

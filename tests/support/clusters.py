@@ -1,5 +1,5 @@
 """One interface over the two Kubernetes APIs the tests know: the test double
-(tests/kubeapi.py) and the real control plane (tests/support/controlplane.py).
+(tests/support/kubeapi.py) and the real control plane (tests/support/controlplane.py).
 
 A scenario written against ``Cluster`` runs on both (the ``cluster`` fixture is parametrised),
 so the double cannot drift from the real API: whatever the double does that Kubernetes does
@@ -39,7 +39,6 @@ from server.app import PodiamServer
 from server.config import parse_config
 from server.kubeconfig import load_api_client
 from server.reflector import Reflector
-from tests.kubeapi import KubeApiServer
 from tests.support import helm
 from tests.support.controlplane import (
     NODE_IP,
@@ -48,6 +47,7 @@ from tests.support.controlplane import (
     KubeClient,
     admin_client,
 )
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts, fake_session
 from tests.support.server import server_argv
 from tests.support.tcpproxy import TcpProxy

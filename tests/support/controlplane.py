@@ -1,7 +1,7 @@
 """A real Kubernetes control plane for tests: etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler, and kwok playing the kubelets of fake nodes, as local processes on loopback.
 
-The test double in tests/kubeapi.py speaks the list/watch protocol, but it has no RBAC, no
+The test double in tests/support/kubeapi.py speaks the list/watch protocol, but it has no RBAC, no
 admission, no watch cache, no service-account tokens and no controllers. An EKS user's cluster
 has all of them, so what podiam claims about its Kubernetes behaviour is also shown here,
 against the real thing, built from source by tests/controlplane/build.sh.

@@ -38,14 +38,13 @@ from pathlib import Path
 
 from certs.authority import DEFAULT_SERVER_NAMES, generate_bundle, write_bundle
 from certs.tls import TlsFiles
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.netns import Cluster, Fetched, Node, Pod
+from tests.support.objects import PERMITTED, ROLE
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_ARN = "arn:aws:iam::123456789012:role/"
-ROLE = "iam.amazonaws.com/role"
-PERMITTED = "iam.amazonaws.com/permitted"
 METADATA_URL = "http://169.254.169.254"
 SERVER_PORT = 8443
 AGENT_PORT = 8181

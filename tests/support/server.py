@@ -9,15 +9,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import pytest
 
 from certs.tls import TlsFiles, channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
 from server.app import PodiamServer
 from server.config import parse_config
 from server.identity import AWS_TIME_FORMAT, AwsCredentials
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts, fake_session
 from tests.support.tls import TlsDirs
+from tests.support.waiting import eventually
 
 BASE_ARN = "arn:aws:iam::123456789012:role/"
 
@@ -70,6 +72,18 @@ async def running_server(
         yield Running(server, kube, sts, tls, target=f"localhost:{server.port}")
     finally:
         await server.stop(grace=1)
+
+
+async def indexed(podiam: Running, ip: str) -> None:
+    """Until the server knows the pod at ``ip``."""
+    await eventually(lambda: podiam.server.registry.lookup(ip).pod is not None)
+
+
+async def refused(call) -> grpc.aio.AioRpcError:
+    """The error a gRPC call that must fail failed with."""
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    return error.value
 
 
 def as_aws(creds: kiam_pb2.Credentials) -> AwsCredentials:

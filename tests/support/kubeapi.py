@@ -17,7 +17,7 @@ core/v1 API the server uses, faithfully enough that the client cannot tell the d
 - injected failures (``fail_next``) to show that callers retry.
 
 Tests drive it through Python methods (``add_pod``, ``compact``, ``drop_watches``, ...) called
-from the same event loop. ``python -m tests.kubeapi --port N`` runs one standalone.
+from the same event loop. ``python -m tests.support.kubeapi --port N`` runs one standalone.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ import jsonpatch
 import yaml
 from aiohttp import web
 
+from tests.support.objects import Object, namespace_object, node_object, pod_object
+
 Key = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects
-Object = dict[str, Any]
 
 KINDS = {"pods": "Pod", "namespaces": "Namespace", "events": "Event", "nodes": "Node"}
 NAMESPACED = {"pods", "events"}
@@ -362,76 +363,6 @@ def encode_event(resource: str, kind: str, obj: Object) -> bytes:
     return json.dumps({"type": kind, "object": obj}).encode() + b"\n"
 
 
-# --------------------------------------------------------------------------------------------
-# Object builders.
-
-
-def pod_object(
-    namespace: str,
-    name: str,
-    *,
-    ip: str | None = None,
-    host_ip: str | None = None,
-    phase: str = "Running",
-    annotations: Mapping[str, str] | None = None,
-    labels: Mapping[str, str] | None = None,
-    host_network: bool = False,
-    node_name: str | None = None,
-) -> Object:
-    metadata: Object = {"name": name, "namespace": namespace}
-    if annotations:
-        metadata["annotations"] = dict(annotations)
-    if labels:
-        metadata["labels"] = dict(labels)
-    spec: Object = {"containers": [{"name": "app", "image": "busybox"}]}
-    if node_name:
-        spec["nodeName"] = node_name
-    if host_network:
-        spec["hostNetwork"] = True
-    status: Object = {"phase": phase}
-    if host_ip:
-        status["hostIP"] = host_ip
-        status["hostIPs"] = [{"ip": host_ip}]
-    if ip:
-        status["podIP"] = ip
-        status["podIPs"] = [{"ip": ip}]
-    return {"metadata": metadata, "spec": spec, "status": status}
-
-
-def namespace_object(
-    name: str,
-    annotations: Mapping[str, str] | None = None,
-    labels: Mapping[str, str] | None = None,
-) -> Object:
-    metadata: Object = {"name": name}
-    if annotations:
-        metadata["annotations"] = dict(annotations)
-    if labels:
-        metadata["labels"] = dict(labels)
-    return {
-        "metadata": metadata,
-        "spec": {"finalizers": ["kubernetes"]},
-        "status": {"phase": "Active"},
-    }
-
-
-def node_object(
-    name: str,
-    *,
-    internal_ip: str | None = None,
-    taints: Iterable[Mapping[str, str]] = (),
-    labels: Mapping[str, str] | None = None,
-) -> Object:
-    metadata: Object = {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}}
-    spec: Object = {}
-    if taints:
-        spec["taints"] = [dict(taint) for taint in taints]
-    addresses = [{"type": "Hostname", "address": name}]
-    if internal_ip:
-        addresses.insert(0, {"type": "InternalIP", "address": internal_ip})
-    return {"metadata": metadata, "spec": spec, "status": {"addresses": addresses}}
-
-
 def json_patch(target: Object, operations: Any) -> Object:
     """RFC 6902, answering as the API server does: a patch it cannot read is 400; one that
     does not apply (a ``test`` that fails, a path that is not there) is 422."""
@@ -573,9 +504,8 @@ class KubeApiServer:
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> Object:
-        return copy.deepcopy(
-            self.store.create("namespaces", namespace_object(name, annotations, labels))
-        )
+        namespace = namespace_object(name, annotations=annotations, labels=labels)
+        return copy.deepcopy(self.store.create("namespaces", namespace))
 
     def update_namespace(self, name: str, **changes: Any) -> Object:
         """Change ``annotations`` and/or ``labels`` (each replaced whole; None removes)."""
@@ -866,17 +796,20 @@ class KubeApiServer:
         query = request.query
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
-        await response.prepare(request)
         watcher = Watcher(resource, flt, bookmarks=is_true(query.get("allowWatchBookmarks")))
         try:
             initial = self._initial_events(resource, flt, query.get("resourceVersion", ""))
         except ApiError as error:
             # A watch is refused inside the stream, not with an HTTP status.
+            await response.prepare(request)
             await response.write(encode_event(resource, "ERROR", error.status()))
             return response
-        # No await between computing the initial events and registering: nothing is missed.
+        # No await between computing the initial events and registering: nothing is missed. And
+        # registered before the headers go out: a client holding the response is watching, so
+        # a test may drop or bookmark its watch at once.
         self.store.watchers.add(watcher)
         try:
+            await response.prepare(request)
             await response.write(b"".join(encode_event(resource, t, o) for t, o in initial))
             timeout = float(query.get("timeoutSeconds") or 0)
             deadline = asyncio.get_running_loop().time() + timeout if timeout > 0 else None
@@ -1019,7 +952,7 @@ def abort(request: web.Request) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Standalone: python -m tests.kubeapi --port N
+# Standalone: python -m tests.support.kubeapi --port N
 
 
 async def serve(port: int, kubeconfig: str | None) -> None:

@@ -1,4 +1,4 @@
-"""The local demo (`make demo`): podiam on one machine with everything embedded.
+"""The local demo (`make demo`, `python -m demo`): podiam on one machine with everything embedded.
 
 moto plays STS and the EC2 metadata service, the Kubernetes API test server holds a namespace
 that permits `app-.*` and two annotated pods, and a real podiam server and agent run with freshly
@@ -16,17 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
 import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from demo.variant import why_not_namespaces
 from runtime import logs
 from server.identity import AwsCredentials
-from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import MotoSts, caller_arn
 from tests.support.server import running_server
 from tests.support.tls import make_tls_dirs
@@ -38,21 +37,6 @@ CREDS = "/latest/meta-data/iam/security-credentials/"
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def why_not_namespaces() -> tuple[str, str] | None:
-    """Why the demo cannot use network namespaces here and what would change that, or None
-    when it can."""
-    if os.environ.get("PODIAM_DEMO") == "loopback":
-        return "PODIAM_DEMO=loopback asks for the loopback variant", "Without it"
-    if os.geteuid() != 0:
-        return "network namespaces and iptables need root", "As root (with ip and iptables)"
-    missing = [tool for tool in ("ip", "iptables") if not shutil.which(tool)]
-    if not missing:
-        return None
-    packages = {"ip": "iproute2", "iptables": "iptables"}
-    install = " and ".join(packages[tool] for tool in missing)
-    return f"{' and '.join(missing)} not installed", f"With {install} installed"
 
 
 async def loopback_demo(work: Path) -> bool:
@@ -77,7 +61,7 @@ async def loopback_demo(work: Path) -> bool:
                 async with running_agent(
                     server_port=podiam.server.port, tls=tls, metadata=sts.endpoint_url
                 ) as agent:
-                    await asyncio.wait_for(agent.follower.connected.wait(), 30)
+                    await asyncio.wait_for(agent.follower.synced_once.wait(), 30)
                     say(f"podiam-agent on {NODE}:{agent.port}, connected to the server\n")
                     ok = True
                     for name, role in PODS:
@@ -114,7 +98,7 @@ def main() -> int:
     why_not = why_not_namespaces()
     if why_not is None:
         # Imported here: it needs the network-namespace kit, which needs root.
-        from tests.support.e2e_demo import namespace_demo
+        from demo.namespaces import namespace_demo
 
         variant, demo = "network namespaces and iptables", namespace_demo
     else:

@@ -1,6 +1,7 @@
-"""A local podiam stack to poke at (`make up`): it stays up until Ctrl-C or SIGTERM.
+"""A local podiam stack to poke at (`make up`, `python -m demo.up`): it stays up until Ctrl-C or
+SIGTERM.
 
-The demo (``tests.demo``) shows one pod served and one refused, then stops; this keeps the same
+The demo (``python -m demo``) shows one pod served and one refused, then stops; this keeps the same
 pieces running so that a newcomer can curl the agent, read both programs' metrics and load-test
 the agent with locust. moto plays STS and the EC2 metadata service and the Kubernetes API test
 server holds the namespace and the pods, both in this process; podiam-server and podiam-agent
@@ -36,9 +37,9 @@ from pathlib import Path
 
 import aiohttp
 
+from demo.variant import why_not_namespaces
 from runtime import logs
-from tests.demo import why_not_namespaces
-from tests.kubeapi import KubeApiServer
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.server import BASE_ARN
 from tests.support.tls import make_tls_dirs
