@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from tests.support.e2e import PodiamCluster, PodiamPod
+from tests.support.e2e import AGENT_METRICS_PORT, PodiamCluster, PodiamPod
 from tests.support.netns import requires_tools
 
 pytestmark = requires_tools("ip", "iptables")
@@ -100,3 +100,46 @@ async def test_deleted_pods_route_disappearing_stops_stale_service_at_once(
             break
         await asyncio.sleep(0.1)
     assert (got.status, got.body) == (200, "app-thief"), (got, podiam.logs())
+
+
+# ---- two replicas ------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pair() -> AsyncIterator[PodiamCluster]:
+    async with PodiamCluster(workers=1, servers=2, permitted={"apps": "app-.*"}) as podiam:
+        yield podiam
+
+
+async def streams_live(podiam: PodiamCluster, pod: PodiamPod) -> str:
+    node = pod.node
+    got = await pod.netns.fetch(f"http://{node.ip}:{AGENT_METRICS_PORT}/metrics")
+    line = next(x for x in got.body.splitlines() if x.startswith("podiam_agent_node_streams_live"))
+    return line.split()[-1]
+
+
+async def test_sigkill_of_one_of_two_replicas_fails_no_pods_request(pair: PodiamCluster) -> None:
+    pods = [pair.add_pod(0, "apps", f"steady-{n}", f"app-steady-{n}") for n in range(2)]
+    for pod in pods:
+        await served_from_memory(pair, pod, pod.role)
+    for _ in range(100):
+        if await streams_live(pair, pods[0]) == "2.0":
+            break
+        await asyncio.sleep(0.1)
+    assert await streams_live(pair, pods[0]) == "2.0", pair.logs()
+    assert pair.sts is not None
+    assumed = pair.sts.assume_role_calls()
+    load = [asyncio.create_task(pod.hammer(CREDS + pod.role, 4.0)) for pod in pods]
+    await asyncio.sleep(1.5)
+    victim = pair.servers[1]
+    await victim.kill()
+    try:
+        results = await asyncio.gather(*load)
+        for counts, _slowest in results:
+            assert set(counts) == {"200"}, (counts, pair.logs())
+            print("requests during the kill:", counts)
+            assert counts["200"] > 50  # the load ran throughout
+        assert pair.sts.assume_role_calls() == assumed
+        assert await streams_live(pair, pods[0]) == "1.0"
+    finally:
+        await victim.start()
