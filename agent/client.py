@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
+# While no stream is live the agent answers from memory only: try again at least this often,
+# so that it is back within seconds of a server coming back (attempts to a dead server are
+# refused at once and cost it nothing).
+_BACKOFF_MAX_ALONE = 2.0
 FIRST_UPDATE_SECONDS = 10.0
 
 
@@ -232,6 +236,7 @@ class StreamFollower:
         connection: ServerConnection | None = None,
         chooser: ReplicaChooser | None = None,
         idle_seconds: float = 5.0,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self._client = client
         self._on_synced = on_synced
@@ -243,6 +248,7 @@ class StreamFollower:
         self._connection = connection
         self._chooser = chooser
         self._idle_seconds = idle_seconds
+        self._alone = alone or (lambda: False)  # whether no stream at all is live
         # Set once the first snapshot arrived: until then the agent serves no credentials.
         self.connected = asyncio.Event()
         self._received = False  # whether the current stream brought anything
@@ -283,7 +289,7 @@ class StreamFollower:
             # other stream's, or the stale rules when no stream is live).
             self._state.lost()
             metrics.STREAM_RECONNECTS.inc()
-            delay = _backoff(failures)
+            delay = _backoff(failures, _BACKOFF_MAX_ALONE if self._alone() else _BACKOFF_MAX)
             if self._received:
                 log.warning(
                     "node stream from podiam server %s lost (%s); reconnecting in %.1fs",
@@ -355,8 +361,8 @@ class StreamFollower:
             update = await stream.read()
 
 
-def _backoff(failures: int) -> float:
+def _backoff(failures: int, most: float = _BACKOFF_MAX) -> float:
     if failures == 0:
         return random.uniform(0, _BACKOFF_INITIAL)
-    ceiling = min(_BACKOFF_MAX, _BACKOFF_INITIAL * 2**failures)
+    ceiling = min(most, _BACKOFF_INITIAL * 2**failures)
     return random.uniform(ceiling / 2, ceiling)

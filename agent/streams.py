@@ -55,6 +55,7 @@ class NodeStreams(ReplicaChooser):
                 on_synced=self._synced,
                 connection=connection,
                 chooser=self,
+                alone=lambda: not state.live,
                 **extra,
             )
             for _ in range(count)

@@ -94,7 +94,7 @@ import http.client, json, sys, time
 path, seconds = sys.argv[1], float(sys.argv[2])
 counts, slowest, conn = {}, 0.0, None
 end = time.monotonic() + seconds
-while time.monotonic() < end:
+while True:  # at least one request, even for seconds=0
     started = time.monotonic()
     try:
         if conn is None:
@@ -107,6 +107,8 @@ while time.monotonic() < end:
         outcome, conn = type(error).__name__, None
     slowest = max(slowest, time.monotonic() - started)
     counts[outcome] = counts.get(outcome, 0) + 1
+    if time.monotonic() >= end:
+        break
     time.sleep(0.002)
 print(json.dumps({"counts": counts, "slowest": slowest}))
 """
