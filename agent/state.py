@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -140,6 +141,8 @@ class NodeState:
         self._default: StreamView | None = None
         self._routes = routes
         self._route_at_confirm: dict[str, int | None] = {}  # ip → ifindex when confirmed
+        # IPs dropped because their route changed: kept out until a stream speaks of them again.
+        self._suspended: set[str] = set()
         self._stale_grace = stale_grace
         self._wall = wall
         self._monotonic = monotonic
@@ -208,9 +211,9 @@ class NodeState:
         if update.synced:
             view.live = True
         if became_live:
-            self._merge_all()
+            self._merge_all(confirmed=ips)
         elif view.live:
-            self._merge(ips, identities)
+            self._merge(ips, identities, confirmed=ips)
         self._publish_mode()
         self._wake()
 
@@ -235,28 +238,23 @@ class NodeState:
         self._publish_mode()
         self._wake()
 
-    def forget(self) -> None:
-        """Drop everything (stale service is over: nothing in it may be served any more)."""
-        self.pods.clear()
-        self.credentials.clear()
-        self.last_updated.clear()
-        self._expires.clear()
-        self._route_at_confirm.clear()
-        self._publish_mode()
-
-    def _merge_all(self) -> None:
-        ips = set(self.pods)
+    def _merge_all(self, *, confirmed: AbstractSet[str] = frozenset()) -> None:
+        ips = set(self.pods) | self._suspended
         identities = set(self.credentials)
         for view in self.views:
             if view.live:
                 ips |= view.pods.keys()
                 identities |= view.credentials.keys()
         self.stale_since = None
-        self._merge(ips, identities)
+        self._merge(ips, identities, confirmed=confirmed)
 
-    def _merge(self, ips: set[str], identities: set[str]) -> None:
+    def _merge(self, ips: set[str], identities: set[str], *, confirmed: AbstractSet[str]) -> None:
         live = [view for view in self.views if view.live]
         for ip in ips:
+            if ip in self._suspended:
+                if ip not in confirmed:
+                    continue  # its route changed; only a stream's word about it lifts that
+                self._suspended.discard(ip)
             entry = _agreed(ip, live)
             if entry is None:
                 self.pods.pop(ip, None)
@@ -299,6 +297,7 @@ class NodeState:
             log.info("host route of %s changed: not served until the server confirms it", ip)
             self.pods.pop(ip, None)
             self._route_at_confirm.pop(ip, None)
+            self._suspended.add(ip)
             metrics.PODS_KNOWN.set(len(self.pods))
             metrics.ROUTE_DROPS.inc()
             self._publish_mode()

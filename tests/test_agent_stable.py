@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import itertools
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest_asyncio
 
 from agent.state import Mode, NodeState
 from protos import kiam_pb2
+from server.identity import AwsCredentials
 from tests.kubeapi import KubeApiServer
 from tests.support.agent import NODE, pod_session, running_agent
+from tests.support.moto_sts import caller_arn
 from tests.support.server import BASE_ARN, running_server
 from tests.support.waiting import eventually
 
@@ -87,6 +90,14 @@ async def cached(agent, ip: str, role: str) -> dict:
     return json.loads(body)
 
 
+def _as_aws(document: dict) -> AwsCredentials:
+    expiration = datetime.strptime(document["Expiration"], "%Y-%m-%dT%H:%M:%SZ")
+    return AwsCredentials(
+        document["AccessKeyId"], document["SecretAccessKey"], document["Token"],
+        expiration.replace(tzinfo=UTC), datetime.now(UTC),
+    )  # fmt: skip
+
+
 async def under_load(agent, pods: dict[str, str], stop: asyncio.Event) -> list[int]:
     """Each pod asks for its credentials over and over until ``stop``; every status."""
     statuses: list[int] = []
@@ -151,7 +162,8 @@ async def test_with_no_server_cached_pods_keep_their_credentials(
     async with replicas(kube, moto_sts, tls_dirs, tmp_path) as runs:
         async with agent_on(runs, moto_sts, tls_dirs) as agent:
             pods = {add_pod(kube, f"kept-{n}", f"app-kept-{n}"): f"app-kept-{n}" for n in range(3)}
-            before = {ip: await cached(agent, ip, role) for ip, role in pods.items()}
+            for ip, role in pods.items():
+                await cached(agent, ip, role)
             for run in runs:
                 await run.server.stop(grace=0)
             await eventually(lambda: agent.state.mode is Mode.STALE, timeout=10)
@@ -164,7 +176,12 @@ async def test_with_no_server_cached_pods_keep_their_credentials(
             for ip, role in pods.items():
                 status, body = await get(agent, ip, CREDS + role)
                 assert status == 200
-                assert json.loads(body)["AccessKeyId"] == before[ip]["AccessKeyId"]
+                document = json.loads(body)
+                expiration = datetime.strptime(document["Expiration"], "%Y-%m-%dT%H:%M:%SZ")
+                assert expiration.replace(tzinfo=UTC) - datetime.now(UTC) > timedelta(minutes=30)
+                # What a replica handed out (the two replicas each hold their own set).
+                who = await asyncio.to_thread(caller_arn, moto_sts.endpoint_url, _as_aws(document))
+                assert f":assumed-role/{role}/" in who
 
 
 async def test_new_pod_during_outage_is_refused_fast_with_reason(
@@ -321,3 +338,35 @@ def test_without_a_stream_expired_credentials_are_never_served():
     assert state.usable_credentials("id-app-a") is not None
     now[0] = expires - 30
     assert state.usable_credentials("id-app-a") is None
+
+
+class Routes:
+    """Where each pod IP's host route points, as agent/hostroutes.py would report it."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, int] = {}
+
+    def interface(self, ip: str) -> int | None:
+        return self.routes.get(ip)
+
+
+def test_an_ip_whose_route_moved_stays_unserved_until_a_stream_speaks_of_it_again():
+    routes = Routes()
+    routes.routes["10.0.0.6"] = 7
+    state = NodeState(routes=routes)
+    first, second = state.view(), state.view()
+    first.apply(snapshot(pod("10.0.0.6", "app-a")))
+    second.apply(snapshot(pod("10.0.0.6", "app-a")))
+    routes.routes["10.0.0.6"] = 9  # the IP now sits behind another pod's veth
+    state.route_changed("10.0.0.6")
+    assert state.usable_entry("10.0.0.6") is None
+    # The other stream breaking (and the merge it causes) does not bring the entry back...
+    second.lost()
+    first.apply(kiam_pb2.NodeUpdate(pods=[pod("10.0.0.7", "app-b")]))
+    assert state.usable_entry("10.0.0.6") is None
+    # ...the stream describing the IP again does, with the new route as its evidence.
+    first.apply(kiam_pb2.NodeUpdate(removed_ips=["10.0.0.6"], pods=[pod("10.0.0.6", "app-c")]))
+    assert state.usable_entry("10.0.0.6").role == "app-c"
+    routes.routes.pop("10.0.0.6")
+    state.route_changed("10.0.0.6")
+    assert state.usable_entry("10.0.0.6") is None
