@@ -7,11 +7,12 @@ wall-clock bounds.
 
 - ``replica``: one of two server replicas SIGKILLed (network namespaces, real DNAT, processes).
 - ``outage``: every replica SIGKILLed for ``--outage-seconds``, then restarted.
+- ``partition``: the agent's node cut from the servers (its LAN link down) as long, then healed.
 - ``churn``: pod IPs handed from pod to pod across namespaces and roles (loopback, in-process
   server and agent, so that the moment the server saw a deletion can be read exactly).
 
 Not done yet (issue 9): STS outage on a simulated clock, Kubernetes API outage and watch
-410 bursts, agent-server partition, certificate rotation under load, agent rollout.
+410 bursts, certificate rotation under load, agent rollout.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ KINDS = ("replica", "outage", "churn")
 async def run(section: Section, options) -> None:
     section.notes.append(
         "faults not measured yet: STS outage (simulated clock), Kubernetes API outage and 410 "
-        "bursts, agent-server partition, certificate rotation under load, agent rollout"
+        "bursts, certificate rotation under load, agent rollout"
     )
     netns_problem = problem()
     if netns_problem:
@@ -153,6 +154,36 @@ async def _replica_and_outage(section: Section, options) -> None:
             "/".join(refusal),
             set(refusal) == {"503"},
         )
+
+        # Agent and servers partitioned: the worker's LAN cable pulled (its bridge port down),
+        # pods and agent still talking over their veths.
+        partition = options.outage_seconds
+        port = f"n{podiam.workers[0].index}"
+        lan = podiam.cluster.lan_ns
+        assumed = podiam.sts.assume_role_calls()
+        running = [asyncio.create_task(pod.hammer(CREDS + pod.role, partition + 2)) for pod in pods]
+        await asyncio.sleep(1.0)
+        lan.run("ip", "link", "set", port, "down")
+        try:
+            await asyncio.sleep(partition / 2)
+            stranger = podiam.add_pod(0, "apps", "stranger", "app-stranger")
+            refusal2, refusal2_seconds = await stranger.hammer(CREDS, 0.0)
+            believed = await _streams_live(pods[0], pods[0].node)
+            await asyncio.sleep(max(0.0, partition / 2 - 1.0))
+        finally:
+            lan.run("ip", "link", "set", port, "up")
+        healed = time.monotonic()
+        total, failed, slowest = _failures(await asyncio.gather(*running))
+        await _until_streams(pods[0], 2)
+        back = time.monotonic() - healed
+        table.add(
+            f"agent-server partition {partition:g}s (link down)", total, failed,
+            podiam.sts.assume_role_calls() - assumed, round(slowest, 3),
+            f"new pod answered {'/'.join(refusal2)} in {refusal2_seconds * 1000:.0f} ms "
+            f"({believed} stream(s) still believed live then); two streams "
+            f"{back:.2f}s after the heal",
+        )  # fmt: skip
+        section.check("partition: failed requests (cached pods)", "0", str(failed), failed == 0)
 
 
 # ---- IP reuse churn, on loopback ----------------------------------------------------------------
