@@ -16,6 +16,7 @@ agent falls back to a short grace period instead (``--stale-grace``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _MAIN_TABLE = 254
 _IFF_UP = 0x1
+_RETRY_SECONDS = 1.0
 
 
 def interface_matcher(pattern: str) -> Callable[[str], bool]:
@@ -55,38 +57,45 @@ class HostRoutes:
         self._on_change = on_change or (lambda ip: None)
         self.routes: dict[str, int] = {}  # ip → ifindex
         self._names: dict[int, str] = {}  # ifindex → name
-        self.watching = False  # netlink is open and the initial dump is in
+        self.watching = False  # netlink is followed and the initial dump is in
 
     def interface(self, ip: str) -> int | None:
-        return self.routes.get(ip)
+        """The interface index of ``ip``'s host route; None without one, or while netlink is
+        not being followed (then nothing is known, and nothing may be vouched for)."""
+        return self.routes.get(ip) if self.watching else None
 
     async def run(self) -> None:
-        """Dump the routes, then follow netlink until cancelled. Logs once and returns if
-        netlink cannot be used (the agent then relies on the grace period alone)."""
+        """Dump the routes, then follow netlink until cancelled. If netlink fails (a full
+        receive buffer loses messages), it starts over with a new dump."""
         try:
             from pyroute2 import AsyncIPRoute
         except ImportError:  # pragma: no cover - pyroute2 is in the agent extra
             log.warning("pyroute2 is not installed: no route evidence, --stale-grace applies")
             return
-        try:
-            async with AsyncIPRoute() as ipr:
-                await ipr.bind()
-                async for link in await ipr.get_links():
-                    self._link(link)
-                async for route in await ipr.get_routes(family=2):
-                    self._route(route, added=True)
-                self.watching = True
-                log.info("watching host routes on %d interface(s)", self._count_interfaces())
-                while True:
-                    async for message in ipr.get():
-                        self._message(message)
-        except OSError as error:
-            log.warning("cannot watch host routes (%s): --stale-grace applies alone", error)
-        finally:
-            self.watching = False
+        while True:
+            try:
+                async with AsyncIPRoute() as ipr:
+                    await ipr.bind()
+                    async for link in await ipr.get_links():
+                        self._link(link)
+                    async for route in await ipr.get_routes(family=2):
+                        self._route(route, added=True)
+                    self.watching = True
+                    log.info("watching host routes: %d pod route(s)", len(self.routes))
+                    while True:
+                        async for message in ipr.get():
+                            self._message(message)
+            except OSError as error:
+                log.warning("lost track of host routes (%s): starting over", error)
+            finally:
+                self._forget()
+            await asyncio.sleep(_RETRY_SECONDS)
 
-    def _count_interfaces(self) -> int:
-        return len({index for index in self.routes.values()})
+    def _forget(self) -> None:
+        # Nothing is vouched for until the next dump; the dump then reports every route as
+        # new, and the node state compares each with the one it confirmed.
+        self.watching = False
+        self.routes = {}
 
     def _message(self, message) -> None:
         event = message.get("event")

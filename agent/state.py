@@ -323,7 +323,7 @@ class NodeState:
         return body
 
     def _stale_trusted(self, ip: str) -> bool:
-        if self._route_at_confirm.get(ip) is not None:
+        if self._route_at_confirm.get(ip) is not None and self._route(ip) is not None:
             # Route evidence: the route is still the confirmed one (route_changed dropped the
             # entry otherwise), so the IP is still that pod's however long the outage lasts.
             return True
