@@ -1,7 +1,7 @@
 """``python -m bench``: podiam's benchmarks, one report.
 
-    python -m bench                        # everything, full sizes (about 12 minutes)
-    python -m bench --quick                # everything, small sizes (about 2 minutes; CI smoke)
+    python -m bench                        # everything, full sizes (about 18 minutes)
+    python -m bench --quick                # everything, small sizes (about 3 minutes; CI smoke)
     python -m bench --sections hot,sts     # some sections only
     python -m bench --out report.md --json report.json
 
