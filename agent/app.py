@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent import listener
-from agent.client import ServerClient, ServerConnection, StreamFollower
+from agent.client import ServerConnection
 from agent.config import AgentConfig
 from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
 from agent.handlers.credentials import CredentialsHandler
@@ -34,12 +34,14 @@ from agent.handlers.info import InfoHandler
 from agent.handlers.proxy import ProxyHandler
 from agent.handlers.role import RoleHandler
 from agent.handlers.token import TokenHandler
+from agent.hostroutes import HostRoutes
 from agent.iptables import IptablesError, MetadataRedirect, check_can_manage
 from agent.lookup import PodLookup
 from agent.proxy import MetadataProxy
 from agent.readiness import ReadinessReporter
 from agent.routes import MetadataRoutes
 from agent.state import NodeState
+from agent.streams import NodeStreams
 from agent.tokens import TokenAuthority, key_for_node
 from certs.tls import TlsConfigError, TlsFiles
 from runtime.process import StartupError
@@ -61,7 +63,9 @@ class PodiamAgent:
         self.config = config
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self.state = NodeState()
+        # Route evidence (agent/hostroutes.py) vouches for pod IPs while no server answers.
+        self.routes = HostRoutes(config.host_interface, on_change=self._route_changed)
+        self.state = NodeState(routes=self.routes, stale_grace=config.stale_grace.total_seconds())
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
         self._closers: list = []
@@ -85,7 +89,6 @@ class PodiamAgent:
         if config.iptables:
             await self._install_redirect()
 
-        client = ServerClient(connection)
         reporter = ReadinessReporter(
             lambda: connection.stub,
             node_name=config.node_name,
@@ -94,17 +97,18 @@ class PodiamAgent:
         )
         self.reporter = reporter
         self._closers.append(reporter.close)
-        follower = StreamFollower(
-            client,
+        streams = NodeStreams(
+            connection,
             self.state,
             host_ip=config.host,
             server=config.server_address,
-            rotated=connection.rotated,
             on_synced=reporter.synced,
         )
-        self.follower = follower
+        self.follower = self.streams = streams
+        client = streams.client
         self.connection = connection
-        self._tasks.append(asyncio.create_task(follower.run(), name="node-stream"))
+        self._tasks.append(asyncio.create_task(self.routes.run(), name="host-routes"))
+        self._tasks.append(asyncio.create_task(streams.run(), name="node-streams"))
         self._tasks.append(asyncio.create_task(connection.watch_files(), name="tls-files"))
         proxy = MetadataProxy(config.metadata_endpoint, allow=config.allow_route_regexp)
         self._closers.append(proxy.close)
@@ -113,7 +117,7 @@ class PodiamAgent:
             self.state,
             client,
             pod_wait=config.pod_wait.total_seconds(),
-            synced_once=follower.synced_once,
+            synced_once=streams.synced_once,
         )
         # Tokens survive restarts: SDKs hold them for hours (see agent/tokens.py).
         tokens = TokenAuthority(key=key_for_node(config.key, f"{config.node_name}|{config.host}"))
@@ -122,7 +126,7 @@ class PodiamAgent:
             credentials=CredentialsHandler(lookup),
             info=InfoHandler(lookup, self.state),
             token=TokenHandler(tokens),
-            health=HealthHandler(follower.synced_once, self.state),
+            health=HealthHandler(streams.synced_once, self.state),
             proxy=ProxyHandler(proxy, allow_pattern=config.allow_route_regexp.pattern),
             tokens=tokens,
             require_imdsv2=config.require_imdsv2,
@@ -164,10 +168,10 @@ class PodiamAgent:
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness
         probe asks of this very process (the port may be answered by another agent)."""
-        return self._listening.is_set() and self.follower.synced_once.is_set() and self.state.live
+        return self._listening.is_set() and self.streams.synced_once.is_set() and self.state.live
 
     async def _listen_when_ready(self, app: web.Application, sock: socket.socket) -> None:
-        await self.follower.synced_once.wait()
+        await self.streams.synced_once.wait()
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
         await self._serve(app, sock)
@@ -183,6 +187,9 @@ class PodiamAgent:
             self.port,
             steered,
         )
+
+    def _route_changed(self, ip: str) -> None:
+        self.state.route_changed(ip)
 
     async def _keep_ready_file(self, path: Path) -> None:
         was_ready = False

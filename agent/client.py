@@ -1,11 +1,16 @@
-"""The agent's side of the gRPC contract: a mutual-TLS channel to the podiam servers (rebuilt
-when the certificate files are rotated), the node stream that keeps ``NodeState`` current, and
-the unary calls used when the stream cannot answer.
+"""The agent's side of the gRPC contract: mutual-TLS channels to the podiam servers (rebuilt
+when the certificate files are rotated), the node streams that keep ``NodeState`` current, and
+the unary calls used when no stream can answer.
+
+``--server-address`` names one or more ``host:port`` (comma-separated). Every address each name
+resolves to is a replica; a node stream is pinned to one replica through its own channel, so
+that two streams are sure to reach two different servers (agent/streams.py chooses them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 from collections.abc import Callable
@@ -13,7 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from agent import metrics
-from agent.state import NodeState
+from agent.replicas import Endpoint, parse_addresses
 from certs.tls import TlsConfigError, TlsFiles, channel_credentials, files_stamp
 from protos import kiam_pb2, kiam_pb2_grpc
 
@@ -21,14 +26,52 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_INITIAL = 0.5
 _BACKOFF_MAX = 30.0
+# While no stream is live the agent answers from memory only: try again at least this often,
+# so that it is back within seconds of a server coming back (attempts to a dead server are
+# refused at once and cost it nothing).
+_BACKOFF_MAX_ALONE = 2.0
 FIRST_UPDATE_SECONDS = 10.0
+
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
+]
+
+
+def _main_target(addresses: list[tuple[str, int]]) -> str:
+    if len(addresses) > 1 and all(_is_ipv4(host) for host, _ in addresses):
+        return "ipv4:" + ",".join(f"{host}:{port}" for host, port in addresses)
+    host, port = addresses[0]
+    return f"dns:///{host}:{port}"
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
+def open_pinned_channel(endpoint: Endpoint, tls: TlsFiles) -> grpc.aio.Channel:
+    """A channel to one replica only, its certificate checked against the configured name."""
+    return grpc.aio.secure_channel(
+        endpoint.target,
+        channel_credentials(tls),
+        options=[("grpc.ssl_target_name_override", endpoint.name), *_CHANNEL_OPTIONS],
+    )
 
 
 def open_channel(server_address: str, tls: TlsFiles) -> grpc.aio.Channel:
     """A channel that resolves ``server_address`` through DNS and spreads calls round-robin
-    over every address it gets (a headless Service lists each server pod)."""
+    over every address it gets (a headless Service lists each server pod); round-robin skips
+    replicas it cannot connect to. A list of IP addresses is balanced the same way."""
+    addresses = parse_addresses(server_address)
     return grpc.aio.secure_channel(
-        f"dns:///{server_address}",
+        _main_target(addresses),
         channel_credentials(tls),
         options=[
             ("grpc.lb_policy_name", "round_robin"),
@@ -49,13 +92,31 @@ class ServerConnection:
 
     def __init__(self, server_address: str, tls: TlsFiles, *, check_every: float = 10.0) -> None:
         self._address = server_address
+        self.addresses = parse_addresses(server_address)
         self._tls = tls
         self._check_every = check_every
         self._stamp = files_stamp(tls)
         self.channel = open_channel(server_address, tls)
         self.stub = kiam_pb2_grpc.KiamServiceStub(self.channel)
-        self.rotated = asyncio.Event()
+        self._rotation_events: list[asyncio.Event] = []
+        self.rotated = self.subscribe_rotation()
         self._retired: set[asyncio.Task] = set()
+
+    def subscribe_rotation(self) -> asyncio.Event:
+        """An event set on every certificate rotation (each stream clears its own)."""
+        event = asyncio.Event()
+        self._rotation_events.append(event)
+        return event
+
+    def pinned(self, endpoint: Endpoint) -> grpc.aio.Channel:
+        """A new channel to ``endpoint`` with the current files; the caller closes it."""
+        return open_pinned_channel(endpoint, self._tls)
+
+    def unreachable(self) -> bool:
+        """Whether the shared channel has just failed to reach every replica (and, if idle,
+        start connecting): lets a request refuse at once, with a reason, during an outage."""
+        state = self.channel.get_state(try_to_connect=True)
+        return state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     async def watch_files(self) -> None:
         while True:
@@ -79,7 +140,8 @@ class ServerConnection:
         self._retired.add(retire)
         retire.add_done_callback(self._retired.discard)
         log.info("TLS files changed: reconnecting to the podiam server with the new certificate")
-        self.rotated.set()
+        for event in self._rotation_events:
+            event.set()
         return True
 
     async def close(self) -> None:
@@ -88,12 +150,24 @@ class ServerConnection:
 
 
 class ServerClient:
-    def __init__(self, connection: ServerConnection) -> None:
+    """The unary calls. They go to a replica whose node stream is live when there is one (a
+    replica known to be up), else over the shared round-robin channel."""
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        *,
+        live_stub: Callable[[], kiam_pb2_grpc.KiamServiceStub | None] | None = None,
+    ) -> None:
         self._connection = connection
+        self._live_stub = live_stub or (lambda: None)
 
     @property
     def _stub(self) -> kiam_pb2_grpc.KiamServiceStub:
-        return self._connection.stub
+        return self._live_stub() or self._connection.stub
+
+    def unreachable(self) -> bool:
+        return self._live_stub() is None and self._connection.unreachable()
 
     async def pod_role(self, ip: str, *, seconds: float) -> str:
         request = kiam_pb2.GetPodRoleRequest(ip=ip)
@@ -128,31 +202,63 @@ class _Stalled(Exception):
     """The stream was opened but brought nothing."""
 
 
+class _NoReplica(Exception):
+    """Every replica is already followed by the other stream (or none resolves)."""
+
+
+class ReplicaChooser:
+    """Picks the replica a pinned stream follows next (agent/streams.py implements it)."""
+
+    async def choose(self, follower: StreamFollower) -> Endpoint | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def failed(self, endpoint: Endpoint) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
 class StreamFollower:
-    """Keeps ``state`` in step with the server's node stream, reconnecting with backoff."""
+    """Keeps ``state`` in step with a server's node stream, reconnecting with backoff.
+
+    Without a ``chooser`` the stream goes over the client's shared channel (any replica);
+    with one, each attempt is pinned to the replica it picks, over a channel of its own.
+    """
 
     def __init__(
         self,
         client: ServerClient,
-        state: NodeState,
+        state,
         *,
         host_ip: str,
         server: str,
         rotated: asyncio.Event | None = None,
         first_update_seconds: float = FIRST_UPDATE_SECONDS,
         on_synced: Callable[[], None] | None = None,
+        connection: ServerConnection | None = None,
+        chooser: ReplicaChooser | None = None,
+        idle_seconds: float = 5.0,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self._client = client
         self._on_synced = on_synced
         self._first_update_seconds = first_update_seconds
-        self._state = state
+        self._state = state  # a NodeState or one StreamView of it: has apply() and lost()
         self._host_ip = host_ip
         self._server = server
         self._rotated = rotated or asyncio.Event()
-        # Set once the first snapshot arrived, never cleared: until then the agent serves no
-        # credentials (after a later loss it asks the server per request instead).
+        self._connection = connection
+        self._chooser = chooser
+        self._idle_seconds = idle_seconds
+        self._alone = alone or (lambda: False)  # whether no stream at all is live
+        # Set once the first snapshot arrived: until then the agent serves no credentials.
         self.synced_once = asyncio.Event()
         self._received = False  # whether the current stream brought anything
+        self.endpoint: Endpoint | None = None  # the replica followed now (pinned streams)
+        self.stub: kiam_pb2_grpc.KiamServiceStub | None = None  # its channel, while synced
+        self._idle_logged = False
+
+    @property
+    def live(self) -> bool:
+        return bool(getattr(self._state, "live", False)) and self.stub is not None
 
     async def run(self) -> None:
         failures = 0
@@ -162,49 +268,76 @@ class StreamFollower:
                 reason, failures = "the server ended the stream", 0
             except _Rotated:
                 reason, failures = "the certificate was rotated", 0
+            except _NoReplica:
+                # One replica only (or the other stream holds the only live one): look again
+                # soon, quietly; the agent serves from the other stream meanwhile.
+                if not self._idle_logged:
+                    log.info("no second podiam server replica to follow; looking again every "
+                             "%gs", self._idle_seconds)  # fmt: skip
+                    self._idle_logged = True
+                await asyncio.sleep(self._idle_seconds)
+                continue
             except grpc.aio.AioRpcError as error:
                 reason, failures = f"{error.code().name}: {error.details()}", failures + 1
             except _Stalled as error:
                 reason, failures = str(error), failures + 1
-            # Whatever the stream said may be stale now (a deleted pod's IP may be reused
-            # before we are back): forget it; requests go to the server meanwhile.
+            server = str(self.endpoint) if self.endpoint is not None else self._server
+            if self.endpoint is not None and self._chooser is not None and failures:
+                self._chooser.failed(self.endpoint)
+            self.endpoint = None
+            # This stream's word ends here; NodeState decides what of it still holds (the
+            # other stream's, or the stale rules when no stream is live).
             self._state.lost()
-            metrics.STREAM_CONNECTED.set(0)
             metrics.STREAM_RECONNECTS.inc()
-            delay = _backoff(failures)
+            delay = _backoff(failures, _BACKOFF_MAX_ALONE if self._alone() else _BACKOFF_MAX)
             if self._received:
                 log.warning(
                     "node stream from podiam server %s lost (%s); reconnecting in %.1fs",
-                    self._server, reason, delay,
+                    server, reason, delay,
                 )  # fmt: skip
             else:
                 # Nothing ever came: nothing was lost, the server was never reached (an agent
                 # started before its server, a wrong address, a certificate the server refuses).
                 log.warning(
                     "cannot open the node stream from podiam server %s (%s); retrying in %.1fs",
-                    self._server, reason, delay,
+                    server, reason, delay,
                 )  # fmt: skip
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
         self._rotated.clear()
         self._received = False
-        stream = self._client.watch_node(self._host_ip)
-        updates = asyncio.ensure_future(self._apply_all(stream))
+        channel = None
+        if self._chooser is not None and self._connection is not None:
+            endpoint = await self._chooser.choose(self)
+            if endpoint is None:
+                raise _NoReplica
+            self._idle_logged = False
+            self.endpoint = endpoint
+            channel = self._connection.pinned(endpoint)
+            stub = kiam_pb2_grpc.KiamServiceStub(channel)
+            stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=self._host_ip))
+        else:
+            stub = None
+            stream = self._client.watch_node(self._host_ip)
+        updates = asyncio.ensure_future(self._apply_all(stream, stub))
         rotation = asyncio.ensure_future(self._rotated.wait())
         try:
             await asyncio.wait({updates, rotation}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.stub = None
             rotation.cancel()
             stream.cancel()  # a no-op when the call has already ended
             if not updates.done():
                 updates.cancel()
                 await asyncio.gather(updates, return_exceptions=True)
+            if channel is not None:
+                await channel.close(grace=None)
         if updates.cancelled():
             raise _Rotated
         updates.result()  # the stream's end, or its error
 
-    async def _apply_all(self, stream) -> None:
+    async def _apply_all(self, stream, stub) -> None:
         # The snapshot comes at once from a server that is up; a call stuck connecting (a
         # black-holed address) would otherwise wait silently, so give up and say so.
         try:
@@ -218,17 +351,18 @@ class StreamFollower:
             if update.synced and not synced:
                 # Once per stream: the snapshot is applied, the state answers for the node.
                 synced = True
-                metrics.STREAM_CONNECTED.set(1)
+                self.stub = stub
                 if not self.synced_once.is_set():
-                    log.info("node stream from %s synced", self._server)
+                    where = self.endpoint if self.endpoint is not None else self._server
+                    log.info("node stream from %s synced", where)
                     self.synced_once.set()
                 if self._on_synced is not None:
                     self._on_synced()
             update = await stream.read()
 
 
-def _backoff(failures: int) -> float:
+def _backoff(failures: int, most: float = _BACKOFF_MAX) -> float:
     if failures == 0:
         return random.uniform(0, _BACKOFF_INITIAL)
-    ceiling = min(_BACKOFF_MAX, _BACKOFF_INITIAL * 2**failures)
+    ceiling = min(most, _BACKOFF_INITIAL * 2**failures)
     return random.uniform(ceiling / 2, ceiling)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
+from agent.replicas import parse_addresses
 from runtime import imds
 from runtime.flags import EnvDefaultsParser, duration, port
 
@@ -35,6 +36,7 @@ class AgentConfig:
     allow_route_regexp: re.Pattern[str]
     metadata_endpoint: str
     pod_wait: timedelta
+    stale_grace: timedelta
     require_imdsv2: bool
     prometheus_listen_addr: tuple[str, int] | None
     log_level: str
@@ -74,8 +76,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "--server-address",
         env="PODIAM_SERVER_ADDRESS",
         default="podiam-server:443",
-        help="podiam server host:port; a DNS name with several addresses (a headless "
-        "Service) is balanced round-robin",
+        help="podiam server host:port, or several comma-separated; every address a name "
+        "resolves to (a headless Service) is a replica: the agent follows two replicas' node "
+        "streams at once and balances unary calls round-robin",
     )
     parser.add_tls_flags(
         cert_help="PEM agent client certificate (clientAuth)",
@@ -134,6 +137,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default="0.9s",
         help="how long to wait for a pod the agent does not know yet (SDKs give the "
         "metadata service about 1s)",
+    )
+    flag(
+        "--stale-grace",
+        env="PODIAM_STALE_GRACE",
+        type=duration,
+        default="25s",
+        help="while no podiam server is reachable, how long to keep serving cached "
+        "credentials for a pod whose IP has no per-pod host route to vouch for it (the default "
+        "stays below the AWS VPC CNI's 30s IP cooldown; set 0 for CNIs that reuse IPs at once). "
+        "Pods with such a route are served until their credentials expire or the route changes",
     )
     flag(
         "--require-imdsv2",
@@ -281,8 +294,12 @@ def parse_config(
     node_name = args.node_name.strip()
     if node_name and (len(node_name) > 253 or not _NODE_NAME.fullmatch(node_name)):
         parser.error(f"--node-name {node_name!r} is not a Kubernetes node name")
-    if ":" not in args.server_address.strip():
-        parser.error("--server-address must be host:port")
+    try:
+        parse_addresses(args.server_address.strip())
+    except ValueError as error:
+        parser.error(f"--server-address must be host:port[,host:port...]: {error}")
+    if not 0 <= args.stale_grace.total_seconds() <= 3600:
+        parser.error("--stale-grace must lie between 0 and 1h")
     return AgentConfig(
         host=host,
         node_name=node_name,
@@ -298,6 +315,7 @@ def parse_config(
         allow_route_regexp=args.allow_route_regexp,
         metadata_endpoint=args.metadata_endpoint.rstrip("/"),
         pod_wait=args.pod_wait,
+        stale_grace=args.stale_grace,
         require_imdsv2=args.require_imdsv2,
         prometheus_listen_addr=args.prometheus_listen_addr,
         log_level=args.log_level,

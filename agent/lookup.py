@@ -49,7 +49,7 @@ class PodLookup:
     async def entry(self, ip: str) -> PodEntry:
         """The calling pod's entry, for the role name; refuses pods without a permitted role."""
         budget = _Budget(self._pod_wait)
-        entry = self._state.pods.get(ip) or await self._from_stream(ip, budget)
+        entry = self._state.usable_entry(ip) or await self._from_stream(ip, budget)
         if entry is None:
             entry = await self._from_server(ip, budget)
         _check_permitted(entry)
@@ -58,12 +58,15 @@ class PodLookup:
     def known_credentials(self, ip: str, requested: str) -> bytes | None:
         """The hot path: a pod the stream knows, asking for credentials the stream brought —
         answered without awaiting anything; None when the stream cannot answer at once."""
-        entry = self._state.pods.get(ip)
+        state = self._state
+        entry = state.usable_entry(ip)
         if entry is not None and entry.identity:
-            served = self._state.credentials.get(entry.identity)
-            if served is not None:
+            body = state.usable_credentials(entry.identity)
+            if body is not None:
                 _check_requested(entry, requested)
-                return served.body
+                if state.stale_since is not None:
+                    metrics.STALE_ANSWERS.inc()
+                return body
         return None
 
     async def credentials(self, ip: str, requested: str) -> bytes:
@@ -76,9 +79,9 @@ class PodLookup:
         if entry is not None:
             _check_permitted(entry)
             _check_requested(entry, requested)
-            served = self._state.credentials.get(entry.identity)
-            if served is not None:
-                return served.body
+            body = self._state.usable_credentials(entry.identity)
+            if body is not None:
+                return body
         else:
             entry = await self._from_server(ip, budget)
             _check_permitted(entry)
@@ -98,9 +101,18 @@ class PodLookup:
             return None
         arrived = await self._state.wait_ready(ip, budget.stream_wait())
         metrics.POD_WAITS.labels(outcome="arrived" if arrived else "timeout").inc()
-        return self._state.pods.get(ip) if arrived else None
+        return self._state.usable_entry(ip) if arrived else None
 
     async def _from_server(self, ip: str, budget: _Budget) -> PodEntry:
+        if not self._state.live and self._client.unreachable():
+            # No stream, and the last attempt to reach any replica failed: say so at once.
+            # Cached pods were answered from memory before this; this one is new (or its
+            # cached entry may no longer be trusted), and never gets the node's role.
+            raise Refused(
+                503,
+                "no-server",
+                "no podiam server is reachable and this pod's credentials are not cached",
+            )
         try:
             role = await self._client.pod_role(ip, seconds=budget.unary_timeout())
         except grpc.aio.AioRpcError as error:

@@ -96,7 +96,7 @@ REFUSALS = Counter(
 )
 STREAM_CONNECTED = Gauge(
     "podiam_agent_node_stream_connected",
-    "1 while the node stream from the server is connected and synced.",
+    "1 while a node stream from a server is connected and synced.",
 )
 STREAM_RECONNECTS = Counter(
     "podiam_agent_node_stream_reconnects_total",
@@ -121,4 +121,23 @@ READY_REPORTS = Counter(
     "Reports to the server that this node is ready (DNAT rule installed, snapshot applied), "
     "by the server's answer (scheduled, absent, disabled) or the gRPC status name.",
     ["outcome"],
+)
+MODE = Gauge(
+    "podiam_agent_mode",
+    "1 for the agent's current mode: live (two node streams), one-stream, stale (no stream; "
+    "serving cached credentials within the stale rules) or none.",
+    ["mode"],
+)
+STREAMS_LIVE = Gauge(
+    "podiam_agent_node_streams_live",
+    "Node streams, from distinct server replicas, that are connected and synced.",
+)
+ROUTE_DROPS = Counter(
+    "podiam_agent_route_drops_total",
+    "Pod entries no longer served from memory because the pod IP's host route vanished or "
+    "moved to another interface.",
+)
+STALE_ANSWERS = Counter(
+    "podiam_agent_stale_answers_total",
+    "Credentials answered from memory while no node stream was live.",
 )

@@ -1,7 +1,7 @@
 """``python -m bench``: podiam's benchmarks, one report.
 
-    python -m bench                        # everything, full sizes (about 12 minutes)
-    python -m bench --quick                # everything, small sizes (about 2 minutes; CI smoke)
+    python -m bench                        # everything, full sizes (about 18 minutes)
+    python -m bench --quick                # everything, small sizes (about 3 minutes; CI smoke)
     python -m bench --sections hot,sts     # some sections only
     python -m bench --out report.md --json report.json
 
@@ -9,7 +9,9 @@ Sections: ``hot`` (agent hot path vs a bare aiohttp baseline), ``client`` (botoc
 credential fetch from pods in network namespaces; needs root), ``podstart`` (watch event to
 credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``scale`` (server
 initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
-(one pod's policy decision under hostile ``permitted`` patterns vs a benign one). Figures are
+(one pod's policy decision under hostile ``permitted`` patterns vs a benign one), ``faults``
+(failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
+down, and pod IPs are reused; the replica and outage faults need root). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
@@ -32,7 +34,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from bench import procs
 from bench.report import Report
 
-SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy")
+SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults")
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
 
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
     scale.add_argument("--unary-calls", type=int, help="GetPodCredentials calls per measurement")
     scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
+    faults = parser.add_argument_group("faults: static stability")
+    faults.add_argument("--fault-pods", type=int, help="pods with cached credentials under load")
+    faults.add_argument("--fault-load-seconds", type=float, help="load around a replica kill")
+    faults.add_argument("--outage-seconds", type=float, help="how long every replica is down")
+    faults.add_argument("--churn-replacements", type=int, help="pod replacements on reused IPs")
+    faults.add_argument("--churn-ips", type=int, help="size of the reused IP pool")
     return parser
 
 
@@ -87,6 +95,11 @@ _FULL = {
     "watch_events": 10000,
     "unary_calls": 5000,
     "unary_concurrency": 32,
+    "fault_pods": 4,
+    "fault_load_seconds": 10.0,
+    "outage_seconds": 60.0,
+    "churn_replacements": 10000,
+    "churn_ips": 16,
 }
 _QUICK = {
     "pods": 200,
@@ -103,6 +116,11 @@ _QUICK = {
     "watch_events": 2000,
     "unary_calls": 1500,
     "unary_concurrency": 32,
+    "fault_pods": 2,
+    "fault_load_seconds": 4.0,
+    "outage_seconds": 5.0,
+    "churn_replacements": 300,
+    "churn_ips": 4,
 }
 
 
@@ -136,6 +154,7 @@ async def run(options: argparse.Namespace) -> Report:
         "sts": "STS economy",
         "scale": "Server scale",
         "policy": "Hostile policy: decision time under pathological patterns",
+        "faults": "Faults: static stability under load",
     }
     sections = {key: report.section(key, titles[key]) for key in SECTIONS if key in wanted}
     shared = None
@@ -200,6 +219,12 @@ async def _policy(section, cluster, options):
     await hostile_policy.run(section, options)
 
 
+async def _faults(section, cluster, options):
+    from bench import faults
+
+    await faults.run(section, options)
+
+
 _SECTION_RUNNERS = {
     "hot": _hot,
     "client": _client,
@@ -207,6 +232,7 @@ _SECTION_RUNNERS = {
     "sts": _sts,
     "scale": _scale,
     "policy": _policy,
+    "faults": _faults,
 }
 
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from agent.config import parse_config
+from agent.replicas import parse_addresses
 from runtime.flags import CANNOT_START
 
 REQUIRED = ["--host", "10.0.0.5", "--cert", "a.pem", "--key", "k.pem", "--ca", "ca.pem"]
@@ -30,6 +31,7 @@ def test_defaults():
     assert config.iptables is False
     assert (config.conntrack, config.ready_file) == ("conntrack", None)
     assert config.pod_wait == timedelta(seconds=0.9)
+    assert config.stale_grace == timedelta(seconds=25)
     assert config.metadata_endpoint == "http://169.254.169.254"
     assert config.require_imdsv2 is False
     assert config.node_name == ""  # no startup-taint report
@@ -63,12 +65,27 @@ def test_host_comes_from_host_ip_as_kubernetes_sets_it():
         (["--allow-route-regexp", "(unclosed"], "invalid regular expression"),
         (["--pod-wait", "0s"], "--pod-wait"),
         (["--server-address", "podiam-server"], "host:port"),
+        (["--server-address", "a:1,b"], "'b' is not host:port"),
+        (["--server-address", "a:1,,b:2"], "is not host:port"),
+        (["--stale-grace", "2h"], "--stale-grace"),
         (["--metadata-endpoint", "169.254.169.254"], "http://"),
         (["--node-name", "Node_1"], "--node-name"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(capsys, args, message):
     assert message in refused(capsys, *REQUIRED, *args)
+
+
+def test_several_server_replicas_and_a_stale_grace_are_accepted():
+    argv = [*REQUIRED, "--server-address", "10.0.0.1:8443, podiam-server:8443,[fd00::1]:8443"]
+    config = parse_config([*argv, "--stale-grace", "0s"], environ={})
+    assert parse_addresses(config.server_address) == [
+        ("10.0.0.1", 8443), ("podiam-server", 8443), ("fd00::1", 8443),
+    ]  # fmt: skip
+    assert config.stale_grace == timedelta(0)
+    assert parse_config(REQUIRED, environ={"PODIAM_STALE_GRACE": "5s"}).stale_grace == timedelta(
+        seconds=5
+    )
 
 
 def test_host_is_required(capsys):

@@ -18,7 +18,7 @@ def test_quick_defaults_and_overrides_are_parsed():
     assert options.sections == ["hot", "sts"]
     assert options.concurrency == [2, 8]
     assert options.keepalive == [True, False]
-    assert set(SECTIONS) >= {"hot", "client", "podstart", "sts", "scale"}
+    assert set(SECTIONS) >= {"hot", "client", "podstart", "sts", "scale", "faults"}
 
 
 def test_tiny_run_writes_a_markdown_and_json_report(tmp_path):

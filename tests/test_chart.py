@@ -108,6 +108,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "hostInterface": "!docker0",
             "allowRouteRegexp": "^/latest/meta-data/placement/region$",
             "podWait": "500ms",
+            "staleGrace": "0s",
             "requireImdsv2": True,
             "logLevel": "warning",
             "jsonLog": False,
@@ -278,6 +279,7 @@ def test_every_tuned_value_reaches_its_flag(rendered):
     )
     assert agent.allow_route_regexp.pattern == "^/latest/meta-data/placement/region$"
     assert agent.pod_wait.total_seconds() == 0.5
+    assert agent.stale_grace.total_seconds() == 0
     assert agent.require_imdsv2 is True
     assert (agent.log_level, agent.json_log) == ("WARNING", False)
     assert agent.prometheus_listen_addr == ("0.0.0.0", 9701)

@@ -93,13 +93,25 @@ def test_refreshed_credentials_replace_the_document() -> None:
     assert json.loads(node.credentials["id-1"].body)["AccessKeyId"] == "AK2"
 
 
-def test_lost_stream_forgets_everything_it_said() -> None:
-    node = NodeState()
+def test_lost_stream_keeps_serving_only_within_the_stale_grace_without_route_evidence() -> None:
+    now = [100.0]
+    node = NodeState(stale_grace=25.0, monotonic=lambda: now[0])
     node.apply(snapshot(state("10.0.0.1", identity="id-1"), credentials=[creds("id-1", "AK1")]))
     node.lost()
     assert not node.live
-    assert node.pods == {} and node.credentials == {}
-    assert not node.ready("10.0.0.1")
+    # No host route was ever seen for the IP: only the grace keeps it trusted.
+    assert node.usable_entry("10.0.0.1") is not None
+    assert node.usable_credentials("id-1") is not None
+    now[0] += 25.0
+    assert node.usable_entry("10.0.0.1") is None
+
+
+def test_lost_stream_never_serves_credentials_that_are_about_to_expire() -> None:
+    node = NodeState(stale_grace=25.0, wall=lambda: 1_893_455_990.0)  # 10 s before 2030
+    node.apply(snapshot(state("10.0.0.1", identity="id-1"), credentials=[creds("id-1", "AK1")]))
+    assert node.usable_credentials("id-1") is not None  # a live stream withdraws them itself
+    node.lost()
+    assert node.usable_credentials("id-1") is None
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,33 @@ class StartError(RuntimeError):
     def __init__(self, message: str, process: PodiamProcess | None = None) -> None:
         super().__init__(message)
         self.process = process
+
+
+# Runs in a pod: asks ``path`` over and over for ``seconds`` (one keep-alive connection,
+# reopened after any error, as SDKs do) and prints how each request ended, as one JSON line.
+_HAMMER = r"""
+import http.client, json, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+counts, slowest, conn = {}, 0.0, None
+end = time.monotonic() + seconds
+while True:  # at least one request, even for seconds=0
+    started = time.monotonic()
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=2)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        outcome = str(response.status)
+    except Exception as error:
+        outcome, conn = type(error).__name__, None
+    slowest = max(slowest, time.monotonic() - started)
+    counts[outcome] = counts.get(outcome, 0) + 1
+    if time.monotonic() >= end:
+        break
+    time.sleep(0.002)
+print(json.dumps({"counts": counts, "slowest": slowest}))
+"""
 
 
 class PodiamProcess:
@@ -245,6 +273,17 @@ class PodiamPod:
             check=False, timeout=timeout,
         )  # fmt: skip
 
+    async def hammer(self, path: str, seconds: float) -> tuple[dict[str, int], float]:
+        """Ask ``path`` in a loop for ``seconds``: how many requests ended how (HTTP status or
+        error name), and the slowest request's seconds."""
+        result = await self.run(
+            sys.executable, "-c", _HAMMER, path, str(seconds), timeout=seconds + 30
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"load in {self.name} failed: {result.stderr}")
+        found = json.loads(result.stdout)
+        return found["counts"], found["slowest"]
+
     async def fetch(
         self,
         path: str,
@@ -280,9 +319,13 @@ class PodiamCluster:
         agent_args: Sequence[str] = (),
         server_args: Sequence[str] = (),
         worker_args: Mapping[int, Sequence[str]] | None = None,
+        servers: int = 1,
     ) -> None:
         if workers < 1:
             raise ValueError("a cluster needs at least one worker")
+        if servers < 1:
+            raise ValueError("a cluster needs at least one server")
+        self.server_count = servers
         self.worker_count = workers
         self.permitted = dict(permitted or {})
         self.agent_args = list(agent_args)
@@ -291,7 +334,8 @@ class PodiamCluster:
         self.cluster = Cluster()
         self.kube: KubeApiServer | None = None
         self.sts: MotoSts | None = None
-        self.server: ServerProcess | None = None
+        self.server: ServerProcess | None = None  # the first replica
+        self.servers: list[ServerProcess] = []  # every replica, on ports SERVER_PORT + k
         self.server_node: Node | None = None
         self.workers: list[Node] = []
         self.agents: dict[str, AgentProcess] = {}  # by node name
@@ -364,18 +408,19 @@ class PodiamCluster:
         bundle = generate_bundle(server_names=[*DEFAULT_SERVER_NAMES, self.server_node.ip])
         write_bundle(bundle, self.tls)
 
-        await self._start_server()
+        for replica in range(self.server_count):
+            await self._start_server(replica)
         # The agents go down before the server (pushed later, so unwound earlier).
         stack.push_async_callback(self.stop_agents)
         await asyncio.gather(*(self._start_agent(node) for node in self.workers))
 
-    async def _start_server(self) -> None:
+    async def _start_server(self, replica: int = 0) -> None:
         assert self.kube is not None and self.sts is not None and self.server_node is not None
         kubeconfig = self.work / "kubeconfig"
         self.kube.write_kubeconfig(str(kubeconfig))
         files = TlsFiles.server_in(self.tls)
         argv = [
-            "--bind", f"0.0.0.0:{SERVER_PORT}",
+            "--bind", f"0.0.0.0:{SERVER_PORT + replica}",
             "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
             "--kubeconfig", str(kubeconfig),
             "--role-base-arn", BASE_ARN,
@@ -390,8 +435,10 @@ class PodiamCluster:
             "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
-        server = ServerProcess(self.server_node, "server", argv, env, self.work / "server.log")
-        self.server = server
+        log = self.work / ("server.log" if replica == 0 else f"server-{replica}.log")
+        server = ServerProcess(self.server_node, "server", argv, env, log)
+        self.servers.append(server)
+        self.server = self.servers[0]
         self._stack.push_async_callback(server.stop)
         await server.start()
 
@@ -410,7 +457,7 @@ class PodiamCluster:
             "--port", str(AGENT_PORT),
             "--iptables",
             "--host-interface", "eni+",
-            "--server-address", f"{self.server_node.ip}:{SERVER_PORT}",
+            "--server-address", self.server_addresses,
             "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
             "--metadata-endpoint", self.sts.endpoint_url,
             "--prometheus-listen-addr", f"{node.ip}:{AGENT_METRICS_PORT}",
@@ -504,8 +551,16 @@ class PodiamCluster:
 
     @property
     def server_address(self) -> str:
+        """The first replica's address."""
         assert self.server_node is not None
         return f"{self.server_node.ip}:{SERVER_PORT}"
+
+    @property
+    def server_addresses(self) -> str:
+        """Every replica, as the agents' ``--server-address`` lists them."""
+        assert self.server_node is not None
+        ip = self.server_node.ip
+        return ",".join(f"{ip}:{SERVER_PORT + k}" for k in range(self.server_count))
 
     def agent_tls(self) -> TlsFiles:
         return TlsFiles.agent_in(self.tls)
@@ -513,7 +568,7 @@ class PodiamCluster:
     @property
     def processes(self) -> list[PodiamProcess]:
         """The server and the agents (started or not)."""
-        return [p for p in (self.server, *self.agents.values(), *self.extra_agents) if p]
+        return [p for p in (*self.servers, *self.agents.values(), *self.extra_agents) if p]
 
     def logs(self) -> str:
         """Every podiam process's log, for a failure message."""

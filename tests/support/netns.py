@@ -352,9 +352,23 @@ class Node(Netns):
             raise ValueError(f"node {self.node_name!r} is full (253 pods)")
         digest = hashlib.sha1(f"{self.node_name}/{name}".encode()).hexdigest()[:11]
         host_interface = host_interface or f"eni{digest}"
-        pod = Pod(self, name, len(self.pods) + 1, host_interface)
+        return self._wire(Pod(self, name, len(self.pods) + 1, host_interface))
+
+    def replace_pod(self, old: Pod, name: str) -> Pod:
+        """The CNI gives a deleted pod's IP to a new pod: ``old``'s namespace is deleted (its
+        veth and host route go with it) and pod ``name`` gets the same IP behind a new veth."""
+        _require_name("pod", name)
+        if name in self.pods:
+            raise ValueError(f"pod {name!r} already exists on node {self.node_name!r}")
+        old.delete()
+        index = int(old.ip.rsplit(".", 1)[1])
+        digest = hashlib.sha1(f"{self.node_name}/{name}".encode()).hexdigest()[:11]
+        return self._wire(Pod(self, name, index, f"eni{digest}"))
+
+    def _wire(self, pod: Pod) -> Pod:
+        host_interface = pod.host_interface
         self.cluster._track(pod)
-        self.pods[name] = pod
+        self.pods[pod.pod_name] = pod
         _ip("netns", "add", pod.name)
         _ip("-n", pod.name, "link", "set", "lo", "up")
         _ip("link", "add", host_interface, "netns", self.name,
