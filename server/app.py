@@ -25,12 +25,12 @@ from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.fanout import NodeFanout
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
-from server.pods import PodRecord
 from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
+from server.sessions import session_namer
 from server.startup_taint import StartupTaintRemover
-from server.sts import StsGateway, session_name_for
+from server.sts import StsGateway
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,9 @@ class PodiamServer:
         )
         self._closers.append(cache.close)
 
-        def session_name(pod: PodRecord) -> str:
-            return session_name_for(config.session_name, pod.session_name or pod.name)
-
         registry = Registry(
             resolver=resolver,
-            session_name=session_name,
+            session_name=session_namer(config.session_name_from, config.session_name),
             credentials=cache,
             changes=fanout,
             denials=recorder,

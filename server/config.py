@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
+from server.sessions import SessionNameFrom
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
@@ -51,6 +52,7 @@ class ServerConfig:
     session_duration: timedelta
     session_refresh: timedelta
     session_name: str
+    session_name_from: SessionNameFrom
     assume_role_arn: str | None
     allowed_accounts: frozenset[str]  # besides the base ARN's own account
     node_binding: bool
@@ -143,8 +145,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "--session-name",
         env="PODIAM_SESSION_NAME",
         default="podiam",
-        help="prefix of STS session names: <prefix>-<pod's iam.amazonaws.com/session-name or "
-        "pod name>",
+        help="prefix of STS session names: <prefix>-<pod's iam.amazonaws.com/session-name>, "
+        "or else as --session-name-from says",
+    )
+    flag(
+        "--session-name-from",
+        env="PODIAM_SESSION_NAME_FROM",
+        type=_session_name_from,
+        metavar="{" + ",".join(source.value for source in SessionNameFrom) + "}",
+        default=SessionNameFrom.WORKLOAD,
+        help="what names a pod's STS session when it has no iam.amazonaws.com/session-name "
+        "annotation: 'workload' (<prefix>-<Deployment, StatefulSet, DaemonSet, "
+        "Job, CronJob or bare pod name>; replicas share one session and one AssumeRole per "
+        "refresh), 'pod' (<prefix>-<pod name>; one AssumeRole per pod per refresh) or 'fixed' "
+        "(<prefix>; one per role, as kiam)",
     )
     flag(
         "--assume-role-arn",
@@ -186,6 +200,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     )
     parser.add_process_flags()
     return parser
+
+
+def _session_name_from(raw: str) -> SessionNameFrom:
+    try:
+        return SessionNameFrom(raw.strip())
+    except ValueError:
+        choices = ", ".join(source.value for source in SessionNameFrom)
+        raise argparse.ArgumentTypeError(f"{raw!r} is not one of {choices}") from None
 
 
 def _env_switch(parser: EnvDefaultsParser, env: str) -> bool:
@@ -263,6 +285,7 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         session_duration=args.session_duration,
         session_refresh=args.session_refresh,
         session_name=args.session_name.strip(),
+        session_name_from=args.session_name_from,
         assume_role_arn=args.assume_role_arn,
         allowed_accounts=allowed_accounts,
         node_binding=not args.no_node_binding,

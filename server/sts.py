@@ -60,7 +60,11 @@ _BOTO_CONFIG = Config(
 def session_name_for(prefix: str, suffix: str) -> str:
     """`<prefix>-<suffix>` as a valid RoleSessionName: forbidden characters become `-`, and the
     result is cut to STS's 64-character limit."""
-    return _SESSION_NAME_FORBIDDEN.sub("-", f"{prefix}-{suffix}")[:SESSION_NAME_MAX]
+    return sanitised_session_name(f"{prefix}-{suffix}")
+
+
+def sanitised_session_name(name: str) -> str:
+    return _SESSION_NAME_FORBIDDEN.sub("-", name)[:SESSION_NAME_MAX]
 
 
 class StsError(Exception):

@@ -1,0 +1,45 @@
+"""podiam-server's STS economy flags: session naming, session tags, the STS rate budget and the
+audit trail — defaults, environment twins, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.flags import CANNOT_START
+from server.config import parse_config
+from server.sessions import SessionNameFrom
+
+REQUIRED = [
+    "--cert", "c.pem", "--key", "k.pem", "--ca", "ca.pem",
+    "--role-base-arn", "arn:aws:iam::123456789012:role/",
+]  # fmt: skip
+
+
+def parse(*args: str, environ: dict[str, str] | None = None):
+    return parse_config([*REQUIRED, *args], environ=environ or {})
+
+
+def refused(capsys, *args: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*args, environ=environ)
+    assert exit_info.value.code == CANNOT_START
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("podiam-server: error: "), err
+    return err
+
+
+def test_sessions_are_named_after_workloads_by_default():
+    assert parse().session_name_from is SessionNameFrom.WORKLOAD
+
+
+def test_session_name_from_has_an_environment_twin_and_the_flag_wins():
+    env = {"PODIAM_SESSION_NAME_FROM": "fixed"}
+    assert parse(environ=env).session_name_from is SessionNameFrom.FIXED
+    assert parse("--session-name-from", "pod", environ=env).session_name_from is SessionNameFrom.POD
+
+
+def test_unknown_session_name_source_is_refused(capsys):
+    assert "workload, pod, fixed" in refused(capsys, "--session-name-from", "replica")
+    assert "PODIAM_SESSION_NAME_FROM" in refused(
+        capsys, environ={"PODIAM_SESSION_NAME_FROM": "replica"}
+    )
