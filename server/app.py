@@ -19,6 +19,7 @@ from certs.tls import TlsConfigError, TlsFiles, server_credentials
 from protos import kiam_pb2_grpc
 from runtime.process import StartupError
 from server.arn import ArnError, RoleResolver, detect_base_arn
+from server.audit import AuditTrail
 from server.config import ServerConfig
 from server.credentials import CredentialCache
 from server.credentials_proto import CredentialMessages
@@ -66,7 +67,14 @@ class PodiamServer:
         except KubeConfigError as error:
             raise StartupError(str(error)) from error
 
+        try:
+            audit = AuditTrail(config.audit_log)
+        except OSError as error:
+            raise StartupError(f"--audit-log {config.audit_log}: {error}") from error
+        self._closers.append(_as_async(audit.close))
+        self.audit = audit
         gateway = StsGateway(
+            audit=audit,
             region=config.region,
             endpoint_url=config.sts_endpoint,
             assume_role_arn=config.assume_role_arn,
@@ -97,6 +105,7 @@ class PodiamServer:
             changes=fanout,
             denials=recorder,
             allowed_accounts=config.allowed_accounts,
+            on_pod_gone=audit.pod_gone,
         )
         self.registry = registry
         self.cache = cache
@@ -159,6 +168,7 @@ class PodiamServer:
             node_binding=config.node_binding,
             denials=recorder,
             startup_taint=self.startup_taint,
+            audit=self.audit,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()

@@ -59,6 +59,7 @@ class ServerConfig:
     startup_taint: str | None
     prometheus_listen_addr: tuple[str, int] | None
     max_connection_age: timedelta
+    audit_log: str
     log_level: str
     json_log: bool
 
@@ -198,6 +199,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default="10m",
         help="agents reconnect after this long, so they spread across server replicas",
     )
+    flag(
+        "--audit-log",
+        env="PODIAM_AUDIT_LOG",
+        default="-",
+        help="where the audit trail goes: '-' with the other log lines, or a file (JSON lines, "
+        "appended, reopened after rotation). One record per credential set obtained (role, "
+        "session name, tags, AccessKeyId, expiration; never secrets) and one per pod first "
+        "served an identity (namespace, pod, uid, node, AccessKeyId)",
+    )
     parser.add_process_flags()
     return parser
 
@@ -292,6 +302,7 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         startup_taint=startup_taint,
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
+        audit_log=args.audit_log.strip() or "-",
         log_level=args.log_level,
         json_log=args.json_log,
     )

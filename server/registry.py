@@ -13,7 +13,7 @@ Nothing here awaits: it runs on the event loop between watch events.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,8 +71,10 @@ class Registry:
         changes: PodChanges | None = None,
         denials: DenialRecorder | None = None,
         allowed_accounts: frozenset[str] = frozenset(),
+        on_pod_gone: Callable[[PodRecord], None] | None = None,
     ) -> None:
         self.resolver = resolver
+        self._on_pod_gone = on_pod_gone
         self._session_name = session_name
         self._credentials = credentials
         self._changes = changes
@@ -161,6 +163,8 @@ class Registry:
         self._index.put(key, new)
         if new is None:
             self._grants.pop(key, None)
+            if old is not None and self._on_pod_gone is not None:
+                self._on_pod_gone(old)
         else:
             self._grants[key] = grant
         self._publish(old, new)

@@ -34,6 +34,7 @@ from botocore.credentials import (
 )
 from botocore.exceptions import BotoCoreError, ClientError
 
+from server.audit import AuditTrail
 from server.identity import AwsCredentials, RoleIdentity, format_aws_time
 from server.metrics import STS_CALLS, STS_ERRORS, STS_SECONDS
 
@@ -114,6 +115,7 @@ class StsGateway:
         session_duration: timedelta = DEFAULT_SESSION_DURATION,
         max_workers: int = 8,
         boto_session: boto3.Session | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
@@ -123,6 +125,7 @@ class StsGateway:
         self._config = _BOTO_CONFIG.merge(Config(max_pool_connections=max_workers))
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sts")
         self._closed = False
+        self._audit = audit
 
         # Current botocore already defaults `sts_regional_endpoints` to "regional"; say so
         # explicitly in the sessions built here, so an inherited AWS_STS_REGIONAL_ENDPOINTS=legacy
@@ -214,6 +217,8 @@ class StsGateway:
             log.warning("AssumeRole for %s failed: %s", identity.role_arn, result.code)
             raise result
         STS_CALLS.labels(outcome="success").inc()
+        if self._audit is not None:
+            self._audit.credentials_obtained(identity, result)
         log.debug(
             "assumed %s as %s until %s",
             identity.role_arn,

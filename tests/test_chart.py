@@ -83,7 +83,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "server": {"metrics": {"enabled": False}},
         "agent": {"metrics": {"enabled": False}},
     },
-    "sts-economy": {"server": {"sessionNameFrom": "pod"}},
+    "sts-economy": {"server": {"sessionNameFrom": "pod", "auditLog": "/var/log/podiam/audit"}},
     "every-flag": {
         "server": {
             "roleBaseArn": ROLE_BASE,
@@ -679,6 +679,7 @@ def test_sts_economy_values_reach_their_flags(rendered):
     spec = container(rendered["sts-economy"], "Deployment")
     server = parse_server_config(spec["args"], environ=env_of(spec))
     assert server.session_name_from == "pod"
+    assert server.audit_log == "/var/log/podiam/audit"
     default = container(rendered["defaults"], "Deployment")
     assert parse_server_config(default["args"], environ=env_of(default)).session_name_from == (
         "workload"

@@ -43,3 +43,9 @@ def test_unknown_session_name_source_is_refused(capsys):
     assert "PODIAM_SESSION_NAME_FROM" in refused(
         capsys, environ={"PODIAM_SESSION_NAME_FROM": "replica"}
     )
+
+
+def test_audit_trail_goes_with_the_other_logs_unless_a_file_is_named():
+    assert parse().audit_log == "-"
+    assert parse(environ={"PODIAM_AUDIT_LOG": "/var/log/a"}).audit_log == "/var/log/a"
+    assert parse("--audit-log", "/tmp/b", environ={"PODIAM_AUDIT_LOG": "/a"}).audit_log == "/tmp/b"
