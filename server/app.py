@@ -29,7 +29,7 @@ from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_cli
 from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
-from server.sessions import session_namer
+from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway
 
@@ -75,6 +75,7 @@ class PodiamServer:
         self.audit = audit
         gateway = StsGateway(
             audit=audit,
+            transitive_tags=config.transitive_session_tags,
             region=config.region,
             endpoint_url=config.sts_endpoint,
             assume_role_arn=config.assume_role_arn,
@@ -101,6 +102,12 @@ class PodiamServer:
         registry = Registry(
             resolver=resolver,
             session_name=session_namer(config.session_name_from, config.session_name),
+            session_tags=session_tagger(
+                per_pod=config.session_name_from is SessionNameFrom.POD,
+                cluster_name=config.cluster_name,
+            )
+            if config.session_tags
+            else None,
             credentials=cache,
             changes=fanout,
             denials=recorder,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
-from server.sessions import SessionNameFrom
+from server.sessions import SessionNameFrom, sanitised_tag_value
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
@@ -60,6 +60,9 @@ class ServerConfig:
     prometheus_listen_addr: tuple[str, int] | None
     max_connection_age: timedelta
     audit_log: str
+    session_tags: bool
+    transitive_session_tags: bool
+    cluster_name: str
     log_level: str
     json_log: bool
 
@@ -200,6 +203,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="agents reconnect after this long, so they spread across server replicas",
     )
     flag(
+        "--session-tags",
+        env="PODIAM_SESSION_TAGS",
+        action="store_true",
+        help="tag STS sessions (for ABAC) with kubernetes-namespace, kubernetes-service-account, "
+        "kubernetes-workload, kubernetes-pod-name and kubernetes-pod-uid (only with "
+        "--session-name-from pod) and kubernetes-cluster (with --cluster-name). Roles' trust "
+        "policies must allow sts:TagSession",
+    )
+    flag(
+        "--transitive-session-tags",
+        env="PODIAM_TRANSITIVE_SESSION_TAGS",
+        action="store_true",
+        help="mark the session tags transitive, so they survive role chaining",
+    )
+    flag(
+        "--cluster-name",
+        env="PODIAM_CLUSTER_NAME",
+        default="",
+        help="the cluster's name, as the kubernetes-cluster session tag (with --session-tags)",
+    )
+    flag(
         "--audit-log",
         env="PODIAM_AUDIT_LOG",
         default="-",
@@ -279,6 +303,14 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
             f"--startup-taint {startup_taint!r} is not a taint key (an optional DNS subdomain "
             "prefix and '/', then a name of up to 63 letters, digits, '-', '_' or '.')"
         )
+    if args.transitive_session_tags and not args.session_tags:
+        parser.error("--transitive-session-tags needs --session-tags")
+    cluster_name = args.cluster_name.strip()
+    if len(cluster_name) > 256 or sanitised_tag_value(cluster_name) != cluster_name:
+        parser.error(
+            f"--cluster-name {cluster_name!r} is not a valid session tag value (up to 256 "
+            "letters, digits, spaces and _ . : / = + - @)"
+        )
     if not args.session_name.strip():
         parser.error("--session-name must not be empty")
     return ServerConfig(
@@ -303,6 +335,9 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
         audit_log=args.audit_log.strip() or "-",
+        session_tags=args.session_tags,
+        transitive_session_tags=args.transitive_session_tags,
+        cluster_name=args.cluster_name.strip(),
         log_level=args.log_level,
         json_log=args.json_log,
     )

@@ -23,7 +23,7 @@ from server.identity import RoleIdentity
 from server.kube_sink import KeyedSink
 from server.pod_index import PodIndex, PodKey
 from server.pods import NamespaceRecord, PodRecord, namespace_from_object, pod_from_object
-from server.policy import Denial, Grant, Reason, SessionNamer, grant_for_pod
+from server.policy import Denial, Grant, Reason, SessionNamer, SessionTagger, grant_for_pod
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Registry:
         *,
         resolver: RoleResolver,
         session_name: SessionNamer,
+        session_tags: SessionTagger | None = None,
         credentials: CredentialsHolder,
         changes: PodChanges | None = None,
         denials: DenialRecorder | None = None,
@@ -76,6 +77,7 @@ class Registry:
         self.resolver = resolver
         self._on_pod_gone = on_pod_gone
         self._session_name = session_name
+        self._session_tags = session_tags
         self._credentials = credentials
         self._changes = changes
         self._denials = denials
@@ -193,6 +195,7 @@ class Registry:
             self.namespaces.get(pod.namespace),
             resolver=self.resolver,
             session_name=self._session_name,
+            session_tags=self._session_tags,
             allowed_accounts=self._allowed_accounts,
         )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 
 from server.pods import PodRecord
-from server.policy import SessionNamer
+from server.policy import SessionNamer, SessionTagger
 from server.sts import sanitised_session_name, session_name_for
 
 
@@ -41,3 +41,41 @@ def session_namer(source: SessionNameFrom, prefix: str) -> SessionNamer:
         return sanitised_session_name(prefix)
 
     return name
+
+
+# STS session tags: keys up to 128 characters, values up to 256, both of Unicode letters,
+# separators and digits and `_ . : / = + - @`.
+TAG_KEY_MAX = 128
+TAG_VALUE_MAX = 256
+_TAG_PUNCTUATION = frozenset("_.:/=+-@")
+SessionTags = tuple[tuple[str, str], ...]
+
+
+def sanitised_tag_value(value: str) -> str:
+    """``value`` as STS accepts a tag value: other characters become `_`, cut to 256."""
+    return "".join(
+        c if c.isalnum() or c.isspace() or c in _TAG_PUNCTUATION else "_"
+        for c in value[:TAG_VALUE_MAX]
+    )
+
+
+def session_tagger(*, per_pod: bool, cluster_name: str = "") -> SessionTagger:
+    """The pod → session tags function for ``--session-tags``, with the keys EKS Pod Identity
+    uses where they exist. Pod name and uid only when sessions are per pod: a tag that differs
+    between replicas would make each replica its own identity again."""
+    cluster = sanitised_tag_value(cluster_name)
+
+    def tags(pod: PodRecord) -> SessionTags:
+        pairs = {
+            "kubernetes-namespace": pod.namespace,
+            "kubernetes-service-account": pod.service_account,
+            "kubernetes-workload": pod.workload,
+        }
+        if per_pod:
+            pairs["kubernetes-pod-name"] = pod.name
+            pairs["kubernetes-pod-uid"] = pod.uid
+        if cluster:
+            pairs["kubernetes-cluster"] = cluster
+        return tuple(sorted((k, sanitised_tag_value(v)) for k, v in pairs.items() if v))
+
+    return tags

@@ -116,6 +116,7 @@ class StsGateway:
         max_workers: int = 8,
         boto_session: boto3.Session | None = None,
         audit: AuditTrail | None = None,
+        transitive_tags: bool = False,
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
@@ -126,6 +127,7 @@ class StsGateway:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sts")
         self._closed = False
         self._audit = audit
+        self._transitive_tags = transitive_tags
 
         # Current botocore already defaults `sts_regional_endpoints` to "regional"; say so
         # explicitly in the sessions built here, so an inherited AWS_STS_REGIONAL_ENDPOINTS=legacy
@@ -237,6 +239,11 @@ class StsGateway:
         }
         if identity.external_id:
             kwargs["ExternalId"] = identity.external_id
+        if identity.tags:
+            # Needs sts:TagSession in the role's trust policy, besides sts:AssumeRole.
+            kwargs["Tags"] = [{"Key": key, "Value": value} for key, value in identity.tags]
+            if self._transitive_tags:
+                kwargs["TransitiveTagKeys"] = [key for key, _ in identity.tags]
         try:
             response = self._client_for_pods.assume_role(**kwargs)
         except StsError as exc:  # the intermediate role could not be assumed

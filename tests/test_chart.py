@@ -83,7 +83,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "server": {"metrics": {"enabled": False}},
         "agent": {"metrics": {"enabled": False}},
     },
-    "sts-economy": {"server": {"sessionNameFrom": "pod", "auditLog": "/var/log/podiam/audit"}},
+    "sts-economy": {
+        "server": {
+            "sessionNameFrom": "pod",
+            "auditLog": "/var/log/podiam/audit",
+            "sessionTags": True,
+            "transitiveSessionTags": True,
+            "clusterName": "prod-eu",
+        }
+    },
     "every-flag": {
         "server": {
             "roleBaseArn": ROLE_BASE,
@@ -680,6 +688,8 @@ def test_sts_economy_values_reach_their_flags(rendered):
     server = parse_server_config(spec["args"], environ=env_of(spec))
     assert server.session_name_from == "pod"
     assert server.audit_log == "/var/log/podiam/audit"
+    assert (server.session_tags, server.transitive_session_tags) == (True, True)
+    assert server.cluster_name == "prod-eu"
     default = container(rendered["defaults"], "Deployment")
     assert parse_server_config(default["args"], environ=env_of(default)).session_name_from == (
         "workload"

@@ -49,3 +49,31 @@ def test_audit_trail_goes_with_the_other_logs_unless_a_file_is_named():
     assert parse().audit_log == "-"
     assert parse(environ={"PODIAM_AUDIT_LOG": "/var/log/a"}).audit_log == "/var/log/a"
     assert parse("--audit-log", "/tmp/b", environ={"PODIAM_AUDIT_LOG": "/a"}).audit_log == "/tmp/b"
+
+
+def test_session_tags_are_off_by_default_and_switch_on_with_their_twins():
+    config = parse()
+    assert (config.session_tags, config.transitive_session_tags, config.cluster_name) == (
+        False,
+        False,
+        "",
+    )
+    env = {
+        "PODIAM_SESSION_TAGS": "true",
+        "PODIAM_TRANSITIVE_SESSION_TAGS": "true",
+        "PODIAM_CLUSTER_NAME": "prod-eu",
+    }
+    config = parse(environ=env)
+    assert (config.session_tags, config.transitive_session_tags, config.cluster_name) == (
+        True,
+        True,
+        "prod-eu",
+    )
+
+
+def test_transitive_tags_without_tags_are_refused(capsys):
+    assert "needs --session-tags" in refused(capsys, "--transitive-session-tags")
+
+
+def test_cluster_name_that_sts_would_reject_as_a_tag_is_refused(capsys):
+    assert "not a valid session tag value" in refused(capsys, "--cluster-name", "prod#1")
