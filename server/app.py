@@ -21,7 +21,7 @@ from runtime.process import StartupError
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.audit import AuditTrail
 from server.config import ServerConfig
-from server.credentials import CredentialCache
+from server.credentials import DEFAULT_REFRESH_JITTER, CredentialCache
 from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.fanout import NodeFanout
@@ -32,6 +32,7 @@ from server.service import KiamService
 from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway
+from server.sts_budget import StsBudget
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,15 @@ class PodiamServer:
         messages = CredentialMessages()
         self._closers.append(_as_async(messages.clear))  # closers run last first: after the cache
         fanout = NodeFanout(messages)
+        budget = StsBudget(qps=config.sts_qps, burst=config.sts_burst)
         cache = CredentialCache(
-            gateway, refresh_before=config.session_refresh, on_update=fanout.credentials_changed
+            gateway,
+            refresh_before=config.session_refresh,
+            on_update=fanout.credentials_changed,
+            budget=budget,
+            refresh_jitter=DEFAULT_REFRESH_JITTER,
         )
+        self._closers.append(budget.close)  # closers run last first: after the cache
         self._closers.append(cache.close)
 
         registry = Registry(

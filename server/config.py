@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +13,7 @@ from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
 from server.sessions import SessionNameFrom, sanitised_tag_value
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
+from server.sts_budget import DEFAULT_BURST, DEFAULT_QPS
 
 # botocore treats credentials with less than about 25 minutes left as expiring and refreshes
 # them on every call, so podiam never hands out credentials with less than this remaining.
@@ -63,6 +64,8 @@ class ServerConfig:
     session_tags: bool
     transitive_session_tags: bool
     cluster_name: str
+    sts_qps: float
+    sts_burst: int
     log_level: str
     json_log: bool
 
@@ -224,6 +227,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="the cluster's name, as the kubernetes-cluster session tag (with --session-tags)",
     )
     flag(
+        "--sts-qps",
+        env="PODIAM_STS_QPS",
+        type=_positive(float),
+        default=DEFAULT_QPS,
+        help="AssumeRole calls per second this server process may make, on average (STS "
+        "limits calls per account, for all callers together); pods waiting for first "
+        "credentials go before refreshes",
+    )
+    flag(
+        "--sts-burst",
+        env="PODIAM_STS_BURST",
+        type=_positive(int),
+        default=DEFAULT_BURST,
+        help="AssumeRole calls that may be made at once after a quiet spell, above --sts-qps",
+    )
+    flag(
         "--audit-log",
         env="PODIAM_AUDIT_LOG",
         default="-",
@@ -234,6 +253,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     )
     parser.add_process_flags()
     return parser
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def convert(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{raw!r} must be greater than 0")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def _session_name_from(raw: str) -> SessionNameFrom:
@@ -338,6 +371,8 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         session_tags=args.session_tags,
         transitive_session_tags=args.transitive_session_tags,
         cluster_name=args.cluster_name.strip(),
+        sts_qps=args.sts_qps,
+        sts_burst=args.sts_burst,
         log_level=args.log_level,
         json_log=args.json_log,
     )

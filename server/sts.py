@@ -68,6 +68,12 @@ def sanitised_session_name(name: str) -> str:
     return _SESSION_NAME_FORBIDDEN.sub("-", name)[:SESSION_NAME_MAX]
 
 
+# Answers that mean "too many requests": back off, the request itself was fine.
+THROTTLING_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+
+
 class StsError(Exception):
     """An AssumeRole call that failed. `code` is the AWS error code (`AccessDenied`, ...) or, for
     failures that never reached STS, the botocore exception's class name
@@ -78,6 +84,10 @@ class StsError(Exception):
         self.message = " ".join(message.split())  # one line, whatever STS sent
         self.role_arn = role_arn
         super().__init__(code, self.message)
+
+    @property
+    def throttled(self) -> bool:
+        return self.code in THROTTLING_CODES
 
     def __str__(self) -> str:
         target = f" for {self.role_arn}" if self.role_arn else ""

@@ -90,6 +90,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "sessionTags": True,
             "transitiveSessionTags": True,
             "clusterName": "prod-eu",
+            "stsQps": 12.5,
+            "stsBurst": 30,
         }
     },
     "every-flag": {
@@ -690,6 +692,7 @@ def test_sts_economy_values_reach_their_flags(rendered):
     assert server.audit_log == "/var/log/podiam/audit"
     assert (server.session_tags, server.transitive_session_tags) == (True, True)
     assert server.cluster_name == "prod-eu"
+    assert (server.sts_qps, server.sts_burst) == (12.5, 30)
     default = container(rendered["defaults"], "Deployment")
     assert parse_server_config(default["args"], environ=env_of(default)).session_name_from == (
         "workload"

@@ -77,3 +77,17 @@ def test_transitive_tags_without_tags_are_refused(capsys):
 
 def test_cluster_name_that_sts_would_reject_as_a_tag_is_refused(capsys):
     assert "not a valid session tag value" in refused(capsys, "--cluster-name", "prod#1")
+
+
+def test_sts_budget_defaults_and_environment_twins():
+    config = parse()
+    assert (config.sts_qps, config.sts_burst) == (50.0, 100)
+    config = parse(environ={"PODIAM_STS_QPS": "7.5", "PODIAM_STS_BURST": "20"})
+    assert (config.sts_qps, config.sts_burst) == (7.5, 20)
+
+
+@pytest.mark.parametrize(
+    "args", [("--sts-qps", "0"), ("--sts-qps", "-1"), ("--sts-burst", "0"), ("--sts-burst", "2.5")]
+)
+def test_sts_budget_that_would_allow_nothing_is_refused(capsys, args):
+    assert args[0] in refused(capsys, *args)
