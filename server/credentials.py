@@ -58,7 +58,7 @@ DEFAULT_REFRESH_BEFORE = timedelta(minutes=35)
 # However short-lived STS credentials turn out to be, refresh an identity at most this often.
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)
 # How long a get() holding old but valid credentials waits for fresher ones before serving them.
-STALE_WAIT = 0.5
+STALE_WAIT = 0.25
 DEFAULT_REFRESH_JITTER = 0.5
 
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)

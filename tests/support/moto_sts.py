@@ -14,6 +14,7 @@ import http.client
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class AssumeRoleCall:
     # Session tags as sent (Tags.member.N.Key/Value), in request order, and TransitiveTagKeys.
     tags: tuple[tuple[str, str], ...] = ()
     transitive_tag_keys: tuple[str, ...] = ()
+    # When the front received it (time.monotonic()): what STS saw per second.
+    at: float = 0.0
 
 
 class MotoSts:
@@ -166,6 +169,7 @@ class MotoSts:
                     signed_with=signed_with.group(1) if signed_with else None,
                     failed_with=failure,
                     tags=_members(params, "Tags", ("Key", "Value")),
+                    at=time.monotonic(),
                     transitive_tag_keys=tuple(
                         value for (value,) in _members(params, "TransitiveTagKeys", ())
                     ),
