@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     sts = parser.add_argument_group("sts: STS economy")
     sts.add_argument("--sts-pods", type=int, help="pods (N)")
     sts.add_argument("--sts-roles", type=int, help="roles (M)")
+    sts.add_argument("--sts-workloads", type=int, help="Deployments the N pods belong to")
+    sts.add_argument("--sts-burst-pods", type=int, help="new pods of one new Deployment")
+    sts.add_argument("--sts-flood", type=int, help="new identities appearing at once")
+    sts.add_argument("--sts-flood-held", type=int, help="held identities due for refresh")
+    sts.add_argument("--sts-flood-qps", type=float, help="--sts-qps of the flood run")
+    sts.add_argument("--sts-throttle-seconds", type=float, help="how long STS throttles")
     scale = parser.add_argument_group("scale: server")
     scale.add_argument("--scale-pods", type=_ints, help="cluster sizes, e.g. 10000,50000,100000")
     scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
@@ -91,6 +97,12 @@ _FULL = {
     "start_pods": 200,
     "sts_pods": 1000,
     "sts_roles": 10,
+    "sts_workloads": 50,
+    "sts_burst_pods": 1000,
+    "sts_flood": 20000,
+    "sts_flood_held": 500,
+    "sts_flood_qps": 50.0,
+    "sts_throttle_seconds": 10.0,
     "scale_pods": [10000, 50000, 100000],
     "watch_events": 10000,
     "unary_calls": 5000,
@@ -112,6 +124,12 @@ _QUICK = {
     "start_pods": 40,
     "sts_pods": 200,
     "sts_roles": 4,
+    "sts_workloads": 20,
+    "sts_burst_pods": 100,
+    "sts_flood": 200,
+    "sts_flood_held": 10,
+    "sts_flood_qps": 50.0,
+    "sts_throttle_seconds": 1.0,
     "scale_pods": [10000],
     "watch_events": 2000,
     "unary_calls": 1500,

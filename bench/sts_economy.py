@@ -155,9 +155,10 @@ async def run(section: Section, cluster: LoopbackCluster, options) -> None:
     contrast = min(n, 100)
     period_minutes = int((DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE) / STEP)
     section.notes += [
-        "session names are `<prefix>-<pod name or session-name annotation>`, so pods share an "
-        "identity (and an AssumeRole) only when they share the session-name annotation: the "
-        "pods of each role here carry one. Rows marked `pod-name sessions` leave it out.",
+        "rows marked `shared annotation`: the pods of each role carry one "
+        "`iam.amazonaws.com/session-name`, which wins over every `--session-name-from`. Rows "
+        "marked `pod-name sessions`: bare pods without it, each its own workload and so its "
+        "own session (what `--session-name-from pod` makes of every pod).",
         f"simulated hour: the real Registry and CredentialCache (1 h sessions, refreshed "
         f"{DEFAULT_REFRESH_BEFORE} before expiry: every {period_minutes} min) on an injected "
         "clock moved in 1-minute steps, with real AssumeRole calls to moto (each answer's "
@@ -210,6 +211,111 @@ async def run(section: Section, cluster: LoopbackCluster, options) -> None:
     section.data.update(
         hour={"total": total, "rounds": rounds, "contrast_rounds": rounds2},
         burst={"calls": calls, "ok": ok, "latency": latency, "contrast_calls": calls2},
+    )
+
+    await _workload_figures(section, cluster, options)
+
+
+GATEWAY_WORKERS = 8  # StsGateway's default thread pool: calls granted together overlap there
+
+
+async def _workload_figures(section: Section, cluster: LoopbackCluster, options) -> None:
+    from bench import sts_budget
+
+    n, m = options.sts_pods, options.sts_roles
+    w = min(options.sts_workloads, n)
+    section.notes += [
+        "workload identities (the default `--session-name-from workload`): pods owned by a "
+        "ReplicaSet named `<deployment>-<pod-template-hash>`, so their sessions are named "
+        "after the Deployment and its replicas share one identity.",
+        "flood and throttling: the real Registry, CredentialCache, StsBudget and StsGateway in "
+        "the benchmark's process against moto behind the recording front, which timestamps "
+        "each AssumeRole it receives; the cache's wall clock is moved so that every held "
+        "identity's refresh falls due as the new identities appear. A probe asks for every "
+        "held identity's credentials in rounds throughout, as pods holding them would.",
+    ]
+    rounds = await sts_budget.workload_hour(cluster.sts, pods=n, workloads=w, roles=m, prefix="wh")
+    hour = section.table(
+        "simulated hour, workload sessions",
+        ["pods", "Deployments", "roles", "calls per refresh round", "expected per round"],
+    )
+    hour.add(n, w, m, " / ".join(map(str, rounds)), w)
+    section.check(
+        f"workload hour: AssumeRole per refresh round ({n} pods, {w} Deployments, {m} roles)",
+        f"= {w} each round (not {n})",
+        " / ".join(map(str, rounds)),
+        all(r == w for r in rounds),
+    )
+
+    p = options.sts_burst_pods
+    calls, result = await sts_budget.deployment_burst(cluster, pods=p, prefix="wb")
+    ok = result["statuses"].get("200", 0)
+    burst_table = section.table(
+        "burst: new pods of one new Deployment, every pod asking at once",
+        ["pods", "AssumeRole calls", "answered 200", "other answers", "p50 ms", "p99 ms",
+         "max ms"],
+    )  # fmt: skip
+    burst_table.add(p, calls, ok, _others(result), result["p50_ms"], result["p99_ms"],
+                    result["max_ms"])  # fmt: skip
+    section.check(
+        f"Deployment burst: {p} first requests",
+        "1 AssumeRole, all 200 within 1 s",
+        f"{calls} calls, {ok}/{p} answered 200, max {result['max_ms']:.0f} ms, "
+        f"p99 {result['p99_ms']:.0f} ms",
+        calls == 1 and ok == p and result["max_ms"] < 1000,
+    )
+
+    f, h, qps = options.sts_flood, options.sts_flood_held, options.sts_flood_qps
+    flood = await sts_budget.flood(cluster.sts, identities=f, held=h, qps=qps, burst=100,
+                                   prefix="fl")  # fmt: skip
+    flood_table = section.table(
+        f"flood: {f} new identities at once, {h} held identities' refreshes due, "
+        f"--sts-qps {qps:g} --sts-burst 100",
+        ["AssumeRole calls", "seconds", "max calls in a second", "max after the first second",
+         "within burst + qps·t", "mean rate after the burst /s",
+         "refreshes reaching STS before the last first fetch",
+         "probe answers", "probe refusals", "slowest probe ms"],
+    )  # fmt: skip
+    flood_table.add(flood["calls"], flood["seconds"], flood["max_per_second"],
+                    flood["max_per_second_after_first"], flood["within_bucket"],
+                    flood["mean_rate_after_burst"],
+                    flood["refreshes_before_last_first_fetch"], flood["probe_answers"],
+                    flood["probe_refusals"], flood["probe_slowest_ms"])  # fmt: skip
+    section.check(
+        f"flood of {f} identities: STS sees no more than the budget, first fetches first, "
+        "no pod with valid credentials refused",
+        f"≤ 100 + {qps:g}·t calls by t, no refresh ahead of a queued first fetch (at most "
+        f"{GATEWAY_WORKERS} overlap in the gateway's threads), 0 refusals",
+        f"max {flood['max_per_second']}/s ({flood['max_per_second_after_first']}/s after the "
+        f"first second), {flood['refreshes_before_last_first_fetch']} refreshes first, "
+        f"{flood['probe_refusals']} refusals",
+        flood["within_bucket"]
+        and flood["refreshes_before_last_first_fetch"] <= GATEWAY_WORKERS
+        and flood["probe_refusals"] == 0,
+    )
+
+    seconds = options.sts_throttle_seconds
+    throttle = await sts_budget.throttled(cluster.sts, held=h, seconds=seconds, prefix="th")
+    throttle_table = section.table(
+        f"throttling: STS answers Throttling for {seconds:g} s while {h} identities' refreshes "
+        "fall due and then run under 30 minutes left",
+        ["Throttling answers", "probe answers", "probe refusals", "slowest probe ms",
+         "seconds to refresh all after"],
+    )  # fmt: skip
+    throttle_table.add(throttle["throttled_answers"], throttle["probe_answers"],
+                       throttle["probe_refusals"], throttle["probe_slowest_ms"],
+                       throttle["recovery_seconds"])  # fmt: skip
+    section.check(
+        "throttling: pods holding valid credentials refused",
+        "0",
+        str(throttle["probe_refusals"]),
+        throttle["probe_refusals"] == 0,
+    )
+    section.data.update(
+        workload_hour={"rounds": rounds, "expected": w},
+        workload_burst={"calls": calls, "ok": ok, "pods": p, "latency": result},
+        flood=flood,
+        throttle=throttle,
     )
 
 

@@ -19,18 +19,21 @@ from certs.tls import TlsConfigError, TlsFiles, server_credentials
 from protos import kiam_pb2_grpc
 from runtime.process import StartupError
 from server.arn import ArnError, RoleResolver, detect_base_arn
+from server.audit import AuditTrail
 from server.config import ServerConfig
-from server.credentials import CredentialCache
+from server.credentials import DEFAULT_REFRESH_JITTER, CredentialCache
 from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.fanout import NodeFanout
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
-from server.pods import UNFINISHED_PODS, PodRecord
+from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
 from server.registry import Registry
 from server.service import KiamService
+from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
-from server.sts import StsGateway, session_name_for
+from server.sts import StsGateway
+from server.sts_budget import StsBudget
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,15 @@ class PodiamServer:
         except KubeConfigError as error:
             raise StartupError(str(error)) from error
 
+        try:
+            audit = AuditTrail(config.audit_log)
+        except OSError as error:
+            raise StartupError(f"--audit-log {config.audit_log}: {error}") from error
+        self._closers.append(_as_async(audit.close))
+        self.audit = audit
         gateway = StsGateway(
+            audit=audit,
+            transitive_tags=config.transitive_session_tags,
             region=config.region,
             endpoint_url=config.sts_endpoint,
             assume_role_arn=config.assume_role_arn,
@@ -82,21 +93,31 @@ class PodiamServer:
         messages = CredentialMessages()
         self._closers.append(_as_async(messages.clear))  # closers run last first: after the cache
         fanout = NodeFanout(messages)
+        budget = StsBudget(qps=config.sts_qps, burst=config.sts_burst)
         cache = CredentialCache(
-            gateway, refresh_before=config.session_refresh, on_update=fanout.credentials_changed
+            gateway,
+            refresh_before=config.session_refresh,
+            on_update=fanout.credentials_changed,
+            budget=budget,
+            refresh_jitter=DEFAULT_REFRESH_JITTER,
         )
+        self._closers.append(budget.close)  # closers run last first: after the cache
         self._closers.append(cache.close)
-
-        def session_name(pod: PodRecord) -> str:
-            return session_name_for(config.session_name, pod.session_name or pod.name)
 
         registry = Registry(
             resolver=resolver,
-            session_name=session_name,
+            session_name=session_namer(config.session_name_from, config.session_name),
+            session_tags=session_tagger(
+                per_pod=config.session_name_from is SessionNameFrom.POD,
+                cluster_name=config.cluster_name,
+            )
+            if config.session_tags
+            else None,
             credentials=cache,
             changes=fanout,
             denials=recorder,
             allowed_accounts=config.allowed_accounts,
+            on_pod_gone=audit.pod_gone,
         )
         self.registry = registry
         self.cache = cache
@@ -159,6 +180,7 @@ class PodiamServer:
             node_binding=config.node_binding,
             denials=recorder,
             startup_taint=self.startup_taint,
+            audit=self.audit,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()

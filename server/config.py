@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +13,9 @@ from runtime import imds
 from runtime.flags import EnvDefaultsParser, duration, host_port
 from server.arn import ACCOUNT, ArnError, is_role_arn, normalise_base_arn
 from server.identity import MIN_REMAINING
+from server.sessions import SessionNameFrom, sanitised_tag_value
 from server.startup_taint import DEFAULT_KEY as DEFAULT_STARTUP_TAINT
+from server.sts_budget import DEFAULT_BURST, DEFAULT_QPS
 
 # STS limits on DurationSeconds.
 STS_MIN_DURATION = timedelta(minutes=15)
@@ -50,12 +52,19 @@ class ServerConfig:
     session_duration: timedelta
     session_refresh: timedelta
     session_name: str
+    session_name_from: SessionNameFrom
     assume_role_arn: str | None
     allowed_accounts: frozenset[str]  # besides the base ARN's own account
     node_binding: bool
     startup_taint: str | None
     prometheus_listen_addr: tuple[str, int] | None
     max_connection_age: timedelta
+    audit_log: str
+    session_tags: bool
+    transitive_session_tags: bool
+    cluster_name: str
+    sts_qps: float
+    sts_burst: int
     log_level: str
     json_log: bool
 
@@ -142,8 +151,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "--session-name",
         env="PODIAM_SESSION_NAME",
         default="podiam",
-        help="prefix of STS session names: <prefix>-<pod's iam.amazonaws.com/session-name or "
-        "pod name>",
+        help="prefix of STS session names: <prefix>-<pod's iam.amazonaws.com/session-name>, "
+        "or else as --session-name-from says",
+    )
+    flag(
+        "--session-name-from",
+        env="PODIAM_SESSION_NAME_FROM",
+        type=_session_name_from,
+        metavar="{" + ",".join(source.value for source in SessionNameFrom) + "}",
+        default=SessionNameFrom.WORKLOAD,
+        help="what names a pod's STS session when it has no iam.amazonaws.com/session-name "
+        "annotation: 'workload' (<prefix>-<Deployment, StatefulSet, DaemonSet, "
+        "Job, CronJob or bare pod name>; replicas share one session and one AssumeRole per "
+        "refresh), 'pod' (<prefix>-<pod name>; one AssumeRole per pod per refresh) or 'fixed' "
+        "(<prefix>; one per role, as kiam)",
     )
     flag(
         "--assume-role-arn",
@@ -183,8 +204,76 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default="10m",
         help="agents reconnect after this long, so they spread across server replicas",
     )
+    flag(
+        "--session-tags",
+        env="PODIAM_SESSION_TAGS",
+        action="store_true",
+        help="tag STS sessions (for ABAC) with kubernetes-namespace, kubernetes-service-account, "
+        "kubernetes-workload, kubernetes-pod-name and kubernetes-pod-uid (only with "
+        "--session-name-from pod) and kubernetes-cluster (with --cluster-name). Roles' trust "
+        "policies must allow sts:TagSession",
+    )
+    flag(
+        "--transitive-session-tags",
+        env="PODIAM_TRANSITIVE_SESSION_TAGS",
+        action="store_true",
+        help="mark the session tags transitive, so they survive role chaining",
+    )
+    flag(
+        "--cluster-name",
+        env="PODIAM_CLUSTER_NAME",
+        default="",
+        help="the cluster's name, as the kubernetes-cluster session tag (with --session-tags)",
+    )
+    flag(
+        "--sts-qps",
+        env="PODIAM_STS_QPS",
+        type=_positive(float),
+        default=DEFAULT_QPS,
+        help="AssumeRole calls per second this server process may make, on average (STS "
+        "limits calls per account, for all callers together); pods waiting for first "
+        "credentials go before refreshes",
+    )
+    flag(
+        "--sts-burst",
+        env="PODIAM_STS_BURST",
+        type=_positive(int),
+        default=DEFAULT_BURST,
+        help="AssumeRole calls that may be made at once after a quiet spell, above --sts-qps",
+    )
+    flag(
+        "--audit-log",
+        env="PODIAM_AUDIT_LOG",
+        default="-",
+        help="where the audit trail goes: '-' with the other log lines, or a file (JSON lines, "
+        "appended, reopened after rotation). One record per credential set obtained (role, "
+        "session name, tags, AccessKeyId, expiration; never secrets) and one per pod first "
+        "served an identity (namespace, pod, uid, node, AccessKeyId)",
+    )
     parser.add_process_flags()
     return parser
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def convert(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{raw!r} must be greater than 0")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _session_name_from(raw: str) -> SessionNameFrom:
+    try:
+        return SessionNameFrom(raw.strip())
+    except ValueError:
+        choices = ", ".join(source.value for source in SessionNameFrom)
+        raise argparse.ArgumentTypeError(f"{raw!r} is not one of {choices}") from None
 
 
 def _env_switch(parser: EnvDefaultsParser, env: str) -> bool:
@@ -246,6 +335,14 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
             f"--startup-taint {startup_taint!r} is not a taint key (an optional DNS subdomain "
             "prefix and '/', then a name of up to 63 letters, digits, '-', '_' or '.')"
         )
+    if args.transitive_session_tags and not args.session_tags:
+        parser.error("--transitive-session-tags needs --session-tags")
+    cluster_name = args.cluster_name.strip()
+    if len(cluster_name) > 256 or sanitised_tag_value(cluster_name) != cluster_name:
+        parser.error(
+            f"--cluster-name {cluster_name!r} is not a valid session tag value (up to 256 "
+            "letters, digits, spaces and _ . : / = + - @)"
+        )
     if not args.session_name.strip():
         parser.error("--session-name must not be empty")
     return ServerConfig(
@@ -262,12 +359,19 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         session_duration=args.session_duration,
         session_refresh=args.session_refresh,
         session_name=args.session_name.strip(),
+        session_name_from=args.session_name_from,
         assume_role_arn=args.assume_role_arn,
         allowed_accounts=allowed_accounts,
         node_binding=not args.no_node_binding,
         startup_taint=startup_taint,
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
+        audit_log=args.audit_log.strip() or "-",
+        session_tags=args.session_tags,
+        transitive_session_tags=args.transitive_session_tags,
+        cluster_name=args.cluster_name.strip(),
+        sts_qps=args.sts_qps,
+        sts_burst=args.sts_burst,
         log_level=args.log_level,
         json_log=args.json_log,
     )

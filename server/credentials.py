@@ -20,6 +20,15 @@ caller — and hands the credentials out *without keeping them*. Nothing would r
 no agent needs them pushed; if the identity is acquired while that fetch is in flight, the entry
 is kept and the fetch becomes its first one.
 
+Every AssumeRole first waits for the STS rate budget (server/sts_budget.py) when there is one:
+calls for an identity with nothing valid held (a `get`, or the first fetch when a pod appears)
+go before refreshes, and a refresh a pod comes to wait for is promoted. A `get` that holds old,
+still valid credentials waits for fresher ones only briefly (`STALE_WAIT`), then serves the old
+ones: a queue at the budget must not outlast the SDK's one second. Refreshes are spread with
+jitter over the first `refresh_jitter` of the window between `refresh_before` and
+`MIN_REMAINING`, so that identities fetched together do not refresh together, and the rest of
+the window is slack for the budget's queue and for retries.
+
 Scheduling reads the wall clock through `clock` and sleeps in steps of at most `max_sleep`
 seconds, re-reading the clock after each: a suspended VM or a stepped clock cannot make a refresh
 late by more than one step, and tests move an injected clock instead of waiting minutes.
@@ -38,12 +47,16 @@ from typing import Any, TypeVar
 from server.identity import MIN_REMAINING, AwsCredentials, RoleIdentity, format_aws_time
 from server.metrics import CACHE_HITS, CACHE_MISSES, CACHE_REFRESHES, CACHE_SIZE
 from server.sts import StsError, StsGateway
+from server.sts_budget import Priority, StsBudget, Ticket
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_BEFORE = timedelta(minutes=35)
 # However short-lived STS credentials turn out to be, refresh an identity at most this often.
 MIN_REFRESH_INTERVAL = timedelta(minutes=1)
+# How long a get() holding old but valid credentials waits for fresher ones before serving them.
+STALE_WAIT = 0.25
+DEFAULT_REFRESH_JITTER = 0.5
 
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 T = TypeVar("T")
@@ -66,6 +79,8 @@ class _Entry:
     credentials: AwsCredentials | None = None
     # The one AssumeRole in flight for this identity, shared by everyone who needs it.
     inflight: asyncio.Task[AwsCredentials] | None = None
+    # That call's place in the STS budget's queue, while it waits there.
+    ticket: Ticket | None = None
     # The background refresh task, while the identity is acquired.
     refresher: asyncio.Task[None] | None = None
     # While STS fails and old credentials are still valid, get() serves them without calling
@@ -86,6 +101,9 @@ class CredentialCache:
         retry_max: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         max_sleep: float = 10.0,
+        budget: StsBudget | None = None,
+        refresh_jitter: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         if refresh_before < MIN_REMAINING:
             raise ValueError(
@@ -96,6 +114,11 @@ class CredentialCache:
             raise ValueError("need 0 < retry_initial <= retry_max")
         if max_sleep <= 0:
             raise ValueError("max_sleep must be positive")
+        if not 0 <= refresh_jitter <= 1:
+            raise ValueError("refresh_jitter is a fraction of the refresh window, 0 to 1")
+        self._budget = budget
+        self._jitter = (refresh_before - MIN_REMAINING).total_seconds() * refresh_jitter
+        self._rng = rng or random.Random()
         self._gateway = gateway
         self._refresh_before = refresh_before
         self._on_update = on_update
@@ -151,7 +174,14 @@ class CredentialCache:
             return old
         CACHE_MISSES.inc()
         try:
-            return await asyncio.shield(self._fetch(entry))
+            fetch = asyncio.shield(self._fetch(entry, Priority.FIRST))
+            if old is None:
+                return await fetch
+            try:
+                return await asyncio.wait_for(fetch, STALE_WAIT)
+            except TimeoutError:
+                CACHE_HITS.inc()
+                return old
         except StsError as exc:
             old = self._valid(entry)
             if old is not None:
@@ -183,16 +213,31 @@ class CredentialCache:
 
     # -- fetching -----------------------------------------------------------------------------
 
-    def _fetch(self, entry: _Entry) -> asyncio.Task[AwsCredentials]:
-        """The AssumeRole in flight for this entry, started if there is none."""
+    def _fetch(self, entry: _Entry, priority: Priority) -> asyncio.Task[AwsCredentials]:
+        """The AssumeRole in flight for this entry, started if there is none (and moved ahead
+        at the budget when it now has a pod waiting)."""
         if entry.inflight is None:
-            entry.inflight = self._spawn(self._assume_role(entry))
+            entry.inflight = self._spawn(self._assume_role(entry, priority))
+        elif priority is Priority.FIRST and entry.ticket is not None and self._budget:
+            self._budget.promote(entry.ticket)
         return entry.inflight
 
-    async def _assume_role(self, entry: _Entry) -> AwsCredentials:
+    async def _assume_role(self, entry: _Entry, priority: Priority) -> AwsCredentials:
         try:
-            credentials = await self._gateway.assume_role(entry.identity)
+            if self._budget is not None:
+                entry.ticket = Ticket(priority)
+                await self._budget.wait(entry.ticket)
+                entry.ticket = None
+            try:
+                credentials = await self._gateway.assume_role(entry.identity)
+            except StsError as exc:
+                if exc.throttled and self._budget is not None:
+                    self._budget.throttled()
+                raise
+            if self._budget is not None:
+                self._budget.succeeded()
         finally:
+            entry.ticket = None
             entry.inflight = None
             if entry.refcount == 0 and self._entries.get(entry.identity) is entry:
                 # Fetched for a get() on an identity nobody acquired: hand out, don't keep.
@@ -202,8 +247,9 @@ class CredentialCache:
             entry.credentials = credentials
             entry.retry_at = 0.0
             # However short-lived the credentials, never refresh in a tight loop.
+            jitter = timedelta(seconds=self._rng.uniform(0, self._jitter))
             entry.refresh_at = max(
-                credentials.expiration - self._refresh_before,
+                credentials.expiration - self._refresh_before + jitter,
                 self._clock() + MIN_REFRESH_INTERVAL,
             )
             self._announce(entry, credentials)
@@ -225,8 +271,10 @@ class CredentialCache:
             if entry.credentials is not None and entry.refresh_at > self._clock():
                 await self._sleep_until_refresh(entry)
                 continue
+            # Nothing valid held (the first fetch, or after expiry): a pod waits or soon will.
+            priority = Priority.FIRST if self._valid(entry) is None else Priority.REFRESH
             try:
-                await asyncio.shield(self._fetch(entry))
+                await asyncio.shield(self._fetch(entry, priority))
             except StsError as exc:
                 CACHE_REFRESHES.labels(outcome=exc.code).inc()
                 self._withdraw_if_expired(entry)

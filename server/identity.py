@@ -26,14 +26,16 @@ class RoleIdentity:
     role_arn: str
     session_name: str
     external_id: str = ""
+    # STS session tags, sorted by key: part of the identity, since STS binds them to the session.
+    tags: tuple[tuple[str, str], ...] = ()
     # An opaque, stable name for this identity on the wire (the node stream), so that agents
     # never see external ids and keys stay short.
     key: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        digest = hashlib.sha256(
-            f"{self.role_arn}\0{self.session_name}\0{self.external_id}".encode()
-        ).hexdigest()
+        fields = [self.role_arn, self.session_name, self.external_id]
+        fields.extend(f"{key}={value}" for key, value in self.tags)
+        digest = hashlib.sha256("\0".join(fields).encode()).hexdigest()
         object.__setattr__(self, "key", digest[:24])
 
 

@@ -89,3 +89,20 @@ STARTUP_TAINT_REMOVALS = Counter(
     "conflict, error, gave_up, node_gone, refused, not_ready).",
     ["outcome"],
 )
+STS_BUDGET_WAIT_SECONDS = Histogram(
+    "podiam_sts_budget_wait_seconds",
+    "Time an AssumeRole waited for the STS rate budget (--sts-qps), by priority (first: no valid "
+    "credentials held; refresh).",
+    ["priority"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+STS_BUDGET_QUEUE = Gauge(
+    "podiam_sts_budget_queue",
+    "AssumeRole calls waiting for the STS rate budget, by priority.",
+    ["priority"],
+)
+STS_THROTTLED = Counter(
+    "podiam_sts_throttled_total",
+    "AssumeRole answers that said STS is throttling (Throttling, RequestLimitExceeded, ...); "
+    "each pauses the rate budget.",
+)

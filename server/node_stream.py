@@ -20,6 +20,12 @@ from server.pods import PodRecord
 from server.policy import Grant, Reason
 
 
+class ServedPods(Protocol):
+    """Where the stream records each pod it hands an identity with credentials (the audit)."""
+
+    def pod_served(self, pod: PodRecord, identity: RoleIdentity, access_key_id: str) -> None: ...
+
+
 class NodePods(Protocol):
     """What one node's agent should hold, as the registry decides it."""
 
@@ -33,9 +39,17 @@ class NodeStream:
     (never the credentials), so that it sends each set once per refresh and withdraws it as soon
     as no pod on the node uses it or the cache holds none."""
 
-    def __init__(self, *, pods: NodePods, fanout: NodeFanout, host_ip: str) -> None:
+    def __init__(
+        self,
+        *,
+        pods: NodePods,
+        fanout: NodeFanout,
+        host_ip: str,
+        audit: ServedPods | None = None,
+    ) -> None:
         self._pods = pods
         self._fanout = fanout
+        self._audit = audit
         self.host_ip = host_ip
         self._sent: set[str] = set()  # identity keys
 
@@ -60,6 +74,7 @@ class NodeStream:
             if state is not None:
                 update.pods.append(state)
         self._sync_credentials(watch, update, refreshed=set())
+        self._record_served(update, everyone=True)
         return update
 
     def _delta(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate | None:
@@ -72,6 +87,7 @@ class NodeStream:
             else:
                 update.pods.append(state)
         self._sync_credentials(watch, update, refreshed=refreshed)
+        self._record_served(update, everyone=bool(update.credentials))
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
@@ -101,6 +117,24 @@ class NodeStream:
         return kiam_pb2.PodState(
             ip=ip, role=pod.role, role_arn=grant.role_arn, identity=grant.identity.key
         )
+
+    def _record_served(self, update: kiam_pb2.NodeUpdate, *, everyone: bool) -> None:
+        """Tell the audit which pods the agent can now serve: those in this update whose
+        identity's credentials it holds, and — when credentials went out — every pod on the
+        node (credentials may reach the agent after the pod did). The audit keeps one record
+        per pod, so repeats cost a dictionary lookup."""
+        if self._audit is None:
+            return
+        ips = self._pods.node_ips(self.host_ip) if everyone else (s.ip for s in update.pods)
+        for ip in list(ips):
+            pod, grant = self._pods.state_on_node(ip, self.host_ip)
+            if pod is None or grant is None or grant.identity is None:
+                continue
+            if grant.identity.key not in self._sent:
+                continue
+            message = self._fanout.credentials(grant.identity)
+            if message is not None:
+                self._audit.pod_served(pod, grant.identity, message.access_key_id)
 
     def _sync_credentials(
         self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]

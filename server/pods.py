@@ -6,6 +6,7 @@ Full model objects cost kilobytes each; podiam keeps a handful of strings per po
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,12 @@ ROLE_ANNOTATION = "iam.amazonaws.com/role"
 PERMITTED_ANNOTATION = "iam.amazonaws.com/permitted"
 EXTERNAL_ID_ANNOTATION = "iam.amazonaws.com/external-id"
 SESSION_NAME_ANNOTATION = "iam.amazonaws.com/session-name"
+# A Deployment's ReplicaSets are named <deployment>-<pod-template-hash>, the label its pods carry.
+# (StatefulSets and DaemonSets own their pods directly; their controller-revision-hash label
+# names a revision, which changes on every rollout, so it is never part of a workload's name.)
+POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
+# A CronJob names each Job <cronjob>-<scheduled time in minutes since the epoch>.
+_CRONJOB_JOB_NAME = re.compile(r"(?P<cronjob>.+)-\d{8,}")
 
 # Pods in these phases have stopped for good; their IP may already belong to another pod.
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -40,6 +47,14 @@ class PodRecord:
     role: str  # the role annotation as written (short name or ARN); empty if none
     external_id: str
     session_name: str
+    # The pod's controller as "<Kind>/<name>" (Deployment/web, StatefulSet/db, CronJob/nightly;
+    # "Pod/<name>" for a bare pod): one interned string shared by all replicas.
+    workload: str = ""
+    service_account: str = ""
+
+    @property
+    def workload_name(self) -> str:
+        return self.workload.partition("/")[2] or self.name
 
     @property
     def key(self) -> tuple[str, str]:
@@ -87,7 +102,36 @@ def pod_from_object(obj: dict[str, Any]) -> PodRecord:
         role=(annotations.get(ROLE_ANNOTATION) or "").strip(),
         external_id=annotations.get(EXTERNAL_ID_ANNOTATION) or "",
         session_name=(annotations.get(SESSION_NAME_ANNOTATION) or "").strip(),
+        workload=sys.intern(workload_of(meta)),
+        service_account=sys.intern(spec.get("serviceAccountName") or "default"),
     )
+
+
+def workload_of(meta: dict[str, Any]) -> str:
+    """The workload that owns a pod, as "<Kind>/<name>", from its controller owner reference and
+    the controllers' naming conventions; "Pod/<name>" when no controller owns it.
+
+    A pod names only its direct owner, so a Deployment is recognised through its ReplicaSet's
+    name (<deployment>-<pod-template-hash>) and a CronJob through its Job's name
+    (<cronjob>-<minutes since the epoch>). Reading the ReplicaSet or Job themselves would be
+    exact, but costs a watch of each kind for what the names already say."""
+    owner = next(
+        (ref for ref in meta.get("ownerReferences") or () if ref.get("controller")),
+        None,
+    )
+    if owner is None or not owner.get("kind") or not owner.get("name"):
+        return f"Pod/{meta.get('name') or ''}"
+    kind, name = owner["kind"], owner["name"]
+    labels = meta.get("labels") or {}
+    if kind == "ReplicaSet":
+        template_hash = labels.get(POD_TEMPLATE_HASH_LABEL) or ""
+        if template_hash and name.endswith(f"-{template_hash}"):
+            return f"Deployment/{name[: -len(template_hash) - 1]}"
+    elif kind == "Job":
+        match = _CRONJOB_JOB_NAME.fullmatch(name)
+        if match:
+            return f"CronJob/{match['cronjob']}"
+    return f"{kind}/{name}"
 
 
 def namespace_from_object(obj: dict[str, Any]) -> NamespaceRecord:

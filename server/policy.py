@@ -54,6 +54,7 @@ class Grant:
 
 
 SessionNamer = Callable[[PodRecord], str]
+SessionTagger = Callable[[PodRecord], tuple[tuple[str, str], ...]]
 
 
 def grant_for_pod(
@@ -62,6 +63,7 @@ def grant_for_pod(
     *,
     resolver: RoleResolver,
     session_name: SessionNamer,
+    session_tags: SessionTagger | None = None,
     allowed_accounts: Collection[str] = (),
 ) -> Grant:
     """The pod-level checks, in order: has a role, the role is valid as IAM defines it, lies in
@@ -79,7 +81,10 @@ def grant_for_pod(
     if denial is not None:
         return Grant(role_arn=role_arn, denial=denial)
     identity = RoleIdentity(
-        role_arn=role_arn, session_name=session_name(pod), external_id=pod.external_id
+        role_arn=role_arn,
+        session_name=session_name(pod),
+        external_id=pod.external_id,
+        tags=session_tags(pod) if session_tags is not None else (),
     )
     return Grant(role_arn=role_arn, identity=identity)
 

@@ -13,7 +13,7 @@ Nothing here awaits: it runs on the event loop between watch events.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from server.pods import (
     namespace_from_object,
     pod_from_object,
 )
-from server.policy import Denial, Grant, Reason, SessionNamer, grant_for_pod
+from server.policy import Denial, Grant, Reason, SessionNamer, SessionTagger, grant_for_pod
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,17 @@ class Registry:
         *,
         resolver: RoleResolver,
         session_name: SessionNamer,
+        session_tags: SessionTagger | None = None,
         credentials: CredentialsHolder,
         changes: PodChanges | None = None,
         denials: DenialRecorder | None = None,
         allowed_accounts: frozenset[str] = frozenset(),
+        on_pod_gone: Callable[[PodRecord], None] | None = None,
     ) -> None:
         self.resolver = resolver
+        self._on_pod_gone = on_pod_gone
         self._session_name = session_name
+        self._session_tags = session_tags
         self._credentials = credentials
         self._changes = changes
         self._denials = denials
@@ -165,6 +169,8 @@ class Registry:
         self._index.put(key, new)
         if new is None:
             self._grants.pop(key, None)
+            if old is not None and self._on_pod_gone is not None:
+                self._on_pod_gone(old)
         else:
             self._grants[key] = grant
         self._publish(old, new)
@@ -193,6 +199,7 @@ class Registry:
             self.namespaces.get(pod.namespace),
             resolver=self.resolver,
             session_name=self._session_name,
+            session_tags=self._session_tags,
             allowed_accounts=self._allowed_accounts,
         )
 

@@ -19,6 +19,7 @@ import grpc
 
 from protos import REASON_METADATA, kiam_pb2, kiam_pb2_grpc
 from server import metrics
+from server.audit import AuditTrail
 from server.credentials import CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
 from server.fanout import NodeFanout
@@ -76,7 +77,9 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         node_binding: bool = True,
         denials: RequestDenials | None = None,
         startup_taint: StartupTaintRemover | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
+        self._audit = audit
         self._registry = registry
         self._credentials = credentials
         self._messages = messages
@@ -89,11 +92,13 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
 
     async def GetPodCredentials(self, request, context) -> kiam_pb2.Credentials:
         async with _answering("GetPodCredentials", context, request.ip):
-            _pod, grant = self._permitted(request.ip, context, requested_role=request.role)
+            pod, grant = self._permitted(request.ip, context, requested_role=request.role)
             try:
                 creds = await self._credentials.get(grant.identity)
             except CredentialsUnavailable as error:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+            if self._audit is not None:
+                self._audit.pod_served(pod, grant.identity, creds.access_key_id)
             return self._messages.message(grant.identity, creds)
 
     async def GetPodRole(self, request, context) -> kiam_pb2.Role:
@@ -119,7 +124,9 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             )
         log.info("node stream opened for %s", host_ip)
         metrics.REQUESTS.labels(rpc="WatchNode", outcome="OK").inc()
-        stream = NodeStream(pods=self._registry, fanout=self._fanout, host_ip=host_ip)
+        stream = NodeStream(
+            pods=self._registry, fanout=self._fanout, host_ip=host_ip, audit=self._audit
+        )
         try:
             async for update in stream.updates():
                 yield update

@@ -34,6 +34,7 @@ from botocore.credentials import (
 )
 from botocore.exceptions import BotoCoreError, ClientError
 
+from server.audit import AuditTrail
 from server.identity import AwsCredentials, RoleIdentity, format_aws_time
 from server.metrics import STS_CALLS, STS_ERRORS, STS_SECONDS
 
@@ -60,7 +61,17 @@ _BOTO_CONFIG = Config(
 def session_name_for(prefix: str, suffix: str) -> str:
     """`<prefix>-<suffix>` as a valid RoleSessionName: forbidden characters become `-`, and the
     result is cut to STS's 64-character limit."""
-    return _SESSION_NAME_FORBIDDEN.sub("-", f"{prefix}-{suffix}")[:SESSION_NAME_MAX]
+    return sanitised_session_name(f"{prefix}-{suffix}")
+
+
+def sanitised_session_name(name: str) -> str:
+    return _SESSION_NAME_FORBIDDEN.sub("-", name)[:SESSION_NAME_MAX]
+
+
+# Answers that mean "too many requests": back off, the request itself was fine.
+THROTTLING_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
 
 
 class StsError(Exception):
@@ -73,6 +84,10 @@ class StsError(Exception):
         self.message = " ".join(message.split())  # one line, whatever STS sent
         self.role_arn = role_arn
         super().__init__(code, self.message)
+
+    @property
+    def throttled(self) -> bool:
+        return self.code in THROTTLING_CODES
 
     def __str__(self) -> str:
         target = f" for {self.role_arn}" if self.role_arn else ""
@@ -110,6 +125,8 @@ class StsGateway:
         session_duration: timedelta = DEFAULT_SESSION_DURATION,
         max_workers: int = 8,
         boto_session: boto3.Session | None = None,
+        audit: AuditTrail | None = None,
+        transitive_tags: bool = False,
     ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
@@ -119,6 +136,8 @@ class StsGateway:
         self._config = _BOTO_CONFIG.merge(Config(max_pool_connections=max_workers))
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sts")
         self._closed = False
+        self._audit = audit
+        self._transitive_tags = transitive_tags
 
         # Current botocore already defaults `sts_regional_endpoints` to "regional"; say so
         # explicitly in the sessions built here, so an inherited AWS_STS_REGIONAL_ENDPOINTS=legacy
@@ -210,6 +229,8 @@ class StsGateway:
             log.warning("AssumeRole for %s failed: %s", identity.role_arn, result.code)
             raise result
         STS_CALLS.labels(outcome="success").inc()
+        if self._audit is not None:
+            self._audit.credentials_obtained(identity, result)
         log.debug(
             "assumed %s as %s until %s",
             identity.role_arn,
@@ -228,6 +249,11 @@ class StsGateway:
         }
         if identity.external_id:
             kwargs["ExternalId"] = identity.external_id
+        if identity.tags:
+            # Needs sts:TagSession in the role's trust policy, besides sts:AssumeRole.
+            kwargs["Tags"] = [{"Key": key, "Value": value} for key, value in identity.tags]
+            if self._transitive_tags:
+                kwargs["TransitiveTagKeys"] = [key for key, _ in identity.tags]
         try:
             response = self._client_for_pods.assume_role(**kwargs)
         except StsError as exc:  # the intermediate role could not be assumed

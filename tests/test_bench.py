@@ -89,3 +89,30 @@ def verdicts_follow_the_figures(sections: dict) -> None:
     for label, row in sections["podstart"]["data"]["rows"].items():
         start = checks[f"pod start p99, {label}"]
         assert start["ok"] == (row["p99_ms"] < 100 and not row["failures"])
+
+
+def test_sts_economy_figures_for_workloads_and_the_rate_budget_are_exact_counts(tmp_path):
+    data = tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--sections", "sts",
+            "--sts-pods", "12", "--sts-roles", "2", "--sts-workloads", "4",
+            "--sts-burst-pods", "20", "--sts-flood", "30", "--sts-flood-held", "5",
+            "--sts-throttle-seconds", "1",
+            "--out", str(tmp_path / "report.md"), "--json", str(data),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sts,) = [s["data"] for s in json.loads(data.read_text())["sections"] if s["key"] == "sts"]
+    # One AssumeRole per Deployment per refresh round, and one for a new Deployment's burst.
+    assert sts["workload_hour"]["rounds"] == [4, 4, 4]
+    assert sts["workload_burst"]["calls"] == 1
+    assert sts["workload_burst"]["ok"] == 20
+    # The bucket's invariant holds, every identity was fetched, no holder of valid credentials
+    # was refused, under the flood or under throttling.
+    assert sts["flood"]["within_bucket"] is True
+    assert sts["flood"]["calls"] == 30 + 5
+    assert sts["flood"]["probe_refusals"] == 0 < sts["flood"]["probe_answers"]
+    assert sts["throttle"]["probe_refusals"] == 0 < sts["throttle"]["probe_answers"]
+    assert sts["throttle"]["throttled_answers"] > 0

@@ -83,6 +83,17 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "server": {"metrics": {"enabled": False}},
         "agent": {"metrics": {"enabled": False}},
     },
+    "sts-economy": {
+        "server": {
+            "sessionNameFrom": "pod",
+            "auditLog": "/var/log/podiam/audit",
+            "sessionTags": True,
+            "transitiveSessionTags": True,
+            "clusterName": "prod-eu",
+            "stsQps": 12.5,
+            "stsBurst": 30,
+        }
+    },
     "every-flag": {
         "server": {
             "roleBaseArn": ROLE_BASE,
@@ -674,3 +685,17 @@ async def test_server_probe_passes_with_chart_certificates_and_fails_without_ser
         finally:
             await server.stop(grace=1)
         assert await run_probe(probe, port=server.port, certs=certs) != 0
+
+
+def test_sts_economy_values_reach_their_flags(rendered):
+    spec = container(rendered["sts-economy"], "Deployment")
+    server = parse_server_config(spec["args"], environ=env_of(spec))
+    assert server.session_name_from == "pod"
+    assert server.audit_log == "/var/log/podiam/audit"
+    assert (server.session_tags, server.transitive_session_tags) == (True, True)
+    assert server.cluster_name == "prod-eu"
+    assert (server.sts_qps, server.sts_burst) == (12.5, 30)
+    default = container(rendered["defaults"], "Deployment")
+    assert parse_server_config(default["args"], environ=env_of(default)).session_name_from == (
+        "workload"
+    )

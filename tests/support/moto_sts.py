@@ -20,6 +20,7 @@ import http.client
 import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ class AssumeRoleCall:
     # The access key id that signed the request: which credentials made the call.
     signed_with: str | None
     failed_with: str | None
+    # Session tags as sent (Tags.member.N.Key/Value), in request order, and TransitiveTagKeys.
+    tags: tuple[tuple[str, str], ...] = ()
+    transitive_tag_keys: tuple[str, ...] = ()
+    # When the front received it (time.monotonic()): what STS saw per second.
+    at: float = 0.0
 
 
 class MotoSts:
@@ -218,6 +224,11 @@ class MotoSts:
                     duration_seconds=int(duration) if duration else None,
                     signed_with=signed_with.group(1) if signed_with else None,
                     failed_with=failure,
+                    tags=_members(params, "Tags", ("Key", "Value")),
+                    at=time.monotonic(),
+                    transitive_tag_keys=tuple(
+                        value for (value,) in _members(params, "TransitiveTagKeys", ())
+                    ),
                 )
             )
         return failure
@@ -246,6 +257,24 @@ class MotoSts:
             return Response(content, status=answer.status, headers=out_headers)
         finally:
             connection.close()
+
+
+def _members(params: dict[str, str], name: str, fields: tuple[str, ...]) -> tuple:
+    """A query-protocol list: ``<name>.member.<n>[.<field>]``, in member order."""
+    found = []
+    n = 1
+    while True:
+        prefix = f"{name}.member.{n}"
+        if fields:
+            if f"{prefix}.{fields[0]}" not in params:
+                break
+            found.append(tuple(params.get(f"{prefix}.{field}", "") for field in fields))
+        else:
+            if prefix not in params:
+                break
+            found.append((params[prefix],))
+        n += 1
+    return tuple(found)
 
 
 def fake_session() -> boto3.Session:

@@ -1,0 +1,304 @@
+"""STS economy with workload identities and the rate budget: the figures of the STS economy
+section that depend on sessions named after workloads and on the priority token bucket.
+
+- a simulated hour of 1,000 pods in 50 Deployments over 10 roles: AssumeRole per refresh round
+  must be 50 (one per workload), not 1,000;
+- a burst of new pods of one new Deployment through the real agent and server: exactly one
+  AssumeRole, every first request answered 200 within the SDK's one second;
+- a flood of new identities at once with ``--sts-qps 50`` while every held identity's refresh
+  falls due: STS never sees more than the bucket allows, first fetches before refreshes, and no
+  pod holding valid credentials refused;
+- injected throttling (the test STS answering ``Throttling``) while refreshes are due and then
+  overdue: no pod holding valid credentials refused.
+
+The flood and throttling runs use the real Registry, CredentialCache, StsBudget and StsGateway
+in this process, against moto behind the recording front (which timestamps each AssumeRole it
+receives), with the cache's wall clock injected so refreshes can be made due at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from datetime import timedelta
+
+from bench import procs
+from bench.cluster import CREDENTIALS, NAMESPACE, NODE, LoopbackCluster, pod_ip
+from bench.sts_economy import HOUR, STEP, _Clock, _RetimedGateway, _settle
+from server.arn import RoleResolver
+from server.credentials import (
+    DEFAULT_REFRESH_BEFORE,
+    DEFAULT_REFRESH_JITTER,
+    CredentialCache,
+    CredentialsUnavailable,
+)
+from server.registry import Registry
+from server.sessions import SessionNameFrom, session_namer
+from server.sts import DEFAULT_SESSION_DURATION, StsGateway
+from server.sts_budget import StsBudget
+from tests.support.kubeapi import pod_object as kube_pod_object
+from tests.support.moto_sts import MotoSts, fake_session
+from tests.support.objects import namespace_object, pod_object
+from tests.support.server import BASE_ARN
+from tests.support.waiting import eventually
+
+TEMPLATE_HASH = "6f8d9c7b5"
+
+
+def _deployment_pod(obj: dict, deployment: str) -> dict:
+    """``obj`` as a Deployment's pod: owned by its ReplicaSet, labelled with the template hash."""
+    meta = obj["metadata"]
+    meta.setdefault("labels", {})["pod-template-hash"] = TEMPLATE_HASH
+    meta["ownerReferences"] = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "name": f"{deployment}-{TEMPLATE_HASH}",
+            "uid": f"rs-{deployment}",
+            "controller": True,
+        }
+    ]
+    return obj
+
+
+def _registry(cache: CredentialCache) -> Registry:
+    registry = Registry(
+        resolver=RoleResolver(BASE_ARN),
+        session_name=session_namer(SessionNameFrom.WORKLOAD, "podiam"),
+        credentials=cache,
+    )
+    registry.namespace_sink.upsert(namespace_object(NAMESPACE, permitted=".*"))
+    return registry
+
+
+def _gateway(sts: MotoSts) -> StsGateway:
+    return StsGateway(
+        region="us-east-1", endpoint_url=sts.endpoint_url, boto_session=fake_session()
+    )
+
+
+# ---- 1. a simulated hour of Deployments -----------------------------------------------------
+
+
+async def workload_hour(sts: MotoSts, *, pods: int, workloads: int, roles: int, prefix: str):
+    clock = _Clock()
+    gateway = _gateway(sts)
+    cache = CredentialCache(_RetimedGateway(gateway, clock), clock=clock, max_sleep=0.01)
+    registry = _registry(cache)
+    for k in range(pods):
+        deployment = f"{prefix}-deploy-{k % workloads}"
+        obj = pod_object(
+            NAMESPACE,
+            f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
+            ip=pod_ip(k, block=230),
+            role=f"{prefix}-role-{(k % workloads) % roles}",
+        )
+        registry.pod_sink.upsert(_deployment_pod(obj, deployment))
+    timeline = [(0, await _settle(sts, prefix))]
+    minutes = int(HOUR / STEP)
+    try:
+        for minute in range(1, minutes + 1):
+            clock.now += STEP
+            timeline.append((minute, await _settle(sts, prefix)))
+    finally:
+        await cache.close()
+        gateway.close()
+    period = int((DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE) / STEP)
+    rounds = []
+    for start in range(0, minutes + 1, period):
+        before = timeline[start - 1][1] if start else 0
+        end = min(start + period - 1, minutes)
+        rounds.append(timeline[end][1] - before)
+    return rounds
+
+
+# ---- 2. a burst of one new Deployment's pods through agent and server -----------------------
+
+
+async def deployment_burst(cluster: LoopbackCluster, *, pods: int, prefix: str):
+    role = f"{prefix}-role"
+    deployment = f"{prefix}-web"
+    objects, targets = [], []
+    for k in range(pods):
+        ip = pod_ip(k, block=240)
+        obj = kube_pod_object(
+            NAMESPACE,
+            f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
+            ip=ip,
+            host_ip=NODE,
+            annotations={"iam.amazonaws.com/role": role},
+            node_name="bench-node",
+        )
+        objects.append(_deployment_pod(obj, deployment))
+        targets.append([ip, CREDENTIALS + role, {}])
+    start_at = time.time() + 1.5
+    spec = {
+        "host": NODE,
+        "port": cluster.agent_port,
+        "targets": targets,
+        "requests": pods,
+        "concurrency": pods,
+        "keepalive": False,
+        "warmup": False,
+        "start_at": start_at,
+    }
+    generator = asyncio.create_task(
+        procs.generate("bench.loadgen", spec, measured_pid=cluster.agent_pid)
+    )
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    for obj in objects:
+        cluster.kube.store.create("pods", obj)
+    result = await generator
+    calls = await _settle(cluster.sts, prefix)
+    return calls, result
+
+
+# ---- 3. a flood of new identities under the budget ------------------------------------------
+
+
+async def _probe(cache: CredentialCache, identities, stop: asyncio.Event) -> tuple[int, int, float]:
+    """Ask for every held identity's credentials in rounds until ``stop``: as pods holding
+    valid credentials do. (answers, refusals, slowest answer in seconds)."""
+    answers = refusals = 0
+    slowest = 0.0
+    while not stop.is_set():
+        for identity in identities:
+            started = time.perf_counter()
+            try:
+                await cache.get(identity)
+                answers += 1
+            except CredentialsUnavailable:
+                refusals += 1
+            slowest = max(slowest, time.perf_counter() - started)
+        await asyncio.sleep(0.05)
+    return answers, refusals, slowest
+
+
+async def flood(sts: MotoSts, *, identities: int, held: int, qps: float, burst: int, prefix: str):
+    clock = _Clock()
+    gateway = _gateway(sts)
+    budget = StsBudget(qps=qps, burst=burst)
+    cache = CredentialCache(
+        _RetimedGateway(gateway, clock),
+        clock=clock,
+        max_sleep=0.05,
+        budget=budget,
+        refresh_jitter=DEFAULT_REFRESH_JITTER,
+    )
+    registry = _registry(cache)
+    held_prefix, new_prefix = f"{prefix}h", f"{prefix}n"
+    for k in range(held):
+        registry.pod_sink.upsert(
+            pod_object(NAMESPACE, f"{held_prefix}-{k}", ip=pod_ip(k, block=245),
+                       role=f"{held_prefix}-role-{k}")
+        )  # fmt: skip
+    await _settle(sts, held_prefix)
+    held_identities = [registry.lookup(pod_ip(k, block=245)).grant.identity for k in range(held)]
+    stop = asyncio.Event()
+    probe = asyncio.create_task(_probe(cache, held_identities, stop))
+    try:
+        flood_started = time.monotonic()
+        # The new pods arrive, and at the same moment every held identity's refresh falls due.
+        for k in range(identities):
+            registry.pod_sink.upsert(
+                pod_object(NAMESPACE, f"{new_prefix}-{k}", ip=pod_ip(k, block=100),
+                           role=f"{new_prefix}-role-{k}")
+            )  # fmt: skip
+        clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
+        while True:
+            await asyncio.sleep(0.5)
+            calls = [c for c in sts.calls() if c.at >= flood_started]
+            new = sum(c.role_arn.startswith(BASE_ARN + new_prefix) for c in calls)
+            refreshed = sum(c.role_arn.startswith(BASE_ARN + held_prefix) for c in calls)
+            if new >= identities and refreshed >= held:
+                break
+        stop.set()
+        answers, refusals, slowest = await probe
+    finally:
+        stop.set()
+        await cache.close()
+        await budget.close()
+        gateway.close()
+    calls = sorted((c for c in sts.calls() if c.at >= flood_started), key=lambda c: c.at)
+    per_second = Counter(int(c.at - flood_started) for c in calls)
+    # The bucket's own invariant: by time t, at most burst + qps * t calls.
+    worst = max(n + 1 - (burst + qps * (c.at - flood_started)) for n, c in enumerate(calls))
+    last_first = max(i for i, c in enumerate(calls) if c.role_arn.startswith(BASE_ARN + new_prefix))
+    refreshes_before = sum(
+        c.role_arn.startswith(BASE_ARN + held_prefix) for c in calls[: last_first + 1]
+    )
+    duration = calls[-1].at - flood_started
+    steady = [per_second[s] for s in range(1, int(duration))]
+    return {
+        "calls": len(calls),
+        "seconds": round(duration, 1),
+        "max_per_second": max(per_second.values()),
+        "max_per_second_after_first": max(steady) if steady else 0,
+        "mean_rate_after_burst": round(max(0, len(calls) - burst) / duration, 1),
+        "within_bucket": worst <= 1e-6,
+        "refreshes_before_last_first_fetch": refreshes_before,
+        "probe_answers": answers,
+        "probe_refusals": refusals,
+        "probe_slowest_ms": round(1000 * slowest, 1),
+    }
+
+
+# ---- 4. throttling ---------------------------------------------------------------------------
+
+
+async def throttled(sts: MotoSts, *, held: int, seconds: float, prefix: str):
+    clock = _Clock()
+    gateway = _gateway(sts)
+    budget = StsBudget()
+    cache = CredentialCache(
+        _RetimedGateway(gateway, clock),
+        clock=clock,
+        max_sleep=0.05,
+        budget=budget,
+        refresh_jitter=DEFAULT_REFRESH_JITTER,
+        retry_max=2.0,
+    )
+    registry = _registry(cache)
+    for k in range(held):
+        registry.pod_sink.upsert(
+            pod_object(
+                NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=250), role=f"{prefix}-role-{k}"
+            )
+        )
+    await _settle(sts, prefix)
+    identities = [registry.lookup(pod_ip(k, block=250)).grant.identity for k in range(held)]
+    before = len(sts.calls())
+    stop = asyncio.Event()
+    probe = asyncio.create_task(_probe(cache, identities, stop))
+    try:
+        sts.set_failing(True, "Throttling")
+        # Refreshes due, then overdue: under 30 minutes left, while STS keeps saying no.
+        clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
+        await asyncio.sleep(seconds / 2)
+        clock.now += timedelta(minutes=10)
+        await asyncio.sleep(seconds / 2)
+        throttled_calls = sum(c.failed_with == "Throttling" for c in sts.calls()[before:])
+        sts.set_failing(False)
+        recovered_at = time.monotonic()
+
+        def all_refreshed() -> bool:
+            return len({c.role_arn for c in sts.calls()[before:] if c.failed_with is None}) >= held
+
+        await eventually(all_refreshed, timeout=120, interval=0.1)
+        recovery = time.monotonic() - recovered_at
+        stop.set()
+        answers, refusals, slowest = await probe
+    finally:
+        sts.set_failing(False)
+        stop.set()
+        await cache.close()
+        await budget.close()
+        gateway.close()
+    return {
+        "throttled_answers": throttled_calls,
+        "probe_answers": answers,
+        "probe_refusals": refusals,
+        "probe_slowest_ms": round(1000 * slowest, 1),
+        "recovery_seconds": round(recovery, 1),
+    }
