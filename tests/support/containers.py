@@ -380,7 +380,9 @@ class ImageCluster(PodiamCluster):
         await asyncio.to_thread(sweep_containers)
         await super()._start()
 
-    async def _start_server(self) -> None:
+    async def _start_server(self, replica: int = 0) -> None:
+        # One server container: the replica tests run on processes (tests/support/e2e.py).
+        assert replica == 0, "ImageCluster runs one server container"
         assert self.kube is not None and self.sts is not None and self.server_node is not None
         scratch = self.work / "server"
         kubeconfig = self.work / "kubeconfig"
@@ -413,6 +415,7 @@ class ImageCluster(PodiamCluster):
         server = ServerContainer(
             self.server_node, "server", self.images.server, flags, argv, log, pod
         )
+        self.servers.append(server)
         self.server = server
         self._stack.push_async_callback(server.stop)
         await server.start()
