@@ -81,10 +81,15 @@ async def get(agent, ip: str, path: str) -> tuple[int, str]:
 
 
 async def cached(agent, ip: str, role: str) -> dict:
-    """Ask until the pod's credentials come from the agent's memory (the stream brought them)."""
+    """Ask until the pod's credentials come from the agent's memory, brought by every live
+    stream: each replica fetches its own, and a stream lost before its replica's fetch ended
+    takes no credentials with it into the stale state (the others may not have them yet)."""
     await eventually(lambda: agent.state.usable_entry(ip) is not None)
     entry = agent.state.usable_entry(ip)
     await eventually(lambda: agent.state.usable_credentials(entry.identity) is not None)
+    await eventually(
+        lambda: all(entry.identity in view.credentials for view in agent.state.views if view.live)
+    )
     status, body = await get(agent, ip, CREDS + role)
     assert status == 200, body
     return json.loads(body)
