@@ -10,25 +10,22 @@ import logging
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from protos import kiam_pb2
 from server.audit import AuditTrail
 from server.identity import RoleIdentity
 from server.pods import pod_from_object
 from tests.support.kubeapi import KubeApiServer, pod_object
-from tests.support.server import BASE_ARN, running_server
+from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
 NODE = "127.0.0.1"  # the test client connects from here: "the agent's node"
 _ips = (f"10.{210 + n // 250}.{n % 250}.11" for n in itertools.count(1))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("ledger", annotations={"iam.amazonaws.com/permitted": "ledger-.*"})
-        yield kube
+@pytest.fixture(scope="module")
+def namespaces() -> dict[str, str | None]:
+    return {"ledger": "ledger-.*"}
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +33,9 @@ def audit_file(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("audit") / "audit.jsonl"
 
 
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory, audit_file):
-    tmp = tmp_path_factory.mktemp("srv")
-    extra = ["--audit-log", str(audit_file)]
-    async with running_server(kube, moto_sts, tls_dirs, tmp, extra=extra) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
+@pytest.fixture(scope="module")
+def server_flags(audit_file: Path) -> list[str]:
+    return ["--audit-log", str(audit_file)]
 
 
 def records(path: Path, kind: str, **match: str) -> list[dict]:

@@ -14,12 +14,10 @@ import itertools
 
 import grpc
 import pytest
-import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from protos import kiam_pb2
 from tests.support.kubeapi import KubeApiServer
-from tests.support.server import running_server
 from tests.support.waiting import eventually
 
 PERMITTED = "iam.amazonaws.com/permitted"
@@ -30,25 +28,9 @@ _ips = (f"10.77.{n // 250}.{n % 250 + 1}" for n in itertools.count())
 RESULTS = ("created", "exists", "suppressed", "dropped", "failed")
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("apps", annotations={PERMITTED: "app-.*"})
-        kube.add_namespace("closed")
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("srv")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
+@pytest.fixture(scope="module")
+def namespaces() -> dict[str, str | None]:
+    return {"apps": "app-.*", "closed": None}
 
 
 def add_pod(kube: KubeApiServer, namespace: str, name: str, role: str, host_ip: str = NODE) -> str:

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 
 import pytest
-import pytest_asyncio
 
 from protos import kiam_pb2
 from server.identity import RoleIdentity
@@ -15,8 +14,8 @@ from server.pods import pod_from_object
 from server.sessions import sanitised_tag_value, session_tagger
 from server.sts import StsGateway
 from tests.support.kubeapi import KubeApiServer, pod_object
-from tests.support.moto_sts import MotoSts, fake_session
-from tests.support.server import BASE_ARN, running_server
+from tests.support.moto_sts import fake_session
+from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
 NODE = "127.0.0.1"
@@ -84,13 +83,6 @@ def test_tags_are_part_of_the_identity_key():
     assert plain != tagged != other
 
 
-@pytest.fixture
-def sts(moto_sts: MotoSts):
-    moto_sts.reset()
-    yield moto_sts
-    moto_sts.reset()
-
-
 @pytest.mark.parametrize("transitive", [False, True])
 async def test_assume_role_sends_the_identitys_tags_and_transitive_keys(sts, transitive):
     gateway = StsGateway(
@@ -127,27 +119,14 @@ async def test_untagged_identities_send_no_tags(sts):
 # ---- end to end: --session-tags on a real server --------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        for namespace in ("billing", "refunds"):
-            kube.add_namespace(namespace, annotations={"iam.amazonaws.com/permitted": "fin-.*"})
-        yield kube
+@pytest.fixture(scope="module")
+def namespaces() -> dict[str, str | None]:
+    return {"billing": "fin-.*", "refunds": "fin-.*"}
 
 
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    extra = ["--session-tags", "--transitive-session-tags", "--cluster-name", "prod-eu"]
-    tmp = tmp_path_factory.mktemp("srv")
-    async with running_server(kube, moto_sts, tls_dirs, tmp, extra=extra) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
+@pytest.fixture(scope="module")
+def server_flags() -> list[str]:
+    return ["--session-tags", "--transitive-session-tags", "--cluster-name", "prod-eu"]
 
 
 def add_replica(kube: KubeApiServer, namespace: str, n: int, role: str) -> str:

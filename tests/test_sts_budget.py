@@ -7,19 +7,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from server.credentials import CredentialCache
 from server.identity import RoleIdentity
-from server.sts import StsGateway
 from server.sts_budget import Priority, StsBudget, Ticket
-from tests.support.moto_sts import MotoSts, fake_session
 from tests.support.waiting import eventually
 
 BASE = "arn:aws:iam::123456789012:role/"
@@ -106,22 +103,6 @@ class FakeClock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture
-def sts(moto_sts: MotoSts) -> Iterator[MotoSts]:
-    moto_sts.reset()
-    yield moto_sts
-    moto_sts.reset()
-
-
-@pytest.fixture(scope="module")
-def gateway(moto_sts: MotoSts) -> Iterator[StsGateway]:
-    gateway = StsGateway(
-        region="us-east-1", endpoint_url=moto_sts.endpoint_url, boto_session=fake_session()
-    )
-    yield gateway
-    gateway.close()
 
 
 @pytest_asyncio.fixture

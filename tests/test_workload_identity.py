@@ -9,14 +9,13 @@ import itertools
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from protos import kiam_pb2
 from server.pods import pod_from_object, workload_of
 from server.sessions import SessionNameFrom, session_namer
 from tests.support.kubeapi import KubeApiServer, pod_object
 from tests.support.moto_sts import caller_arn
-from tests.support.server import BASE_ARN, as_aws, running_server
+from tests.support.server import BASE_ARN, as_aws
 from tests.support.waiting import eventually
 
 NODE = "127.0.0.1"
@@ -113,24 +112,9 @@ def test_replicas_share_one_interned_workload_string():
 # ---- end to end: a real server, moto as STS -------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module")
-async def kube():
-    async with KubeApiServer() as kube:
-        kube.add_namespace("shop", annotations={"iam.amazonaws.com/permitted": "shop-.*"})
-        yield kube
-
-
-@pytest_asyncio.fixture(scope="module")
-async def podiam(kube, moto_sts, tls_dirs, tmp_path_factory):
-    async with running_server(kube, moto_sts, tls_dirs, tmp_path_factory.mktemp("srv")) as run:
-        yield run
-
-
-@pytest_asyncio.fixture(scope="module")
-async def stub(podiam):
-    channel = podiam.channel()
-    yield podiam.stub(channel)
-    await channel.close()
+@pytest.fixture(scope="module")
+def namespaces() -> dict[str, str | None]:
+    return {"shop": "shop-.*"}
 
 
 def add_replica(kube: KubeApiServer, deployment: str, n: int, role: str) -> str:
