@@ -73,8 +73,13 @@ class TokenAuthority:
 
 
 def parse_ttl(header: str | None) -> int | None:
-    """The TTL a token request asks for, or None when the header is missing or invalid."""
-    if header is None or not header.strip().isdigit():
+    """The TTL a token request asks for, or None when the header is missing or invalid: ASCII
+    digits only (``str.isdigit`` also accepts "²" and "١٢", which ``int`` then refuses or
+    reads), and few enough that no huge number is ever built."""
+    if header is None:
         return None
-    ttl = int(header.strip())
+    text = header.strip()
+    if not 1 <= len(text) <= 5 or not text.isascii() or not text.isdigit():
+        return None
+    ttl = int(text)
     return ttl if MIN_TTL <= ttl <= MAX_TTL else None

@@ -193,6 +193,17 @@ async def test_token_request_without_a_valid_ttl_is_400(agent, ttl):
     assert (await put_token(agent, "127.0.9.1", headers))[0] == 400
 
 
+@pytest.mark.parametrize("ttl", ["²", "①", "١٢", "\uff16\uff10", "1" * 40, "0060 0"])
+async def test_token_ttl_in_other_digits_or_huge_is_400_never_5xx(agent, ttl):
+    # Sent as raw UTF-8 bytes: "²" and "①" pass str.isdigit() but not int(); "١٢" and fullwidth
+    # "60" pass both, yet are no TTL an SDK sends.
+    status, _ = await raw_get(
+        "127.0.9.3", agent.port, "/latest/api/token", method="PUT",
+        headers=f"{TOKEN_TTL}: {ttl}\r\n",
+    )  # fmt: skip
+    assert status == 400
+
+
 async def test_forwarded_token_request_is_403(agent):
     headers = {TOKEN_TTL: "60", "X-Forwarded-For": "10.0.0.1"}
     assert (await put_token(agent, "127.0.9.2", headers))[0] == 403

@@ -57,12 +57,24 @@ async def pod_session(ip: str) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def raw_get(ip: str, port: int, raw_path: str, *, host: str = NODE) -> tuple[int, str]:
-    """Send ``raw_path`` byte for byte, as an attacker would: HTTP clients normalise paths
-    (resolving ``..``, decoding ``%72``) before sending, which would hide what is being tested."""
+async def raw_get(
+    ip: str,
+    port: int,
+    raw_path: str,
+    *,
+    host: str = NODE,
+    method: str = "GET",
+    headers: str = "",
+) -> tuple[int, str]:
+    """Send ``raw_path`` (and ``headers``, CRLF-terminated lines) byte for byte, as an attacker
+    would: HTTP clients normalise paths (resolving ``..``, decoding ``%72``) and refuse header
+    values outside latin-1 before sending, which would hide what is being tested."""
     reader, writer = await asyncio.open_connection(host, port, local_addr=(ip, 0))
     try:
-        request = f"GET {raw_path} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
+        request = (
+            f"{method} {raw_path} HTTP/1.1\r\nHost: 169.254.169.254\r\n{headers}"
+            "Connection: close\r\n\r\n"
+        )
         writer.write(request.encode())
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 10)
