@@ -25,7 +25,7 @@ from datetime import timedelta
 
 from bench import procs
 from bench.cluster import CREDENTIALS, NAMESPACE, NODE, LoopbackCluster, pod_ip
-from bench.sts_economy import HOUR, STEP, _Clock, _RetimedGateway, _settle
+from bench.sts_economy import _Clock, _RetimedGateway, _settle, run_the_hour
 from server.arn import RoleResolver
 from server.credentials import (
     DEFAULT_REFRESH_BEFORE,
@@ -95,21 +95,11 @@ async def workload_hour(sts: MotoSts, *, pods: int, workloads: int, roles: int, 
             role=f"{prefix}-role-{(k % workloads) % roles}",
         )
         registry.pod_sink.upsert(_deployment_pod(obj, deployment))
-    timeline = [(0, await _settle(sts, prefix))]
-    minutes = int(HOUR / STEP)
     try:
-        for minute in range(1, minutes + 1):
-            clock.now += STEP
-            timeline.append((minute, await _settle(sts, prefix)))
+        _total, rounds, _period = await run_the_hour(sts, prefix, clock)
     finally:
         await cache.close()
         gateway.close()
-    period = int((DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE) / STEP)
-    rounds = []
-    for start in range(0, minutes + 1, period):
-        before = timeline[start - 1][1] if start else 0
-        end = min(start + period - 1, minutes)
-        rounds.append(timeline[end][1] - before)
     return rounds
 
 

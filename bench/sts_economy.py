@@ -92,15 +92,21 @@ async def simulated_hour(sts: MotoSts, *, pods: int, roles: int, shared: bool, p
                 annotations=annotations if shared else None,
             )
         )
-    timeline = [(0, await _settle(sts, prefix))]
-    minutes = int(HOUR / STEP)
     try:
-        for minute in range(1, minutes + 1):
-            clock.now += STEP
-            timeline.append((minute, await _settle(sts, prefix)))
+        return await run_the_hour(sts, prefix, clock)
     finally:
         await cache.close()
         gateway.close()
+
+
+async def run_the_hour(sts: MotoSts, prefix: str, clock: _Clock) -> tuple[int, list[int], int]:
+    """Move ``clock`` through an hour in steps, letting the cache refresh at each, and count
+    AssumeRole calls: (the total, the calls of each refresh round, the round's length in steps)."""
+    timeline = [(0, await _settle(sts, prefix))]
+    minutes = int(HOUR / STEP)
+    for minute in range(1, minutes + 1):
+        clock.now += STEP
+        timeline.append((minute, await _settle(sts, prefix)))
     period = int((DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE) / STEP)
     rounds = []
     for start in range(0, minutes + 1, period):
