@@ -18,10 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cleanup.main(argv[1:])
     require_extra("agent", prog="podiam-agent")
     # Imported only now: without the extra, these would fail with a traceback.
+    import uvloop  # the metadata listener's event loop (agent/httpserver.py)
+
     from agent.app import PodiamAgent
     from agent.config import parse_config
 
-    return process.main(parse_config(argv), PodiamAgent, name="podiam.agent")
+    return process.main(
+        parse_config(argv), PodiamAgent, name="podiam.agent", loop_factory=uvloop.new_event_loop
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from agent.handlers.proxy import ProxyHandler
 from agent.handlers.role import RoleHandler
 from agent.handlers.token import TokenHandler
 from agent.hostroutes import HostRoutes
+from agent.httpserver import HttpListener
 from agent.iptables import IptablesError, MetadataRedirect, check_can_manage
+from agent.limits import PodBuckets, raise_open_files_limit
 from agent.lookup import PodLookup
 from agent.proxy import MetadataProxy
 from agent.readiness import ReadinessReporter
@@ -70,7 +72,7 @@ class PodiamAgent:
         self._tasks: list[asyncio.Task] = []
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
-        self._routes: MetadataRoutes | None = None
+        self._http: HttpListener | None = None
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -121,6 +123,7 @@ class PodiamAgent:
         )
         # Tokens survive restarts: SDKs hold them for hours (see agent/tokens.py).
         tokens = TokenAuthority(key=key_for_node(config.key, f"{config.node_name}|{config.host}"))
+        limits = config.limits
         routes = MetadataRoutes(
             role=RoleHandler(lookup),
             credentials=CredentialsHandler(lookup),
@@ -129,11 +132,13 @@ class PodiamAgent:
             health=HealthHandler(streams.synced_once, self.state),
             proxy=ProxyHandler(proxy, allow_pattern=config.allow_route_regexp.pattern),
             tokens=tokens,
+            lookup=lookup,
+            buckets=PodBuckets(rate=limits.pod_rate, burst=limits.pod_burst),
             require_imdsv2=config.require_imdsv2,
         )
-        self._routes = routes
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", routes.handle)
+        # A connection flood must meet the listener's own limits, not the default 1,024 files.
+        raise_open_files_limit()
+        http = self._http = HttpListener(routes, limits)
         sock = self._bind(config.host, config.port, "metadata API")
         self.port = sock.getsockname()[1]
         if config.prometheus_listen_addr is not None:
@@ -149,10 +154,10 @@ class PodiamAgent:
                 config.server_address,
             )
             self._tasks.append(
-                asyncio.create_task(self._listen_when_ready(app, sock), name="listen-when-ready")
+                asyncio.create_task(self._listen_when_ready(http, sock), name="listen-when-ready")
             )
         else:
-            await self._serve(app, sock)
+            http.serve(sock)
             self._listening.set()
             log.info(
                 "serving the metadata API on %s:%d; waiting for podiam server %s",
@@ -170,11 +175,11 @@ class PodiamAgent:
         probe asks of this very process (the port may be answered by another agent)."""
         return self._listening.is_set() and self.streams.synced_once.is_set() and self.state.live
 
-    async def _listen_when_ready(self, app: web.Application, sock: socket.socket) -> None:
+    async def _listen_when_ready(self, http: HttpListener, sock: socket.socket) -> None:
         await self.streams.synced_once.wait()
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
-        await self._serve(app, sock)
+        http.serve(sock)
         try:
             listener.steer_new_connections_here(sock)
             steered = "; new connections come here only"
@@ -243,12 +248,17 @@ class PodiamAgent:
         self._listening.clear()  # not ready from now on, whatever the ready-file task sees
         if self.config.ready_file is not None:
             _remove(self.config.ready_file)
+        http = self._http
+        if http is not None:
+            http.stop_accepting()
         for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
-        if self._routes is not None and was_listening:
-            self._routes.draining = True
-            await asyncio.sleep(CLOSE_NOTICE_SECONDS)
+        if http is not None:
+            if was_listening:
+                http.draining = True
+                await asyncio.sleep(CLOSE_NOTICE_SECONDS)
+            await http.close(drain_seconds=DRAIN_SECONDS)
         for runner in self._runners:
             await runner.cleanup()
         for task in self._tasks:

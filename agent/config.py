@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from agent.limits import ListenerLimits
 from agent.proxy import DEFAULT_ALLOW_ROUTE_REGEXP
 from agent.replicas import parse_addresses
 from runtime import imds
@@ -38,6 +39,7 @@ class AgentConfig:
     pod_wait: timedelta
     stale_grace: timedelta
     require_imdsv2: bool
+    limits: ListenerLimits
     prometheus_listen_addr: tuple[str, int] | None
     log_level: str
     json_log: bool
@@ -154,8 +156,102 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         action="store_true",
         help="refuse credential requests without a valid IMDSv2 token",
     )
+    _add_limit_flags(flag)
     parser.add_process_flags()
     return parser  # fmt: skip
+
+
+_DEFAULT_LIMITS = ListenerLimits()
+
+
+def _add_limit_flags(flag) -> None:
+    """What one pod may cost the metadata listener (agent/limits.py); each limit hit is
+    counted in podiam_agent_listener_limited_total{limit}."""
+    d = _DEFAULT_LIMITS
+    flag(
+        "--max-connections-per-ip",
+        env="PODIAM_MAX_CONNECTIONS_PER_IP",
+        type=_positive_int,
+        default=str(d.connections_per_ip),
+        help="connections one source IP (a pod) may hold open; more are reset at once",
+    )
+    flag(
+        "--max-connections",
+        env="PODIAM_MAX_CONNECTIONS",
+        type=_positive_int,
+        default=str(d.connections),
+        help="connections from all pods together; lowered to stay 128 below the open-files "
+        "limit (which the agent raises to its hard limit)",
+    )
+    flag(
+        "--header-timeout",
+        env="PODIAM_HEADER_TIMEOUT",
+        type=duration,
+        default=f"{d.header_timeout:g}s",
+        help="time a connection has to send a request's headers (from its first byte, or "
+        "from the connection for its first request); then 408 and closed",
+    )
+    flag(
+        "--keepalive-timeout",
+        env="PODIAM_KEEPALIVE_TIMEOUT",
+        type=duration,
+        default=f"{d.keepalive_timeout:g}s",
+        help="how long an idle keep-alive connection is kept open",
+    )
+    flag(
+        "--max-header-bytes",
+        env="PODIAM_MAX_HEADER_BYTES",
+        type=_positive_int,
+        default=str(d.header_bytes),
+        help="request line and headers together, in bytes; more is 431",
+    )
+    flag(
+        "--max-body-bytes",
+        env="PODIAM_MAX_BODY_BYTES",
+        type=_non_negative_int,
+        default=str(d.body_bytes),
+        help="request body, in bytes (the metadata API takes none); more is 413",
+    )
+    flag(
+        "--pod-requests-per-second",
+        env="PODIAM_POD_REQUESTS_PER_SECOND",
+        type=_non_negative_float,
+        default=f"{d.pod_rate:g}",
+        help="each pod's fair share of requests: a token bucket refilled this fast (far above "
+        "what SDKs ask: a few requests per credential refresh); over it, 429 with Retry-After. "
+        "0 turns the bucket off",
+    )
+    flag(
+        "--pod-request-burst",
+        env="PODIAM_POD_REQUEST_BURST",
+        type=_positive_int,
+        default=str(d.pod_burst),
+        help="requests a pod may make at once before --pod-requests-per-second applies",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number above 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number, 0 or more")
+    return value
 
 
 def _interface(text: str) -> str:
@@ -300,6 +396,19 @@ def parse_config(
         parser.error(f"--server-address must be host:port[,host:port...]: {error}")
     if not 0 <= args.stale_grace.total_seconds() <= 3600:
         parser.error("--stale-grace must lie between 0 and 1h")
+    for name in ("header_timeout", "keepalive_timeout"):
+        if not 0 < getattr(args, name).total_seconds() <= 3600:
+            parser.error(f"--{name.replace('_', '-')} must lie between 0 and 1h")
+    limits = ListenerLimits(
+        connections_per_ip=args.max_connections_per_ip,
+        connections=args.max_connections,
+        header_timeout=args.header_timeout.total_seconds(),
+        keepalive_timeout=args.keepalive_timeout.total_seconds(),
+        header_bytes=args.max_header_bytes,
+        body_bytes=args.max_body_bytes,
+        pod_rate=args.pod_requests_per_second,
+        pod_burst=args.pod_request_burst,
+    )
     return AgentConfig(
         host=host,
         node_name=node_name,
@@ -317,6 +426,7 @@ def parse_config(
         pod_wait=args.pod_wait,
         stale_grace=args.stale_grace,
         require_imdsv2=args.require_imdsv2,
+        limits=limits,
         prometheus_listen_addr=args.prometheus_listen_addr,
         log_level=args.log_level,
         json_log=args.json_log,

@@ -13,7 +13,7 @@ import grpc
 from agent import metrics
 from agent.client import ServerClient
 from agent.refusal import Refused
-from agent.state import NodeState, PodEntry, credentials_body, role_name
+from agent.state import NodeState, PodEntry, ServedCredentials, credentials_body, role_name
 from protos import REASON_METADATA
 
 # Of the --pod-wait budget, this much (at most) is kept for the unary call after waiting on the
@@ -58,16 +58,29 @@ class PodLookup:
     def known_credentials(self, ip: str, requested: str) -> bytes | None:
         """The hot path: a pod the stream knows, asking for credentials the stream brought —
         answered without awaiting anything; None when the stream cannot answer at once."""
+        served = self.known_served(ip, requested)
+        return served.body if served is not None else None
+
+    def known_served(self, ip: str, requested: str) -> ServedCredentials | None:
+        """`known_credentials` with the whole pre-rendered response, for the listener."""
         state = self._state
         entry = state.usable_entry(ip)
         if entry is not None and entry.identity:
-            body = state.usable_credentials(entry.identity)
-            if body is not None:
+            served = state.usable_served(entry.identity)
+            if served is not None:
                 _check_requested(entry, requested)
                 if state.stale_since is not None:
                     metrics.STALE_ANSWERS.inc()
-                return body
+                return served
         return None
+
+    def known_role(self, ip: str) -> str | None:
+        """The hot path of the role name: a known pod with a permitted role, else None (the
+        slow path then waits for the stream or refuses, with the reason)."""
+        entry = self._state.usable_entry(ip)
+        if entry is None or entry.denied or not entry.role:
+            return None
+        return entry.role_name
 
     async def credentials(self, ip: str, requested: str) -> bytes:
         """The IMDS credentials document for the calling pod, if ``requested`` is its role."""

@@ -141,3 +141,14 @@ STALE_ANSWERS = Counter(
     "podiam_agent_stale_answers_total",
     "Credentials answered from memory while no node stream was live.",
 )
+LIMITED = Counter(
+    "podiam_agent_listener_limited_total",
+    "Times a pod hit one of the metadata listener's limits, by limit: connections-per-ip, "
+    "connections, header-timeout, keepalive-timeout, header-bytes, body-bytes, pod-rate, "
+    "malformed, pipelined, unread, accept-resources (accepts paused: out of descriptors).",
+    ["limit"],
+)
+CONNECTIONS = Gauge(
+    "podiam_agent_listener_connections",
+    "Pod connections open on the metadata listener.",
+)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from agent import metrics
+from agent import metrics, wire
 from protos import kiam_pb2
 from runtime import imds
 
@@ -104,6 +104,14 @@ class ServedCredentials:
     body: bytes  # the IMDS credentials document, rendered once when they arrived
     last_updated: str  # their LastUpdated, which iam/info also reports
     expires: float  # seconds since the epoch: stale service never serves them past this
+    # The whole HTTP response (status line, headers, body), rendered once with the body: the
+    # listener's hot path writes these bytes as they are (agent/wire.py).
+    response: wire.Rendered
+
+    @classmethod
+    def of(cls, creds: kiam_pb2.Credentials) -> ServedCredentials:
+        body = credentials_body(creds)
+        return cls(body, creds.last_updated, _expires(creds), wire.render(200, body, wire.PLAIN))
 
 
 def _expires(creds: kiam_pb2.Credentials) -> float:
@@ -201,9 +209,7 @@ class NodeState:
             view.credentials.pop(identity, None)
         for item in update.credentials:
             creds = item.credentials
-            view.credentials[item.identity] = ServedCredentials(
-                credentials_body(creds), creds.last_updated, _expires(creds)
-            )
+            view.credentials[item.identity] = ServedCredentials.of(creds)
             identities.add(item.identity)
         for state in update.pods:
             view.pods[state.ip] = entry_from_state(state)
@@ -312,13 +318,17 @@ class NodeState:
         return entry
 
     def usable_credentials(self, identity: str) -> bytes | None:
+        served = self.usable_served(identity)
+        return served.body if served is not None else None
+
+    def usable_served(self, identity: str) -> ServedCredentials | None:
         served = self.credentials.get(identity)
         if served is None:
             return None
         # Without a stream nobody withdraws credentials that expire: never serve those.
         if self.stale_since is not None and served.expires - self._wall() < EXPIRY_MARGIN_SECONDS:
             return None
-        return served.body
+        return served
 
     def _stale_trusted(self, ip: str) -> bool:
         if self._route_at_confirm.get(ip) is not None and self._route(ip) is not None:

@@ -37,8 +37,15 @@ async def run_until_signalled(service: Service, *, log: logging.Logger) -> None:
         await service.stop()
 
 
-def main(config, make_service: Callable[[object], Service], *, name: str) -> int:
-    """Run ``make_service(config)`` as the process ``name``; the exit code to return."""
+def main(
+    config,
+    make_service: Callable[[object], Service],
+    *,
+    name: str,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> int:
+    """Run ``make_service(config)`` as the process ``name``, on an event loop from
+    ``loop_factory`` (asyncio's default without one); the exit code to return."""
     logs.configure(config.log_level, json_log=config.json_log)
     log = logging.getLogger(name)
 
@@ -46,7 +53,8 @@ def main(config, make_service: Callable[[object], Service], *, name: str) -> int
         await run_until_signalled(make_service(config), log=log)
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run())
     except StartupError as error:
         # One line, whatever the cause's own formatting (YAML errors span several).
         log.error("cannot start: %s", " ".join(str(error).split()))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import web
-
 from agent.refusal import Refused
+from agent.request import Request
 from agent.state import Mode, NodeState
+from agent.wire import Response
 
 
-async def ping(request: web.Request, ip: str) -> web.Response:
-    return web.Response(text="pong", content_type="text/plain")
+async def ping(request: Request) -> Response:
+    return Response.text("pong")
 
 
 class HealthHandler:
@@ -20,14 +20,14 @@ class HealthHandler:
         self._synced_once = synced_once
         self._state = state
 
-    async def __call__(self, request: web.Request, ip: str) -> web.Response:
+    async def __call__(self, request: Request) -> Response:
         if not self._synced_once.is_set():
             raise Refused(503, "not-connected", "not connected to a podiam server yet")
-        if request.query.get("deep") not in ("1", "true"):
-            return web.Response(text="ok", content_type="text/plain")
+        if request.query_value("deep") not in ("1", "true"):
+            return Response.text("ok")
         # deep=1 (the readiness probe) also wants a live, synced stream of the hot path, and
         # says which mode the agent is in either way.
         mode = self._state.mode
         if mode in (Mode.LIVE, Mode.ONE_STREAM):
-            return web.Response(text=f"ok: {mode.value}", content_type="text/plain")
+            return Response.text(f"ok: {mode.value}")
         raise Refused(503, "no-stream", f"{mode.value}: no node stream from a server is live")

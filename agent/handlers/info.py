@@ -9,11 +9,11 @@ import base64
 import hashlib
 import json
 
-from aiohttp import web
-
 from agent.lookup import PodLookup
 from agent.refusal import Refused
+from agent.request import Request
 from agent.state import NodeState
+from agent.wire import Response
 from runtime import imds
 
 
@@ -22,8 +22,8 @@ class InfoHandler:
         self._lookup = lookup
         self._state = state
 
-    async def __call__(self, request: web.Request, ip: str) -> web.Response:
-        entry = await self._lookup.entry(ip)
+    async def __call__(self, request: Request) -> Response:
+        entry = await self._lookup.entry(request.ip)
         arn = entry.role_arn or (entry.role if entry.role.startswith("arn:") else "")
         if not arn:
             # Only the node stream carries the role's ARN for a short-named role.
@@ -35,7 +35,7 @@ class InfoHandler:
             "InstanceProfileArn": instance_profile_arn(arn),
             "InstanceProfileId": instance_profile_id(arn),
         }
-        return web.Response(text=json.dumps(body, indent=2), content_type="text/plain")
+        return Response.text(json.dumps(body, indent=2))
 
 
 def instance_profile_arn(role_arn: str) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from agent.proxy import MetadataProxy
 from agent.refusal import Refused
+from agent.request import Request
+from agent.wire import Response
 
 
 class ProxyHandler:
@@ -13,7 +13,7 @@ class ProxyHandler:
         self._proxy = proxy
         self._allow_pattern = allow_pattern
 
-    async def __call__(self, request: web.Request, ip: str, path: str) -> web.Response:
+    async def __call__(self, request: Request, path: str) -> Response:
         if not self._proxy.allows(path):
             raise Refused(
                 404,
@@ -22,6 +22,4 @@ class ProxyHandler:
                 f"({self._allow_pattern}) are proxied to the metadata service",
             )
         answer = await self._proxy.fetch(request.method, path)
-        return web.Response(
-            status=answer.status, body=answer.body, content_type=answer.content_type
-        )
+        return Response(answer.status, answer.body, answer.content_type)

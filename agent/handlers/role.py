@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from agent.lookup import PodLookup
+from agent.request import Request
+from agent.wire import Response
 
 
 class RoleHandler:
     def __init__(self, lookup: PodLookup) -> None:
         self._lookup = lookup
 
-    async def __call__(self, request: web.Request, ip: str) -> web.Response:
-        entry = await self._lookup.entry(ip)
+    async def __call__(self, request: Request) -> Response:
+        entry = await self._lookup.entry(request.ip)
         # No trailing newline: some SDKs use the body verbatim in the next path.
-        return web.Response(text=entry.role_name, content_type="text/plain")
+        return Response.text(entry.role_name)
