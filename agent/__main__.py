@@ -3,6 +3,7 @@ process; ``podiam-agent cleanup`` removes the DNAT rule the agent leaves in plac
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cleanup.main(argv[1:])
     require_extra("agent", prog="podiam-agent")
     # Imported only now: without the extra, these would fail with a traceback.
+    # uvloop starts iptables and conntrack with fork(), which runs gRPC's fork handlers (and
+    # their log line) unless they are off; the children exec at once and need none of them.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     import uvloop  # the metadata listener's event loop (agent/httpserver.py)
 
     from agent.app import PodiamAgent
