@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.config import parse_config as parse_agent_config
+from agent.limits import ListenerLimits
 from certs.check import check_dir
 from server.app import PodiamServer
 from server.config import parse_config as parse_server_config
@@ -121,6 +122,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "podWait": "500ms",
             "staleGrace": "0s",
             "requireImdsv2": True,
+            "limits": {
+                "connectionsPerIP": 16,
+                "connections": 2000,
+                "headerTimeout": "2s",
+                "keepaliveTimeout": "30s",
+                "headerBytes": 4096,
+                "bodyBytes": 0,
+                "podRequestsPerSecond": 250.5,
+                "podRequestBurst": 600,
+            },
             "logLevel": "warning",
             "jsonLog": False,
             "metrics": {"port": 9701},
@@ -292,6 +303,10 @@ def test_every_tuned_value_reaches_its_flag(rendered):
     assert agent.pod_wait.total_seconds() == 0.5
     assert agent.stale_grace.total_seconds() == 0
     assert agent.require_imdsv2 is True
+    assert agent.limits == ListenerLimits(
+        connections_per_ip=16, connections=2000, header_timeout=2.0, keepalive_timeout=30.0,
+        header_bytes=4096, body_bytes=0, pod_rate=250.5, pod_burst=600,
+    )  # fmt: skip
     assert (agent.log_level, agent.json_log) == ("WARNING", False)
     assert agent.prometheus_listen_addr == ("0.0.0.0", 9701)
 
