@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class HostRoutes:
     def __init__(self, pattern: str, *, on_change: Callable[[str], None] | None = None) -> None:
         self._matches = interface_matcher(pattern)
         self._on_change = on_change or (lambda ip: None)
+        self._notify = self._on_change  # how a change reaches the event loop (see run)
         self.routes: dict[str, int] = {}  # ip → ifindex
         self._names: dict[int, str] = {}  # ifindex → name
         self.watching = False  # netlink is followed and the initial dump is in
@@ -67,6 +69,38 @@ class HostRoutes:
     async def run(self) -> None:
         """Dump the routes, then follow netlink until cancelled. If netlink fails (a full
         receive buffer loses messages), it starts over with a new dump."""
+        main = asyncio.get_running_loop()
+        if not type(main).__module__.startswith("uvloop"):
+            await self._follow()
+            return
+        # uvloop (the agent's loop) cannot open pyroute2's netlink datagram endpoint: follow
+        # netlink on asyncio's own loop in a thread, and hand each change to the agent's loop.
+        self._notify = lambda ip: main.call_soon_threadsafe(self._on_change, ip)
+        ready = threading.Event()
+        follower: dict[str, object] = {}
+
+        def follow() -> None:
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(self._follow())
+            follower.update(loop=loop, task=task)
+            ready.set()
+            try:
+                loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                loop.close()
+
+        thread = threading.Thread(target=follow, name="host-routes", daemon=True)
+        thread.start()
+        await asyncio.to_thread(ready.wait)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            follower["loop"].call_soon_threadsafe(follower["task"].cancel)
+            await asyncio.to_thread(thread.join, 2.0)
+
+    async def _follow(self) -> None:
         try:
             from pyroute2 import AsyncIPRoute
         except ImportError:  # pragma: no cover - pyroute2 is in the agent extra
@@ -129,12 +163,12 @@ class HostRoutes:
                 return
             if self.routes.get(ip) != index:
                 self.routes[ip] = index
-                self._on_change(ip)
+                self._notify(ip)
         elif self.routes.get(ip) == index:
             del self.routes[ip]
-            self._on_change(ip)
+            self._notify(ip)
 
     def _drop_interface(self, index: int) -> None:
         for ip in [ip for ip, via in self.routes.items() if via == index]:
             del self.routes[ip]
-            self._on_change(ip)
+            self._notify(ip)
