@@ -72,7 +72,7 @@ class PodiamAgent:
         self._tasks: list[asyncio.Task] = []
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
-        self._http: HttpListener | None = None
+        self.http: HttpListener | None = None
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -138,7 +138,7 @@ class PodiamAgent:
         )
         # A connection flood must meet the listener's own limits, not the default 1,024 files.
         raise_open_files_limit()
-        http = self._http = HttpListener(routes, limits)
+        http = self.http = HttpListener(routes, limits)
         sock = self._bind(config.host, config.port, "metadata API")
         self.port = sock.getsockname()[1]
         if config.prometheus_listen_addr is not None:
@@ -248,7 +248,7 @@ class PodiamAgent:
         self._listening.clear()  # not ready from now on, whatever the ready-file task sees
         if self.config.ready_file is not None:
             _remove(self.config.ready_file)
-        http = self._http
+        http = self.http
         if http is not None:
             http.stop_accepting()
         for runner in self._runners:

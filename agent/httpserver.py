@@ -288,6 +288,13 @@ class _Connection(asyncio.Protocol):
         if len(self._queue) < MAX_PIPELINED:
             self._resume_reading()
 
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets the answer being worked out.
+        if self.busy:
+            self._close_pending = True
+            return True
+        return None
+
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
@@ -357,8 +364,10 @@ class _Connection(asyncio.Protocol):
         self._method = self.parser.get_method()
         self._keep_alive = self.parser.should_keep_alive()
         if self._headers.get(b"expect", b"").lower() == b"100-continue":
+            # Only for a body the agent will read: a larger one is refused when it arrives.
             length = self._headers.get(b"content-length", b"0")
-            if length.isdigit() and int(length) <= self.limits.body_bytes:
+            chunked = b"transfer-encoding" in self._headers
+            if chunked or (length.isdigit() and 0 < int(length) <= self.limits.body_bytes):
                 self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:

@@ -56,10 +56,15 @@ class TokenAuthority:
 
     def valid(self, token: str, caller_ip: str) -> bool:
         try:
-            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+            encoded = token.encode("ascii")
+            raw = base64.urlsafe_b64decode(encoded)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             return False
         if len(raw) != _EXPIRY.size + _MAC_BYTES:
+            return False
+        # Strictly the encoding mint() wrote: the decoder skips bytes after the padding and
+        # ignores unused low bits, so other spellings of a token would pass otherwise.
+        if base64.urlsafe_b64encode(raw) != encoded:
             return False
         expiry, mac = raw[: _EXPIRY.size], raw[_EXPIRY.size :]
         if not hmac.compare_digest(mac, self._mac(expiry, caller_ip)):
