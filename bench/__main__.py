@@ -5,7 +5,8 @@
     python -m bench --sections hot,sts     # some sections only
     python -m bench --out report.md --json report.json
 
-Sections: ``hot`` (agent hot path vs a bare aiohttp baseline), ``client`` (botocore's full
+Sections: ``hot`` (agent hot path vs bare aiohttp and raw httptools+uvloop baselines, and a
+victim pod's latency while another floods), ``client`` (botocore's full
 credential fetch from pods in network namespaces; needs root), ``podstart`` (watch event to
 credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``scale`` (server
 initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     hot.add_argument("--concurrency", type=_ints, help="concurrencies, e.g. 1,16,64")
     hot.add_argument("--routes", default="credentials,role", help="credentials,role")
     hot.add_argument("--keepalive", default="yes,no", help="yes,no")
-    hot.add_argument("--repeat", type=int, help="runs per row (agent and baseline interleaved)")
+    hot.add_argument("--repeat", type=int, help="runs per row (agent and baselines interleaved)")
+    hot.add_argument("--flood-connections", type=int, help="connections the flooding pod opens")
+    hot.add_argument("--victim-requests", type=int, help="the victim pod's timed requests")
     client = parser.add_argument_group("client: botocore in network namespaces (root)")
     client.add_argument("--client-pods", type=int, help="pod namespaces fetching at once")
     client.add_argument("--client-fetches", type=int, help="credential fetches per pod")
@@ -92,6 +95,8 @@ _FULL = {
     "requests": 10000,
     "concurrency": [1, 16, 64],
     "repeat": 3,
+    "flood_connections": 2000,
+    "victim_requests": 3000,
     "client_pods": 40,
     "client_fetches": 25,
     "start_pods": 200,
@@ -119,6 +124,8 @@ _QUICK = {
     "requests": 3000,
     "concurrency": [1, 32],
     "repeat": 2,
+    "flood_connections": 2000,
+    "victim_requests": 1000,
     "client_pods": 8,
     "client_fetches": 10,
     "start_pods": 40,
