@@ -444,7 +444,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         if len(self._queue) < MAX_PIPELINED and not self._writing_paused:
             self._resume_reading()
-        if self._close_pending and not self._closing:
+        if self._close_pending:
             self._closing = True
             self.transport.close()
         elif not self._closing:
@@ -488,6 +488,11 @@ class _Connection(asyncio.Protocol):
         self.listener.log_once(
             reason, logging.INFO, "%s: %s from %s: %d", self.listener.name, message, self.ip, status
         )
+        if self.busy:
+            # An answer is still being worked out for an earlier request: writing this one
+            # now would answer that request with it. Close once that answer is written.
+            self._close_pending = True
+            return
         self.transport.write(wire.text(message + "\n", status).close)
         self.transport.close()
 
