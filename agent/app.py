@@ -5,7 +5,9 @@ else, installs the DNAT rule before serving (a pod must never fall through to th
 metadata service) and cuts connections opened to the metadata address before it, binds the
 port, and serves at once (so /ping answers) but hands out credentials only once connected to a
 server — unless another agent already serves the port (an upgrade: see agent/listener.py), in
-which case it starts listening only once its node stream has delivered a snapshot.
+which case it starts listening only once its node stream has delivered a snapshot. Pods are
+served by the agent's own listener (agent/httpserver.py, with the route table agent/routes.py);
+the metrics endpoint, which only Prometheus reads, stays on aiohttp.
 
 Shutdown stops listening first (the other agent on the port, if any, takes the new
 connections), tells clients on keep-alive connections to close for a moment, then drains what
