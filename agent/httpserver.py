@@ -16,10 +16,10 @@ The listener owns its accept loop instead of ``loop.create_server``: it checks t
 total connection limits before a transport exists (a flood costs an ``accept`` and a
 ``close``), and on EMFILE/ENFILE it stops accepting for a moment and logs once per interval —
 not once per attempt, and without closing the listening socket (uvloop's own server closes
-itself on such an error, silently: the agent would stop listening for good). Timeouts (headers, keep-alive
-idle) are deadlines on each connection, checked by one periodic sweep rather than a timer per
-request. Hostile input never reaches a 5xx: the parser's refusals are 400/413/431, answered
-and logged as one rate-limited line.
+itself on such an error, silently: the agent would stop listening for good). Timeouts
+(headers, keep-alive idle) are deadlines on each connection, checked by one periodic sweep
+rather than a timer per request. Hostile input never reaches a 5xx: the parser's refusals
+are 400/413/431, answered and logged as one rate-limited line.
 """
 
 from __future__ import annotations

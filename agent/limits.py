@@ -114,10 +114,13 @@ def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+_MAX_KINDS = 4096
+
+
 class OncePer:
-    """A log line at most once per ``interval`` for one kind of event, with how many
-    were not logged since: a flood of bad requests or accept errors is one line a minute,
-    never one line per event."""
+    """A log line at most once per ``interval`` for one kind of event (a kind may name a
+    pod), with how many were not logged since: a flood of bad requests or accept errors is one
+    line per interval, never one line per event."""
 
     def __init__(self, log: logging.Logger, *, interval: float = 60.0, clock=time.monotonic):
         self._log = log
@@ -131,6 +134,11 @@ class OncePer:
         if now < self._next.get(kind, 0.0):
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
             return
+        if len(self._next) >= _MAX_KINDS:
+            # Kinds may name a pod: forget those whose interval is over (their count with them).
+            for stale in [k for k, at in self._next.items() if at <= now]:
+                del self._next[stale]
+                self._suppressed.pop(stale, None)
         self._next[kind] = now + self._interval
         suppressed = self._suppressed.pop(kind, 0)
         if suppressed:

@@ -181,7 +181,7 @@ class MetadataRoutes:
         hit("pod-rate")
         metrics.REFUSALS.labels(reason="rate-limited").inc()
         self._log(
-            "rate-limited",
+            f"rate-limited|{ip}",
             logging.WARNING,
             "%s from %s refused: 429: over its fair share of requests",
             route,
@@ -191,10 +191,10 @@ class MetadataRoutes:
 
     def _refuse(self, request: Request, route: str, refused: Refused) -> wire.Response:
         metrics.REFUSALS.labels(reason=refused.reason).inc()
-        # One line per kind of refusal and interval: a pod looping on a bad request (or a
-        # fuzzer) must not turn the agent's log into its own.
+        # One line per pod, kind of refusal and interval: a pod looping on a bad request (or a
+        # fuzzer) must not turn the agent's log into its own, and every refused pod is named.
         self._log(
-            refused.reason,
+            f"{refused.reason}|{request.ip}",
             logging.INFO,
             "%s %s from %s refused: %d %s: %s",
             request.method,
