@@ -28,6 +28,7 @@ from agent import listener
 from agent.client import ServerConnection
 from agent.config import AgentConfig
 from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
+from agent.container_credentials import ContainerCredentials, container_credentials_app
 from agent.handlers.credentials import CredentialsHandler
 from agent.handlers.health import HealthHandler
 from agent.handlers.info import InfoHandler
@@ -70,6 +71,7 @@ class PodiamAgent:
         self._tasks: list[asyncio.Task] = []
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
+        self.token_port: int | None = None
         self._routes: MetadataRoutes | None = None
         self._listening = asyncio.Event()
 
@@ -160,10 +162,30 @@ class PodiamAgent:
                 self.port,
                 config.server_address,
             )
+        if config.token_endpoint:
+            await self._serve_token_endpoint(client, streams.synced_once)
         if ready_file is not None:
             self._tasks.append(
                 asyncio.create_task(self._keep_ready_file(ready_file), name="ready-file")
             )
+
+    async def _serve_token_endpoint(self, client, synced_once: asyncio.Event) -> None:
+        """GET /v1/credentials on its own socket (agent/container_credentials.py), reached by
+        its own DNAT rule."""
+        config = self.config
+        if config.iptables:
+            address, address_port = config.token_address
+            try:
+                await MetadataRedirect(
+                    host=config.host, port=config.token_port, interface=config.host_interface,
+                    metadata_ip=address, metadata_port=address_port,
+                ).install()  # fmt: skip
+            except (IptablesError, ValueError) as error:
+                raise StartupError(f"--token-endpoint: {error}") from error
+        endpoint = ContainerCredentials(self.state, client, synced_once=synced_once)
+        sock = self._bind(config.host, config.token_port, "token-bound credentials")
+        self.token_port = await self._serve(container_credentials_app(endpoint), sock)
+        log.info("serving token-bound credentials on %s:%d", config.host, self.token_port)
 
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness
