@@ -183,6 +183,7 @@ class PodiamAgent:
             except (IptablesError, ValueError) as error:
                 raise StartupError(f"--token-endpoint: {error}") from error
         endpoint = ContainerCredentials(self.state, client, synced_once=synced_once)
+        self.token_endpoint = endpoint
         sock = self._bind(config.host, config.token_port, "token-bound credentials")
         self.token_port = await self._serve(container_credentials_app(endpoint), sock)
         log.info("serving token-bound credentials on %s:%d", config.host, self.token_port)
