@@ -372,9 +372,7 @@ def test_token_webhook_never_blocks_pods_and_is_trusted_by_its_ca_bundle(rendere
     (hook,) = config["webhooks"]
     assert hook["failurePolicy"] == "Ignore"
     assert hook["sideEffects"] == "None"
-    assert hook["namespaceSelector"] == {
-        "matchLabels": {"podiam.io/token-credentials": "enabled"}
-    }
+    assert hook["namespaceSelector"] == {"matchLabels": {"podiam.io/token-credentials": "enabled"}}
     assert hook["rules"][0]["operations"] == ["CREATE"]
     service_ref = hook["clientConfig"]["service"]
     service = one(manifests, "Service", service_ref["name"])

@@ -109,8 +109,9 @@ async def namespace(real: RealCluster, podiam, permitted: str = ".*") -> str:
 
 async def start_pod(real: RealCluster, ns: str, role: str, *, ip: str | None = None) -> dict:
     name = unique("app")
+    annotations = {ROLE: role, POD_IP_ANNOTATION: ip or next(_pod_ips)}
     body = {
-        "metadata": {"name": name, "annotations": {ROLE: role, POD_IP_ANNOTATION: ip or next(_pod_ips)}},
+        "metadata": {"name": name, "annotations": annotations},
         "spec": {
             "nodeName": real.plane.node_names[0],
             "containers": [{"name": "app", "image": "podiam.test/app:none"}],
@@ -177,9 +178,7 @@ async def test_a_known_token_is_answered_from_the_agents_memory(real, podiam, ag
     assert json.loads(endpoint.known(token)) == first[1]
 
 
-async def test_a_token_sent_through_another_nodes_agent_is_refused(
-    real, podiam, agent, far_agent
-):
+async def test_a_token_sent_through_another_nodes_agent_is_refused(real, podiam, agent, far_agent):
     ns = await namespace(real, podiam)
     pod = await start_pod(real, ns, "token-far")
     token = await pod_token(real, pod)
@@ -274,7 +273,8 @@ async def test_botocore_uses_the_endpoint_through_its_default_chain(
         f"print(s.client('sts', endpoint_url={moto_sts.endpoint_url!r})"
         ".get_caller_identity()['Arn'])"
     )
-    method, arn = (await _run([sys.executable, "-c", script], _client_env(agent, token_file))).split()
+    output = await _run([sys.executable, "-c", script], _client_env(agent, token_file))
+    method, arn = output.split()
     assert method == "container-role"
     assert ":assumed-role/token-boto/" in arn
 
