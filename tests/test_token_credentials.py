@@ -8,6 +8,7 @@ default credential chains.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -65,8 +66,9 @@ async def real(control_plane: ControlPlane) -> AsyncIterator[RealCluster]:
 @pytest_asyncio.fixture(scope="module")
 async def podiam(real: RealCluster, moto_sts, tls_dirs):
     async with podiam_server(
-        real.kubeconfig, moto_sts, tls_dirs, extra=["--token-credentials"]
-    ) as server:
+        real.kubeconfig, moto_sts, tls_dirs,
+        extra=["--token-credentials", "--webhook-bind", "127.0.0.1:0"],
+    ) as server:  # fmt: skip
         yield server
 
 
@@ -231,6 +233,70 @@ async def test_a_request_without_a_token_is_refused(agent):
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 401
         assert (await response.json())["code"] == "token-required"
+
+
+# --- the webhook, called by the real API server ------------------------------------------------
+
+LABEL = "podiam.io/token-credentials"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def webhook_registered(real: RealCluster, podiam, tls_dirs):
+    """The chart's MutatingWebhookConfiguration, pointed at this test's server by URL."""
+    rendered = helm.render({"tokenCredentials": {"enabled": True}}, name=RELEASE)
+    config = helm.one(rendered, "MutatingWebhookConfiguration")
+    hook = config["webhooks"][0]
+    hook["clientConfig"] = {
+        "url": f"https://127.0.0.1:{podiam.server.webhook_port}/mutate",
+        "caBundle": base64.b64encode(tls_dirs.server.ca.read_bytes()).decode(),
+    }
+    path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+    created = await real.admin.post(path, config)
+    assert created.ok, created.body
+    try:
+        yield
+    finally:
+        await real.admin.delete(f"{path}/{config['metadata']['name']}")
+
+
+async def test_the_api_server_gives_pods_in_labelled_namespaces_a_token_and_the_variables(
+    real, podiam, webhook_registered
+):
+    labelled = unique("hooked")
+    plain = unique("plain")
+    for name, labels in ((labelled, {LABEL: "enabled"}), (plain, {})):
+        made = await real.admin.post(
+            "/api/v1/namespaces", {"metadata": {"name": name, "labels": labels}}
+        )
+        assert made.ok, made.body
+
+    async def create(ns: str) -> dict:
+        body = {
+            "metadata": {"generateName": "app-", "annotations": {ROLE: "hooked"}},
+            "spec": {"containers": [{"name": "app", "image": "podiam.test/app:none"}]},
+        }
+        created: list[dict] = []
+
+        async def made() -> bool:
+            answer = await real.admin.post(f"/api/v1/namespaces/{ns}/pods", body)
+            if answer.ok:
+                created.append(answer.body)
+            return answer.ok
+
+        # Pods are refused until the namespace has its default ServiceAccount.
+        await eventually(made, real.patience, interval=0.2)
+        return created[0]
+
+    hooked = await create(labelled)
+    envs = {v["name"]: v["value"] for v in hooked["spec"]["containers"][0]["env"]}
+    assert envs["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == "http://169.254.170.23/v1/credentials"
+    assert envs["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"].endswith("/token")
+    (source,) = next(v for v in hooked["spec"]["volumes"] if v["name"] == "podiam-token")[
+        "projected"
+    ]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "podiam"
+    untouched = await create(plain)
+    assert "env" not in untouched["spec"]["containers"][0]
 
 
 # --- real clients through their default chains ------------------------------------------------
