@@ -168,7 +168,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     flag(
         "--token-address",
         env="PODIAM_TOKEN_ADDRESS",
-        type=_ipv4_port,
+        type=ipv4_port,
         default="169.254.170.23:80",
         help="the address pods ask for token-bound credentials; with --iptables a DNAT rule "
         "sends it to --host:--token-port. The EKS Pod Identity add-on uses 169.254.170.23 too: "
@@ -186,7 +186,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
     return parser  # fmt: skip
 
 
-def _ipv4_port(text: str) -> tuple[str, int]:
+def ipv4_port(text: str) -> tuple[str, int]:
     host, sep, number = text.strip().rpartition(":")
     try:
         address = ipaddress.IPv4Address(host)

@@ -34,6 +34,7 @@ from tests.support.controlplane import POD_IP_ANNOTATION, ControlPlane
 from tests.support.moto_sts import REGION
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import eventually
+from tests.test_sdk_matrix import CLIENTS, built
 
 PERMITTED = "iam.amazonaws.com/permitted"
 ROLE = "iam.amazonaws.com/role"
@@ -359,3 +360,24 @@ async def test_the_aws_cli_uses_the_endpoint_through_its_default_chain(
             "--output", "json"]  # fmt: skip
     answer = json.loads(await _run(argv, _client_env(agent, token_file)))
     assert ":assumed-role/token-cli/" in answer["Arn"]
+
+
+# The SDK matrix's programs (tests/clients/): each SDK's default chain, then GetCallerIdentity.
+SDK_CLIENTS = [client for client in CLIENTS if client.name != "aws-cli"]  # the CLI: above
+
+
+@pytest.mark.parametrize("client", SDK_CLIENTS, ids=[c.name for c in SDK_CLIENTS])
+async def test_each_sdk_finds_the_endpoint_through_its_default_chain(
+    client, real, podiam, agent, moto_sts, tmp_path
+):
+    build = built(client)
+    ns = await namespace(real, podiam)
+    role = f"token-{client.name.replace('.', '-')}"
+    pod = await start_pod(real, ns, role)
+    token_file = tmp_path / "token"
+    token_file.write_text(await pod_token(real, pod))
+    env = _client_env(agent, token_file)
+    env.update(AWS_REGION=REGION, AWS_ENDPOINT_URL_STS=moto_sts.endpoint_url)
+    lines = (await _run(client.argv(build), env)).splitlines()
+    answer = json.loads(lines[-1])
+    assert ":assumed-role/" + role + "/" in answer["arn"], answer
