@@ -202,7 +202,7 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             found = await self._token_pods.grant(request.token, caller_ip=caller)
         except TokenDenied as denied:
             reason = denied.denial.reason
-            if denied.pod is not None and self._denials is not None:
+            if denied.pod is not None and not denied.unavailable and self._denials is not None:
                 self._denials.record(denied.pod, denied.denial)
             if denied.unavailable:
                 code = grpc.StatusCode.UNAVAILABLE
@@ -212,7 +212,10 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
                 code = grpc.StatusCode.NOT_FOUND
             else:
                 code = grpc.StatusCode.PERMISSION_DENIED
-            raise Refusal(code, denied.denial.message, reason) from denied
+            # "Cannot tell now" is no policy decision: no reason, no denial counted.
+            raise Refusal(
+                code, denied.denial.message, None if denied.unavailable else reason
+            ) from denied
         pod, identity = found.pod, found.grant.identity
         assert identity is not None
         try:
