@@ -11,6 +11,7 @@ API follow (server/policy.py), with the caller's node compared with the pod's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from server.token_review import ReviewedToken, TokenRefused, TokenReviewer
 log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT = 2.0
+# A pod's containers may ask before the kubelet has reported the pod's node (status.hostIP):
+# wait this long for the watch to bring it, inside the agent's budget for the whole answer.
+PENDING_WAIT = 1.0
+_PENDING_POLL = 0.02
 
 
 class TokenDenied(Exception):
@@ -82,6 +87,8 @@ class TokenPods:
                 )
             )
         if not pod.host_ip:
+            pod, grant = await self._wait_for_node(pod, grant)
+        if not pod.host_ip:
             raise TokenDenied(
                 Denial(
                     Reason.NODE_MISMATCH,
@@ -101,6 +108,19 @@ class TokenPods:
         if denial is not None:
             raise TokenDenied(denial, pod=pod)
         return TokenGrant(token=reviewed, pod=pod, grant=grant, from_watch=from_watch)
+
+    async def _wait_for_node(
+        self, pod: PodRecord, grant: Grant | None
+    ) -> tuple[PodRecord, Grant | None]:
+        """The pod once the watch has seen its node, or as it was after ``PENDING_WAIT``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PENDING_WAIT
+        while loop.time() < deadline:
+            await asyncio.sleep(_PENDING_POLL)
+            seen, seen_grant = self._registry.by_key(pod.key)
+            if seen is not None and seen.uid == pod.uid and seen.host_ip:
+                return seen, seen_grant
+        return pod, grant
 
     async def _find(self, reviewed: ReviewedToken) -> tuple[PodRecord | None, Grant | None, bool]:
         pod, grant = self._registry.by_key((reviewed.namespace, reviewed.pod_name))

@@ -181,6 +181,32 @@ async def test_a_known_token_is_answered_from_the_agents_memory(real, podiam, ag
     assert json.loads(endpoint.known(token)) == first[1]
 
 
+async def test_a_pod_asking_before_its_node_has_reported_it_gets_credentials(real, podiam, agent):
+    ns = await namespace(real, podiam)
+    annotations = {
+        ROLE: "token-early", POD_IP_ANNOTATION: next(_pod_ips), "podiam.test/start-delay": "700ms",
+    }  # fmt: skip
+    body = {
+        "metadata": {"name": unique("early"), "annotations": annotations},
+        "spec": {
+            "nodeName": real.plane.node_names[0],
+            "containers": [{"name": "app", "image": "podiam.test/app:none"}],
+            "automountServiceAccountToken": False,
+        },
+    }
+    path = f"/api/v1/namespaces/{ns}/pods"
+    created = await real.admin.post(path, body)
+    assert created.ok, created.body
+    token = await pod_token(real, created.body)
+    # The kubelet (kwok, delayed) has not reported the pod's node yet: the server can tell
+    # neither its node nor, from the watch, much else about it.
+    now = await real.admin.get(f"{path}/{body['metadata']['name']}")
+    assert not now.body.get("status", {}).get("hostIP"), now.body["status"]
+    status, answer = await ask(agent, token)
+    assert status == 200, answer
+    assert answer["AccessKeyId"].startswith("ASIA")
+
+
 async def test_a_token_sent_through_another_nodes_agent_is_refused(real, podiam, agent, far_agent):
     ns = await namespace(real, podiam)
     pod = await start_pod(real, ns, "token-far")
