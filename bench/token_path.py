@@ -43,39 +43,79 @@ NAMESPACE = "bench-token"
 TOKEN_PATH = "/v1/credentials"
 
 
+async def _namespace(admin) -> str:
+    base = f"/api/v1/namespaces/{NAMESPACE}"
+    if (await admin.get(base)).ok:
+        return base
+    annotations = {"iam.amazonaws.com/permitted": ".*"}
+    metadata = {"name": NAMESPACE, "annotations": annotations}
+    await admin.post("/api/v1/namespaces", {"metadata": metadata})
+    # Pods are refused until the controller manager made the default ServiceAccount.
+    for _ in range(300):
+        if (await admin.get(f"{base}/serviceaccounts/default")).ok:
+            break
+        await asyncio.sleep(0.2)
+    return base
+
+
+async def _pod_with_token(admin, plane: ControlPlane, base: str, name: str, ip: str) -> str:
+    """Create a running-to-be pod and return a token bound to it (TokenRequest)."""
+    pod = {
+        "metadata": {"name": name, "annotations": {
+            "iam.amazonaws.com/role": "bench-token-role",
+            "iam.amazonaws.com/session-name": "bench-token-app",
+            POD_IP_ANNOTATION: ip}},
+        "spec": {"nodeName": plane.node_names[0], "automountServiceAccountToken": False,
+                 "containers": [{"name": "app", "image": "podiam.test/app:none"}]},
+    }  # fmt: skip
+    created = await admin.post(f"{base}/pods", pod)
+    assert created.ok, created.body
+    meta = created.body["metadata"]
+    bound = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+    spec = {"audiences": ["podiam"], "expirationSeconds": 3600, "boundObjectRef": bound}
+    answer = await admin.post(f"{base}/serviceaccounts/default/token", {"spec": spec})
+    assert answer.ok, answer.body
+    return answer.body["status"]["token"]
+
+
 async def _pods(plane: ControlPlane, count: int) -> list[tuple[str, str, str]]:
-    """``count`` running pods sharing one role and workload: (ip, role, token) each."""
+    """``count`` pods sharing one role and workload: (ip, role, token) each."""
     pods = []
     async with admin_client(plane) as admin:
-        annotations = {"iam.amazonaws.com/permitted": ".*"}
-        metadata = {"name": NAMESPACE, "annotations": annotations}
-        await admin.post("/api/v1/namespaces", {"metadata": metadata})
-        base = f"/api/v1/namespaces/{NAMESPACE}"
-        # Pods are refused until the controller manager made the default ServiceAccount.
-        for _ in range(300):
-            if (await admin.get(f"{base}/serviceaccounts/default")).ok:
-                break
-            await asyncio.sleep(0.2)
+        base = await _namespace(admin)
         for k in range(count):
             ip = pod_ip(k, block=2)
-            pod = {
-                "metadata": {"name": f"tok-{k}", "annotations": {
-                    "iam.amazonaws.com/role": "bench-token-role",
-                    "iam.amazonaws.com/session-name": "bench-token-app",
-                    POD_IP_ANNOTATION: ip}},
-                "spec": {"nodeName": plane.node_names[0], "automountServiceAccountToken": False,
-                         "containers": [{"name": "app", "image": "podiam.test/app:none"}]},
-            }  # fmt: skip
-            created = await admin.post(f"{base}/pods", pod)
-            assert created.ok, created.body
-            meta = created.body["metadata"]
-            bound = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
-            spec = {"audiences": ["podiam"], "expirationSeconds": 3600, "boundObjectRef": bound}
-            request = {"spec": spec}
-            answer = await admin.post(f"{base}/serviceaccounts/default/token", request)
-            assert answer.ok, answer.body
-            pods.append((ip, "bench-token-role", answer.body["status"]["token"]))
+            token = await _pod_with_token(admin, plane, base, f"tok-{k}", ip)
+            pods.append((ip, "bench-token-role", token))
     return pods
+
+
+async def _pod_start(plane: ControlPlane, token_port: int, count: int) -> dict:
+    """Pod created → first credentials through the endpoint, one pod at a time, each asking
+    as soon as it has its token (a real pod's containers start only after the kubelet has
+    mounted it). Seconds: from the pod's creation, and from its token."""
+    from_create, from_token = [], []
+    url = f"http://{NODE_IP}:{token_port}{TOKEN_PATH}"
+    async with admin_client(plane) as admin:
+        base = await _namespace(admin)
+        for k in range(count):
+            ip = pod_ip(k, block=3)
+            started = time.perf_counter()
+            token = await _pod_with_token(admin, plane, base, f"start-{k}", ip)
+            have_token = time.perf_counter()
+            connector = aiohttp.TCPConnector(local_addr=(ip, 0))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                for _ in range(500):
+                    async with session.get(url, headers={"Authorization": token}) as response:
+                        if response.status == 200:
+                            break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise RuntimeError(f"pod start-{k} got no credentials")
+            done = time.perf_counter()
+            from_create.append(done - started)
+            from_token.append(done - have_token)
+    return {"from_create": from_create, "from_token": from_token}
 
 
 async def _start_agent(work: Path, tls, server_port: int) -> tuple:
@@ -162,11 +202,16 @@ async def run(plane: ControlPlane, work: Path, options) -> list[dict]:
                             if route not in best or result["rps"] > best[route]["rps"]:
                                 best[route] = result
                     rows.append({"concurrency": concurrency, **best})
+                rows.append({"pod_start": await _pod_start(plane, token_port, options.starts)})
             finally:
                 await procs.stop(agent)
     finally:
         await asyncio.to_thread(sts.stop)
     return rows
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _table(rows: list[dict], options) -> str:
@@ -180,6 +225,8 @@ def _table(rows: list[dict], options) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
+        if "pod_start" in row:
+            continue
         md, tok = row["metadata"], row["token"]
         bad = sum(v for r in (md, tok) for k, v in r["statuses"].items() if k != "200")
         bad += md["errors"] + tok["errors"]
@@ -189,6 +236,20 @@ def _table(rows: list[dict], options) -> str:
             f"{tok['p50_ms']:.2f} / {tok['p99_ms']:.2f} | "
             f"{md['served_cpu']:.2f} / {tok['served_cpu']:.2f} | {bad} |"
         )
+    starts = next((row["pod_start"] for row in rows if "pod_start" in row), None)
+    if starts is not None:
+        lines += [
+            "",
+            f"pod start → first credentials via /v1/credentials, {options.starts} pods one at "
+            "a time (ms):",
+            "",
+            "| from | p50 | p90 | max |",
+            "| --- | --- | --- | --- |",
+        ]
+        for label, key in (("pod created", "from_create"), ("token issued", "from_token")):
+            values = sorted(starts[key])
+            p50, p90 = (_quantile(values, q) * 1000 for q in (0.5, 0.9))
+            lines.append(f"| {label} | {p50:.0f} | {p90:.0f} | {values[-1] * 1000:.0f} |")
     return "\n".join(lines)
 
 
@@ -199,6 +260,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")],
                         default=[1, 16, 64])  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--starts", type=int, default=20, help="pods for the pod-start figure")
     parser.add_argument("--json", type=Path, default=None)
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="podiam-token-bench-"))
