@@ -72,6 +72,7 @@ class PodiamAgent:
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
         self.token_port: int | None = None
+        self.token_endpoint: ContainerCredentials | None = None
         self._routes: MetadataRoutes | None = None
         self._listening = asyncio.Event()
 
@@ -185,8 +186,24 @@ class PodiamAgent:
         endpoint = ContainerCredentials(self.state, client, synced_once=synced_once)
         self.token_endpoint = endpoint
         sock = self._bind(config.host, config.token_port, "token-bound credentials")
-        self.token_port = await self._serve(container_credentials_app(endpoint), sock)
+        self.token_port = sock.getsockname()[1]
+        app = container_credentials_app(endpoint)
+        if await listener.someone_listens(config.host, self.token_port):
+            # An upgrade, as for the metadata port: listen beside the old agent only once this
+            # one can answer, then take the new connections.
+            self._tasks.append(
+                asyncio.create_task(self._serve_tokens_when_ready(app, sock), name="tokens")
+            )
+            return
+        await self._serve(app, sock)
         log.info("serving token-bound credentials on %s:%d", config.host, self.token_port)
+
+    async def _serve_tokens_when_ready(self, app: web.Application, sock: socket.socket) -> None:
+        await self._listening.wait()  # the metadata port's own wait for a live snapshot
+        await self._serve(app, sock)
+        with contextlib.suppress(OSError):
+            listener.steer_new_connections_here(sock)
+        log.info("serving token-bound credentials on %s:%d", self.config.host, self.token_port)
 
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness

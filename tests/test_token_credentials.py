@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -239,6 +240,27 @@ async def test_a_deleted_pods_token_is_refused_even_when_its_ip_is_reused_at_onc
     status, body = await ask(agent, token)
     assert status in (401, 403), body
     assert body["code"] in ("pod-gone", "invalid-token")
+
+
+async def test_an_upgrade_keeps_the_endpoint_answering(real, podiam, tls_dirs):
+    ns = await namespace(real, podiam)
+    token = await pod_token(real, await start_pod(real, ns, "token-upgrade"))
+    agents = dict(server_port=podiam.server.port, tls=tls_dirs, metadata="http://127.0.0.1:9")
+    async with contextlib.AsyncExitStack() as old_agent:
+        old = await old_agent.enter_async_context(running_agent(**agents, extra=_agent_flags()))
+        await eventually(lambda: old.streams.synced_once.is_set(), 30)
+        assert (await ask(old, token))[0] == 200
+        # The new agent shares the old one's port (SO_REUSEPORT), as the DaemonSet's surge does.
+        flags = ["--token-endpoint", "--token-port", str(old.token_port)]
+        async with running_agent(**agents, extra=flags) as new:
+            await eventually(new.ready, 30)
+            await eventually(lambda: new.token_endpoint is not None, 30)
+            for _ in range(20):
+                assert (await ask(old, token))[0] == 200  # whichever agent takes it
+            await old_agent.aclose()  # the old agent stops
+            status, body = await ask(new, token)
+            assert status == 200, body
+            assert new.token_endpoint.known(token) is not None  # the new one answered
 
 
 async def test_a_token_for_another_audience_is_refused(real, podiam, agent):
