@@ -39,6 +39,9 @@ _SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 MAX_TOKEN_BYTES = 16 * 1024
 # Reviews kept at most; each is a few hundred bytes. Expired ones go first.
 MAX_REVIEWS = 100_000
+# A refused token is refused again without asking the API for this long: a misconfigured pod
+# retrying in a loop costs one TokenReview per period, not one per request.
+REFUSED_SECONDS = 10.0
 
 
 class TokenRefused(Exception):
@@ -98,6 +101,7 @@ class TokenReviewer:
         self._clock = clock
         self._max = max_reviews
         self._reviews: dict[str, ReviewedToken] = {}
+        self._refused: dict[str, tuple[float, TokenRefused]] = {}
         # Concurrent first requests with one token share one review.
         self._pending: dict[str, asyncio.Future[ReviewedToken]] = {}
 
@@ -113,11 +117,23 @@ class TokenReviewer:
             if known.expires > self._clock():
                 return known
             del self._reviews[key]
+        refused = self._refused.get(key)
+        if refused is not None:
+            if refused[0] > self._clock():
+                raise TokenRefused(refused[1].kind, refused[1].message)
+            del self._refused[key]
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = asyncio.ensure_future(self._review(token))
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
-        reviewed = await asyncio.shield(pending)
+        try:
+            reviewed = await asyncio.shield(pending)
+        except TokenRefused as error:
+            if error.kind != TokenRefused.UNAVAILABLE:
+                if len(self._refused) >= self._max:
+                    self._refused.clear()
+                self._refused[key] = (self._clock() + REFUSED_SECONDS, error)
+            raise
         self._remember(key, reviewed)
         return reviewed
 
