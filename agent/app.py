@@ -30,6 +30,7 @@ from agent import listener
 from agent.client import ServerConnection
 from agent.config import AgentConfig
 from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
+from agent.container_credentials import ContainerCredentials, container_credentials_app
 from agent.handlers.credentials import CredentialsHandler
 from agent.handlers.health import HealthHandler
 from agent.handlers.info import InfoHandler
@@ -75,6 +76,8 @@ class PodiamAgent:
         self._closers: list = []
         self._redirect: MetadataRedirect | None = None
         self.http: HttpListener | None = None
+        self.token_port: int | None = None
+        self.token_endpoint: ContainerCredentials | None = None
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -167,10 +170,47 @@ class PodiamAgent:
                 self.port,
                 config.server_address,
             )
+        if config.token_endpoint:
+            await self._serve_token_endpoint(client, streams.synced_once)
         if ready_file is not None:
             self._tasks.append(
                 asyncio.create_task(self._keep_ready_file(ready_file), name="ready-file")
             )
+
+    async def _serve_token_endpoint(self, client, synced_once: asyncio.Event) -> None:
+        """GET /v1/credentials on its own socket (agent/container_credentials.py), reached by
+        its own DNAT rule."""
+        config = self.config
+        if config.iptables:
+            address, address_port = config.token_address
+            try:
+                await MetadataRedirect(
+                    host=config.host, port=config.token_port, interface=config.host_interface,
+                    metadata_ip=address, metadata_port=address_port,
+                ).install()  # fmt: skip
+            except (IptablesError, ValueError) as error:
+                raise StartupError(f"--token-endpoint: {error}") from error
+        endpoint = ContainerCredentials(self.state, client, synced_once=synced_once)
+        self.token_endpoint = endpoint
+        sock = self._bind(config.host, config.token_port, "token-bound credentials")
+        self.token_port = sock.getsockname()[1]
+        app = container_credentials_app(endpoint)
+        if await listener.someone_listens(config.host, self.token_port):
+            # An upgrade, as for the metadata port: listen beside the old agent only once this
+            # one can answer, then take the new connections.
+            self._tasks.append(
+                asyncio.create_task(self._serve_tokens_when_ready(app, sock), name="tokens")
+            )
+            return
+        await self._serve(app, sock)
+        log.info("serving token-bound credentials on %s:%d", config.host, self.token_port)
+
+    async def _serve_tokens_when_ready(self, app: web.Application, sock: socket.socket) -> None:
+        await self._listening.wait()  # the metadata port's own wait for a live snapshot
+        await self._serve(app, sock)
+        with contextlib.suppress(OSError):
+            listener.steer_new_connections_here(sock)
+        log.info("serving token-bound credentials on %s:%d", self.config.host, self.token_port)
 
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness

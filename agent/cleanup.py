@@ -15,6 +15,7 @@ import asyncio
 import sys
 from collections.abc import Mapping, Sequence
 
+from agent.config import ipv4_port
 from agent.iptables import IptablesError, remove_metadata_rules
 from runtime.flags import EnvDefaultsParser, host_port
 
@@ -38,6 +39,20 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="the agent's port: rules whose --to-destination ends in this port are removed",
     )
     parser.add_flag(
+        "--token-port",
+        env="PODIAM_TOKEN_PORT",
+        type=_port,
+        default="8182",
+        help="the agent's --token-port: DNAT rules for --token-address to it are removed too",
+    )
+    parser.add_flag(
+        "--token-address",
+        env="PODIAM_TOKEN_ADDRESS",
+        type=ipv4_port,
+        default="169.254.170.23:80",
+        help="the agent's --token-address (token-bound credentials)",
+    )
+    parser.add_flag(
         "--iptables-binary",
         env="PODIAM_IPTABLES_BINARY",
         default="iptables",
@@ -55,8 +70,20 @@ def _port(text: str) -> int:
 
 def main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     args = build_parser(environ).parse_args(argv)
+    token_ip, token_port = args.token_address
+
+    async def remove() -> list[str]:
+        removed = await remove_metadata_rules(port=args.port, iptables=args.iptables_binary)
+        # The token-bound endpoint's rule: left behind it would keep 169.254.170.23 from the
+        # EKS Pod Identity agent, should the add-on be installed later.
+        removed += await remove_metadata_rules(
+            port=args.token_port, metadata_ip=token_ip, metadata_port=token_port,
+            iptables=args.iptables_binary,
+        )  # fmt: skip
+        return removed
+
     try:
-        removed = asyncio.run(remove_metadata_rules(port=args.port, iptables=args.iptables_binary))
+        removed = asyncio.run(remove())
     except IptablesError as error:
         print(f"podiam-agent cleanup: {error}", file=sys.stderr)
         return 1

@@ -180,6 +180,12 @@ class ServerClient:
             "GetPodCredentials", self._stub.GetPodCredentials(request, timeout=seconds)
         )
 
+    async def token_credentials(self, token: str, *, seconds: float):
+        request = kiam_pb2.TokenCredentialsRequest(token=token)
+        return await _counted(
+            "GetTokenCredentials", self._stub.GetTokenCredentials(request, timeout=seconds)
+        )
+
     def watch_node(self, host_ip: str):
         return self._stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=host_ip))
 

@@ -41,6 +41,9 @@ class AgentConfig:
     require_imdsv2: bool
     limits: ListenerLimits
     prometheus_listen_addr: tuple[str, int] | None
+    token_endpoint: bool
+    token_address: tuple[str, int]
+    token_port: int
     log_level: str
     json_log: bool
 
@@ -157,6 +160,31 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         help="refuse credential requests without a valid IMDSv2 token",
     )
     _add_limit_flags(flag)
+    flag(
+        "--token-endpoint",
+        env="PODIAM_TOKEN_ENDPOINT",
+        action="store_true",
+        help="serve token-bound credentials: GET /v1/credentials with the pod's projected "
+        "service-account token as the Authorization header (AWS_CONTAINER_CREDENTIALS_FULL_URI "
+        "and AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE, set by podiam's admission webhook)",
+    )
+    flag(
+        "--token-address",
+        env="PODIAM_TOKEN_ADDRESS",
+        type=ipv4_port,
+        default="169.254.170.23:80",
+        help="the address pods ask for token-bound credentials; with --iptables a DNAT rule "
+        "sends it to --host:--token-port. The EKS Pod Identity add-on uses 169.254.170.23 too: "
+        "with the add-on installed choose another link-local address (and the webhook's "
+        "endpoint to match)",
+    )
+    flag(
+        "--token-port",
+        env="PODIAM_TOKEN_PORT",
+        type=port,
+        default="8182",
+        help="port on --host where the agent serves token-bound credentials",
+    )
     parser.add_process_flags()
     return parser  # fmt: skip
 
@@ -252,6 +280,18 @@ def _non_negative_float(text: str) -> float:
     if not 0 <= value < 1e9:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number, 0 or more")
     return value
+
+
+def ipv4_port(text: str) -> tuple[str, int]:
+    host, sep, number = text.strip().rpartition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+        value = int(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address:port") from None
+    if not sep or not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address:port")
+    return str(address), value
 
 
 def _interface(text: str) -> str:
@@ -428,6 +468,9 @@ def parse_config(
         require_imdsv2=args.require_imdsv2,
         limits=limits,
         prometheus_listen_addr=args.prometheus_listen_addr,
+        token_endpoint=args.token_endpoint,
+        token_address=args.token_address,
+        token_port=args.token_port,
         log_level=args.log_level,
         json_log=args.json_log,
     )

@@ -44,6 +44,7 @@ class PodEntry:
     identity: str  # key of its credentials; empty when it gets none
     denied: str  # why it gets none; empty when permitted
     reason: str = ""  # the server's rule that refused it ("ambiguous-ip", ...); may be empty
+    uid: str = ""  # the pod's uid: token-bound answers are given only while it holds the IP
 
 
 def role_name(role: str) -> str:
@@ -76,6 +77,7 @@ def entry_from_state(state: kiam_pb2.PodState) -> PodEntry:
         identity=state.identity,
         denied=state.denied,
         reason=state.reason,
+        uid=state.uid,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/kiam.proto\x12\x04kiam\"4\n\x18GetPodCredentialsRequest\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"\x1f\n\x11GetPodRoleRequest\x12\n\n\x02ip\x18\x01 \x01(\t\"\x14\n\x04Role\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x94\x01\n\x0b\x43redentials\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x15\n\raccess_key_id\x18\x03 \x01(\t\x12\x19\n\x11secret_access_key\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x12\n\nexpiration\x18\x06 \x01(\t\x12\x14\n\x0clast_updated\x18\x07 \x01(\t\"\x12\n\x10GetHealthRequest\"\x1f\n\x0cHealthStatus\x12\x0f\n\x07message\x18\x01 \x01(\t\"#\n\x10WatchNodeRequest\x12\x0f\n\x07host_ip\x18\x01 \x01(\t\"h\n\x08PodState\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65nied\x18\x04 \x01(\t\x12\x10\n\x08role_arn\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"O\n\x13IdentityCredentials\x12\x10\n\x08identity\x18\x01 \x01(\t\x12&\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x11.kiam.Credentials\"\xaa\x01\n\nNodeUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\x1c\n\x04pods\x18\x02 \x03(\x0b\x32\x0e.kiam.PodState\x12\x13\n\x0bremoved_ips\x18\x03 \x03(\t\x12.\n\x0b\x63redentials\x18\x04 \x03(\x0b\x32\x19.kiam.IdentityCredentials\x12\x1a\n\x12removed_identities\x18\x05 \x03(\t\x12\x0e\n\x06synced\x18\x06 \x01(\x08\"k\n\x0fNodeReadyReport\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07host_ip\x18\x02 \x01(\t\x12\x1a\n\x12redirect_installed\x18\x03 \x01(\x08\x12\x18\n\x10snapshot_applied\x18\x04 \x01(\x08\"3\n\x0fNodeReadyAnswer\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\xc5\x02\n\x0bKiamService\x12H\n\x11GetPodCredentials\x12\x1e.kiam.GetPodCredentialsRequest\x1a\x11.kiam.Credentials\"\x00\x12\x33\n\nGetPodRole\x12\x17.kiam.GetPodRoleRequest\x1a\n.kiam.Role\"\x00\x12\x39\n\tGetHealth\x12\x16.kiam.GetHealthRequest\x1a\x12.kiam.HealthStatus\"\x00\x12\x39\n\tWatchNode\x12\x16.kiam.WatchNodeRequest\x1a\x10.kiam.NodeUpdate\"\x00\x30\x01\x12\x41\n\x0fReportNodeReady\x12\x15.kiam.NodeReadyReport\x1a\x15.kiam.NodeReadyAnswer\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11protos/kiam.proto\x12\x04kiam\"4\n\x18GetPodCredentialsRequest\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"\x1f\n\x11GetPodRoleRequest\x12\n\n\x02ip\x18\x01 \x01(\t\"\x14\n\x04Role\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x94\x01\n\x0b\x43redentials\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x15\n\raccess_key_id\x18\x03 \x01(\t\x12\x19\n\x11secret_access_key\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x12\n\nexpiration\x18\x06 \x01(\t\x12\x14\n\x0clast_updated\x18\x07 \x01(\t\"\x12\n\x10GetHealthRequest\"\x1f\n\x0cHealthStatus\x12\x0f\n\x07message\x18\x01 \x01(\t\"#\n\x10WatchNodeRequest\x12\x0f\n\x07host_ip\x18\x01 \x01(\t\"u\n\x08PodState\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65nied\x18\x04 \x01(\t\x12\x10\n\x08role_arn\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0b\n\x03uid\x18\x07 \x01(\t\"O\n\x13IdentityCredentials\x12\x10\n\x08identity\x18\x01 \x01(\t\x12&\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x11.kiam.Credentials\"\xaa\x01\n\nNodeUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\x1c\n\x04pods\x18\x02 \x03(\x0b\x32\x0e.kiam.PodState\x12\x13\n\x0bremoved_ips\x18\x03 \x03(\t\x12.\n\x0b\x63redentials\x18\x04 \x03(\x0b\x32\x19.kiam.IdentityCredentials\x12\x1a\n\x12removed_identities\x18\x05 \x03(\t\x12\x0e\n\x06synced\x18\x06 \x01(\x08\"k\n\x0fNodeReadyReport\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07host_ip\x18\x02 \x01(\t\x12\x1a\n\x12redirect_installed\x18\x03 \x01(\x08\x12\x18\n\x10snapshot_applied\x18\x04 \x01(\x08\"3\n\x0fNodeReadyAnswer\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"(\n\x17TokenCredentialsRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x9d\x01\n\x10TokenCredentials\x12&\n\x0b\x63redentials\x18\x01 \x01(\x0b\x32\x11.kiam.Credentials\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x15\n\rtoken_expires\x18\x07 \x01(\x03\x32\x95\x03\n\x0bKiamService\x12H\n\x11GetPodCredentials\x12\x1e.kiam.GetPodCredentialsRequest\x1a\x11.kiam.Credentials\"\x00\x12\x33\n\nGetPodRole\x12\x17.kiam.GetPodRoleRequest\x1a\n.kiam.Role\"\x00\x12\x39\n\tGetHealth\x12\x16.kiam.GetHealthRequest\x1a\x12.kiam.HealthStatus\"\x00\x12\x39\n\tWatchNode\x12\x16.kiam.WatchNodeRequest\x1a\x10.kiam.NodeUpdate\"\x00\x30\x01\x12\x41\n\x0fReportNodeReady\x12\x15.kiam.NodeReadyReport\x1a\x15.kiam.NodeReadyAnswer\"\x00\x12N\n\x13GetTokenCredentials\x12\x1d.kiam.TokenCredentialsRequest\x1a\x16.kiam.TokenCredentials\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,15 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHNODEREQUEST']._serialized_start=340
   _globals['_WATCHNODEREQUEST']._serialized_end=375
   _globals['_PODSTATE']._serialized_start=377
-  _globals['_PODSTATE']._serialized_end=481
-  _globals['_IDENTITYCREDENTIALS']._serialized_start=483
-  _globals['_IDENTITYCREDENTIALS']._serialized_end=562
-  _globals['_NODEUPDATE']._serialized_start=565
-  _globals['_NODEUPDATE']._serialized_end=735
-  _globals['_NODEREADYREPORT']._serialized_start=737
-  _globals['_NODEREADYREPORT']._serialized_end=844
-  _globals['_NODEREADYANSWER']._serialized_start=846
-  _globals['_NODEREADYANSWER']._serialized_end=897
-  _globals['_KIAMSERVICE']._serialized_start=900
-  _globals['_KIAMSERVICE']._serialized_end=1225
+  _globals['_PODSTATE']._serialized_end=494
+  _globals['_IDENTITYCREDENTIALS']._serialized_start=496
+  _globals['_IDENTITYCREDENTIALS']._serialized_end=575
+  _globals['_NODEUPDATE']._serialized_start=578
+  _globals['_NODEUPDATE']._serialized_end=748
+  _globals['_NODEREADYREPORT']._serialized_start=750
+  _globals['_NODEREADYREPORT']._serialized_end=857
+  _globals['_NODEREADYANSWER']._serialized_start=859
+  _globals['_NODEREADYANSWER']._serialized_end=910
+  _globals['_TOKENCREDENTIALSREQUEST']._serialized_start=912
+  _globals['_TOKENCREDENTIALSREQUEST']._serialized_end=952
+  _globals['_TOKENCREDENTIALS']._serialized_start=955
+  _globals['_TOKENCREDENTIALS']._serialized_end=1112
+  _globals['_KIAMSERVICE']._serialized_start=1115
+  _globals['_KIAMSERVICE']._serialized_end=1520
 # @@protoc_insertion_point(module_scope)

@@ -61,20 +61,22 @@ class WatchNodeRequest(_message.Message):
     def __init__(self, host_ip: _Optional[str] = ...) -> None: ...
 
 class PodState(_message.Message):
-    __slots__ = ("ip", "role", "identity", "denied", "role_arn", "reason")
+    __slots__ = ("ip", "role", "identity", "denied", "role_arn", "reason", "uid")
     IP_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     DENIED_FIELD_NUMBER: _ClassVar[int]
     ROLE_ARN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     ip: str
     role: str
     identity: str
     denied: str
     role_arn: str
     reason: str
-    def __init__(self, ip: _Optional[str] = ..., role: _Optional[str] = ..., identity: _Optional[str] = ..., denied: _Optional[str] = ..., role_arn: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    uid: str
+    def __init__(self, ip: _Optional[str] = ..., role: _Optional[str] = ..., identity: _Optional[str] = ..., denied: _Optional[str] = ..., role_arn: _Optional[str] = ..., reason: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class IdentityCredentials(_message.Message):
     __slots__ = ("identity", "credentials")
@@ -119,3 +121,27 @@ class NodeReadyAnswer(_message.Message):
     outcome: str
     message: str
     def __init__(self, outcome: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TokenCredentialsRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class TokenCredentials(_message.Message):
+    __slots__ = ("credentials", "namespace", "name", "uid", "ip", "identity", "token_expires")
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    credentials: Credentials
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    identity: str
+    token_expires: int
+    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[str] = ..., token_expires: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class KiamServiceStub:
                 request_serializer=protos_dot_kiam__pb2.NodeReadyReport.SerializeToString,
                 response_deserializer=protos_dot_kiam__pb2.NodeReadyAnswer.FromString,
                 _registered_method=True)
+        self.GetTokenCredentials = channel.unary_unary(
+                '/kiam.KiamService/GetTokenCredentials',
+                request_serializer=protos_dot_kiam__pb2.TokenCredentialsRequest.SerializeToString,
+                response_deserializer=protos_dot_kiam__pb2.TokenCredentials.FromString,
+                _registered_method=True)
 
 
 class KiamServiceServicer:
@@ -97,6 +102,16 @@ class KiamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenCredentials(self, request, context):
+        """podiam: credentials for the pod a projected service-account token names (audience
+        "podiam"), for the container-credentials endpoint. The server reviews the token
+        (TokenReview), and the pod it names must be active, on the calling agent's node, and
+        permitted its role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KiamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +139,11 @@ def add_KiamServiceServicer_to_server(servicer, server):
                     servicer.ReportNodeReady,
                     request_deserializer=protos_dot_kiam__pb2.NodeReadyReport.FromString,
                     response_serializer=protos_dot_kiam__pb2.NodeReadyAnswer.SerializeToString,
+            ),
+            'GetTokenCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenCredentials,
+                    request_deserializer=protos_dot_kiam__pb2.TokenCredentialsRequest.FromString,
+                    response_serializer=protos_dot_kiam__pb2.TokenCredentials.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +281,33 @@ class KiamService:
             '/kiam.KiamService/ReportNodeReady',
             protos_dot_kiam__pb2.NodeReadyReport.SerializeToString,
             protos_dot_kiam__pb2.NodeReadyAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiam.KiamService/GetTokenCredentials',
+            protos_dot_kiam__pb2.TokenCredentialsRequest.SerializeToString,
+            protos_dot_kiam__pb2.TokenCredentials.FromString,
             options,
             channel_credentials,
             insecure,

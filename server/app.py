@@ -12,6 +12,7 @@ import logging
 
 import boto3
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
@@ -34,6 +35,9 @@ from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway
 from server.sts_budget import StsBudget
+from server.token_credentials import TokenPods
+from server.token_review import TokenReviewer
+from server.webhook import InjectSettings, ReloadingContext, webhook_app
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class PodiamServer:
         self._tasks: list[asyncio.Task] = []
         self._grpc: grpc.aio.Server | None = None
         self._closers: list = []
+        self.webhook_port: int | None = None
+        self._webhook: web.AppRunner | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -132,8 +138,14 @@ class PodiamServer:
             log.info(
                 "removing the %s taint from nodes whose agents report ready", config.startup_taint
             )
+        self.token_pods: TokenPods | None = None
+        if config.token_credentials:
+            reviewer = TokenReviewer(api, audience=config.token_audience)
+            self.token_pods = TokenPods(reviewer, registry, api)
         await self._sync(api, registry)
         await self._serve(registry, cache, messages, fanout, recorder, credentials)
+        if config.webhook_bind is not None:
+            await self._serve_webhook()
 
     async def _base_arn(self) -> str:
         if self.config.role_base_arn:
@@ -181,6 +193,7 @@ class PodiamServer:
             denials=recorder,
             startup_taint=self.startup_taint,
             audit=self.audit,
+            token_pods=self.token_pods,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()
@@ -199,8 +212,40 @@ class PodiamServer:
             start_http_server(metrics_port, addr=metrics_host)
         log.info("serving gRPC on %s:%d", host, self.port)
 
+    async def _serve_webhook(self) -> None:
+        config = self.config
+        assert config.webhook_bind is not None
+        files = TlsFiles(
+            cert=config.webhook_cert or config.cert, key=config.webhook_key or config.key,
+            ca=config.ca,
+        )  # fmt: skip
+        try:
+            tls = ReloadingContext(files)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise StartupError(f"webhook certificate: {error}") from error
+        self._tasks.append(asyncio.create_task(tls.watch(), name="webhook-tls"))
+        settings = InjectSettings(
+            endpoint=config.webhook_endpoint,
+            audience=config.token_audience,
+            expiration_seconds=int(config.webhook_token_expiration.total_seconds()),
+        )
+        runner = web.AppRunner(webhook_app(settings), access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = config.webhook_bind
+        site = web.TCPSite(runner, host, port, ssl_context=tls.context)
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise StartupError(f"cannot serve the webhook on {host}:{port}: {error}") from error
+        self._webhook = runner
+        self.webhook_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("serving the admission webhook on %s:%d", host, self.webhook_port)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking new RPCs, let in-flight ones finish within ``grace``, then tear down."""
+        if self._webhook is not None:
+            await self._webhook.cleanup()
         if self._grpc is not None:
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -65,6 +65,13 @@ class ServerConfig:
     cluster_name: str
     sts_qps: float
     sts_burst: int
+    token_credentials: bool
+    token_audience: str
+    webhook_bind: tuple[str, int] | None
+    webhook_cert: Path | None
+    webhook_key: Path | None
+    webhook_endpoint: str
+    webhook_token_expiration: timedelta
     log_level: str
     json_log: bool
 
@@ -250,8 +257,74 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "session name, tags, AccessKeyId, expiration; never secrets) and one per pod first "
         "served an identity (namespace, pod, uid, node, AccessKeyId)",
     )
+    _token_flags(parser)
     parser.add_process_flags()
     return parser
+
+
+def _token_flags(parser: EnvDefaultsParser) -> None:
+    flag = parser.add_flag
+    flag(
+        "--token-credentials",
+        env="PODIAM_TOKEN_CREDENTIALS",
+        action="store_true",
+        help="serve token-bound credentials: agents pass a pod's projected service-account "
+        "token, which the server checks with a TokenReview (needs RBAC tokenreviews: create); "
+        "the pod it names must be active, on the agent's node and permitted its role",
+    )
+    flag(
+        "--token-audience",
+        env="PODIAM_TOKEN_AUDIENCE",
+        default="podiam",
+        help="the audience token-bound credentials' tokens must be issued for",
+    )
+    flag(
+        "--webhook-bind",
+        env="PODIAM_WEBHOOK_BIND",
+        type=_optional_host_port,
+        default="",
+        help="address of the mutating admission webhook (HTTPS) that gives pods with an "
+        "iam.amazonaws.com/role annotation a podiam token and the container-credentials "
+        "environment variables; empty: no webhook",
+    )
+    flag(
+        "--webhook-cert",
+        env="PODIAM_WEBHOOK_CERT",
+        type=_optional_path,
+        default="",
+        help="PEM certificate the webhook serves (reloaded when it changes); default: --cert",
+    )
+    flag(
+        "--webhook-key",
+        env="PODIAM_WEBHOOK_KEY",
+        type=_optional_path,
+        default="",
+        help="PEM private key of --webhook-cert; default: --key",
+    )
+    flag(
+        "--webhook-endpoint",
+        env="PODIAM_WEBHOOK_ENDPOINT",
+        default="http://169.254.170.23/v1/credentials",
+        help="the AWS_CONTAINER_CREDENTIALS_FULL_URI the webhook injects: the agents' "
+        "token-bound endpoint (SDKs accept http:// only for loopback, 169.254.170.2, "
+        "169.254.170.23 and fd00:ec2::23)",
+    )
+    flag(
+        "--webhook-token-expiration",
+        env="PODIAM_WEBHOOK_TOKEN_EXPIRATION",
+        type=duration,
+        default="10m",
+        help="lifetime of the projected tokens the webhook asks for (at least 10m, the API "
+        "server's minimum; the kubelet renews them at 80%% of it)",
+    )
+
+
+def _optional_host_port(raw: str) -> tuple[str, int] | None:
+    return host_port(raw) if raw.strip() else None
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()) if raw.strip() else None
 
 
 def _positive(kind: type) -> Callable[[str], float]:
@@ -345,6 +418,14 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         )
     if not args.session_name.strip():
         parser.error("--session-name must not be empty")
+    if not args.token_audience.strip():
+        parser.error("--token-audience must not be empty")
+    if args.webhook_token_expiration < timedelta(minutes=10) or (
+        args.webhook_token_expiration > timedelta(hours=24)
+    ):
+        parser.error("--webhook-token-expiration must lie between 10m and 24h")
+    if not args.webhook_endpoint.startswith(("http://", "https://")):
+        parser.error("--webhook-endpoint must be an http:// or https:// URL")
     return ServerConfig(
         bind=args.bind,
         cert=args.cert,
@@ -372,6 +453,13 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         cluster_name=args.cluster_name.strip(),
         sts_qps=args.sts_qps,
         sts_burst=args.sts_burst,
+        token_credentials=args.token_credentials,
+        token_audience=args.token_audience.strip(),
+        webhook_bind=args.webhook_bind,
+        webhook_cert=args.webhook_cert,
+        webhook_key=args.webhook_key,
+        webhook_endpoint=args.webhook_endpoint.strip(),
+        webhook_token_expiration=args.webhook_token_expiration,
         log_level=args.log_level,
         json_log=args.json_log,
     )

@@ -106,3 +106,9 @@ STS_THROTTLED = Counter(
     "AssumeRole answers that said STS is throttling (Throttling, RequestLimitExceeded, ...); "
     "each pauses the rate budget.",
 )
+WEBHOOK_REVIEWS = Counter(
+    "podiam_webhook_reviews_total",
+    "AdmissionReviews answered by the token-credentials webhook, by outcome (patched, "
+    "unchanged, bad-request).",
+    ["outcome"],
+)

@@ -102,6 +102,7 @@ class NodeStream:
             # Carries the pod's role, so the agent answers "refused: ambiguous", never "no role".
             return kiam_pb2.PodState(
                 ip=ip,
+                uid=pod.uid,
                 role=pod.role,
                 denied=f"IP {ip} is held by several active pods; podiam refuses to guess",
                 reason=Reason.AMBIGUOUS_IP.value,
@@ -109,14 +110,16 @@ class NodeStream:
         if grant.denial is not None:
             return kiam_pb2.PodState(
                 ip=ip,
+                uid=pod.uid,
                 role=pod.role,
                 role_arn=grant.role_arn,
                 denied=grant.denial.message,
                 reason=grant.denial.reason.value,
             )
         return kiam_pb2.PodState(
-            ip=ip, role=pod.role, role_arn=grant.role_arn, identity=grant.identity.key
-        )
+            ip=ip, uid=pod.uid, role=pod.role, role_arn=grant.role_arn,
+            identity=grant.identity.key,
+        )  # fmt: skip
 
     def _record_served(self, update: kiam_pb2.NodeUpdate, *, everyone: bool) -> None:
         """Tell the audit which pods the agent can now serve: those in this update whose

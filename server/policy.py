@@ -31,6 +31,10 @@ class Reason(enum.StrEnum):
     NOT_PERMITTED = "not-permitted"
     ROLE_MISMATCH = "role-mismatch"
     NODE_MISMATCH = "node-mismatch"
+    # Token-bound credentials (server/token_credentials.py).
+    INVALID_TOKEN = "invalid-token"
+    TOKEN_NOT_BOUND = "token-not-bound"
+    POD_GONE = "pod-gone"
 
     @property
     def event_reason(self) -> str:

@@ -116,6 +116,17 @@ class Registry:
         key = keys[0]
         return Lookup(pod=self.pods[key], grant=self._grants[key])
 
+    def by_key(self, key: PodKey) -> tuple[PodRecord | None, Grant | None]:
+        """The pod stored under (namespace, name) and its grant (token-bound credentials find
+        pods by the name their token gives, not by IP)."""
+        pod = self.pods.get(key)
+        return (pod, self._grants.get(key)) if pod is not None else (None, None)
+
+    def decide(self, pod: PodRecord) -> Grant:
+        """What ``pod`` would be granted now, for a pod read from the API but not (yet) seen
+        by the watch."""
+        return self._grant(pod)
+
     def pods_with_ip(self, ip: str) -> tuple[PodKey, ...]:
         """The active pods that have ``ip``; more than one is the ambiguous case."""
         return self._index.holders(ip)

@@ -28,6 +28,7 @@ from server.pods import PodRecord
 from server.policy import Denial, Reason, check_request
 from server.registry import Registry
 from server.startup_taint import NodeReportError, Outcome, StartupTaintRemover
+from server.token_credentials import TokenDenied, TokenPods
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         denials: RequestDenials | None = None,
         startup_taint: StartupTaintRemover | None = None,
         audit: AuditTrail | None = None,
+        token_pods: TokenPods | None = None,
     ) -> None:
+        self._token_pods = token_pods
         self._audit = audit
         self._registry = registry
         self._credentials = credentials
@@ -180,6 +183,55 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         log.info("node %s reported ready by its agent at %s", node, address)
         return kiam_pb2.NodeReadyAnswer(
             outcome=outcome.value, message=f"removing the {remover.key} taint from node {node}"
+        )
+
+    # ---- podiam's token-bound credentials ----------------------------------------------------
+
+    async def GetTokenCredentials(self, request, context) -> kiam_pb2.TokenCredentials:
+        async with _answering("GetTokenCredentials", context, "token"):
+            return await self._token_credentials(request, context)
+
+    async def _token_credentials(self, request, context) -> kiam_pb2.TokenCredentials:
+        if self._token_pods is None:
+            raise Refusal(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "this server serves no token-bound credentials (see --token-credentials)",
+            )
+        caller = peer_ip(context.peer()) if self._node_binding else None
+        try:
+            found = await self._token_pods.grant(request.token, caller_ip=caller)
+        except TokenDenied as denied:
+            reason = denied.denial.reason
+            if denied.pod is not None and not denied.unavailable and self._denials is not None:
+                self._denials.record(denied.pod, denied.denial)
+            if denied.unavailable:
+                code = grpc.StatusCode.UNAVAILABLE
+            elif reason in (Reason.INVALID_TOKEN, Reason.TOKEN_NOT_BOUND):
+                code = grpc.StatusCode.UNAUTHENTICATED
+            elif reason is Reason.NO_ROLE:
+                code = grpc.StatusCode.NOT_FOUND
+            else:
+                code = grpc.StatusCode.PERMISSION_DENIED
+            # "Cannot tell now" is no policy decision: no reason, no denial counted.
+            raise Refusal(
+                code, denied.denial.message, None if denied.unavailable else reason
+            ) from denied
+        pod, identity = found.pod, found.grant.identity
+        assert identity is not None
+        try:
+            creds = await self._credentials.get(identity)
+        except CredentialsUnavailable as error:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from error
+        if self._audit is not None:
+            self._audit.pod_served(pod, identity, creds.access_key_id)
+        return kiam_pb2.TokenCredentials(
+            credentials=self._messages.message(identity, creds),
+            namespace=pod.namespace,
+            name=pod.name,
+            uid=pod.uid,
+            ip=pod.ip if pod.active else "",
+            identity=identity.key,
+            token_expires=int(found.token.expires),
         )
 
     # ---- policy -----------------------------------------------------------------------------

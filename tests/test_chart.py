@@ -95,6 +95,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "stsBurst": 30,
         }
     },
+    "token-credentials": {"tokenCredentials": {"enabled": True, "address": "169.254.170.24"}},
     "every-flag": {
         "server": {
             "roleBaseArn": ROLE_BASE,
@@ -363,14 +364,59 @@ def test_agent_has_no_kubernetes_permissions(rendered):
 
 
 def granted(manifests: list[Manifest]) -> set[tuple[str, str]]:
+    """(resource, verb) pairs; resources outside the core group as <group>/<resource>."""
     rules = one(manifests, "ClusterRole")["rules"]
-    assert all(rule["apiGroups"] == [""] for rule in rules)
+    assert all(len(rule["apiGroups"]) == 1 for rule in rules)
     return {
-        (resource, verb)
+        (resource if rule["apiGroups"] == [""] else f"{rule['apiGroups'][0]}/{resource}", verb)
         for rule in rules
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def test_token_credentials_add_only_tokenreviews_create(rendered):
+    added = granted(rendered["token-credentials"]) - granted(rendered["defaults"])
+    assert added == {("authentication.k8s.io/tokenreviews", "create")}
+    assert not any(m["kind"] == "MutatingWebhookConfiguration" for m in rendered["defaults"])
+
+
+def test_token_webhook_never_blocks_pods_and_is_trusted_by_its_ca_bundle(rendered):
+    manifests = rendered["token-credentials"]
+    config = one(manifests, "MutatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "None"
+    assert hook["namespaceSelector"] == {"matchLabels": {"podiam.io/token-credentials": "enabled"}}
+    assert hook["rules"][0]["operations"] == ["CREATE"]
+    service_ref = hook["clientConfig"]["service"]
+    service = one(manifests, "Service", service_ref["name"])
+    assert service["spec"].get("clusterIP") != "None"  # the API server needs a cluster IP
+    (port,) = service["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (service_ref["port"], "webhook")
+    server = container(manifests, "Deployment")
+    assert {"name": "webhook", "containerPort": 8444, "protocol": "TCP"} in server["ports"]
+    # The serving certificate is for the name the API server calls, signed by the caBundle.
+    secret = one(manifests, "Secret", "podiam-server-webhook-tls")
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    ca = x509.load_pem_x509_certificate(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert f"{service_ref['name']}.{NAMESPACE}.svc" in names.get_values_for_type(x509.DNSName)
+    mounted = {m["mountPath"] for m in server["volumeMounts"]}
+    assert "/etc/podiam/webhook-tls" in mounted
+
+
+def test_token_credentials_point_webhook_and_agents_at_one_address(rendered):
+    manifests = rendered["token-credentials"]
+    server_spec = container(manifests, "Deployment")
+    agent_spec = container(manifests, "DaemonSet")
+    server = parse_server_config(server_spec["args"], environ=env_of(server_spec))
+    agent = parse_agent_config(agent_spec["args"], environ=env_of(agent_spec))
+    assert server.token_credentials and agent.token_endpoint
+    assert server.webhook_endpoint == "http://169.254.170.24/v1/credentials"
+    assert agent.token_address == ("169.254.170.24", 80)
+    assert server.webhook_bind == ("0.0.0.0", 8444)
 
 
 def test_server_may_only_watch_pods_and_namespaces_record_events_and_untaint_nodes(rendered):

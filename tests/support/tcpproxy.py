@@ -15,8 +15,10 @@ import contextlib
 class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``target_host:target_port``, byte for byte."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, source: str | None = None) -> None:
         self.target_host = target_host
+        # The address upstream connections come from (another 127.x address plays another node).
+        self.source = source
         self.target_port = target_port
         self.port = 0
         self.accepting = True
@@ -78,7 +80,9 @@ class TcpProxy:
             return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(
-                self.target_host, self.target_port
+                self.target_host,
+                self.target_port,
+                local_addr=(self.source, 0) if self.source else None,
             )
         except OSError:
             writer.transport.abort()

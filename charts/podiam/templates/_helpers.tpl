@@ -154,3 +154,16 @@ sys.exit(0 if status == h.HealthCheckResponse.SERVING else 1)
 - /etc/podiam/probe/tls.key
 - /etc/podiam/probe/ca.crt
 {{- end }}
+
+{{/* The token-credentials webhook: its Service and its serving certificate's Secret. */}}
+{{- define "podiam.webhook.fullname" -}}
+{{- printf "%s-webhook" (include "podiam.server.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "podiam.webhook.tlsSecret" -}}
+{{- if eq .Values.tls.mode "generate" }}
+{{- printf "%s-tls" (include "podiam.webhook.fullname" .) }}
+{{- else }}
+{{- required "tokenCredentials.webhook.existingSecret is required unless tls.mode=generate" .Values.tokenCredentials.webhook.existingSecret }}
+{{- end }}
+{{- end }}
