@@ -24,12 +24,12 @@ Every attempt at AssumeRole first waits for the STS rate budget (server/sts_budg
 is one. botocore makes one attempt per call; the retries on throttling or a transient failure
 are made here (`sts_attempts`, jittered backoff), each through the budget again, so STS never
 sees an attempt the budget did not grant. Calls for an identity with nothing valid held (a
-`get`, or the first fetch when a pod appears) go before refreshes, and a refresh a pod comes to wait for is promoted. A `get` that holds old,
-still valid credentials waits for fresher ones only briefly (`STALE_WAIT`), then serves the old
-ones: a queue at the budget must not outlast the SDK's one second. Refreshes are spread with
-jitter over the first `refresh_jitter` of the window between `refresh_before` and
-`MIN_REMAINING`, so that identities fetched together do not refresh together, and the rest of
-the window is slack for the budget's queue and for retries.
+`get`, or the first fetch when a pod appears) go before refreshes, and a refresh a pod comes to
+wait for is promoted. A `get` that holds old, still valid credentials waits for fresher ones
+only briefly (`STALE_WAIT`), then serves the old ones: a queue at the budget must not outlast
+the SDK's one second. Refreshes are spread with jitter over the first `refresh_jitter` of the
+window between `refresh_before` and `MIN_REMAINING`, so that identities fetched together do not
+refresh together, and the rest of the window is slack for the budget's queue and for retries.
 
 Scheduling reads the wall clock through `clock` and sleeps in steps of at most `max_sleep`
 seconds, re-reading the clock after each: a suspended VM or a stepped clock cannot make a refresh
