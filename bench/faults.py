@@ -10,9 +10,14 @@ wall-clock bounds.
 - ``partition``: the agent's node cut from the servers (its LAN link down) as long, then healed.
 - ``churn``: pod IPs handed from pod to pod across namespaces and roles (loopback, in-process
   server and agent, so that the moment the server saw a deletion can be read exactly).
+- ``sts-outage``: STS down for 30 minutes on a simulated clock (bench/fault_sts_outage.py).
+- ``kube``: the Kubernetes API down, then watches dropped and expired (410) in bursts
+  (bench/fault_kube.py).
+- ``rotation``: the mutual-TLS material replaced under load (bench/fault_rotation.py).
+- ``rollout``: the agent replaced by a new process on the same port under load
+  (bench/fault_rollout.py).
 
-Not done yet (issue 9): STS outage on a simulated clock, Kubernetes API outage and watch
-410 bursts, certificate rotation under load, agent rollout.
+``--faults`` picks some of them (``replica`` also runs the outage and the partition).
 """
 
 from __future__ import annotations
@@ -27,20 +32,28 @@ from bench.real_client import problem
 from bench.report import Section
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
-KINDS = ("replica", "outage", "churn")
 
 
 async def run(section: Section, options) -> None:
-    section.notes.append(
-        "faults not measured yet: STS outage (simulated clock), Kubernetes API outage and 410 "
-        "bursts, certificate rotation under load, agent rollout"
-    )
-    netns_problem = problem()
-    if netns_problem:
-        section.notes.append(f"replica and outage faults skipped: {netns_problem}")
-    else:
-        await _replica_and_outage(section, options)
-    await _churn(section, options)
+    from bench import fault_kube, fault_rollout, fault_rotation, fault_sts_outage
+
+    wanted = set(options.faults)
+    if "replica" in wanted:
+        netns_problem = problem()
+        if netns_problem:
+            section.notes.append(f"replica, outage and partition faults skipped: {netns_problem}")
+        else:
+            await _replica_and_outage(section, options)
+    if "churn" in wanted:
+        await _churn(section, options)
+    if "sts-outage" in wanted:
+        await fault_sts_outage.run(section, options)
+    if "kube" in wanted:
+        await fault_kube.run(section, options)
+    if "rotation" in wanted:
+        await fault_rotation.run(section, options)
+    if "rollout" in wanted:
+        await fault_rollout.run(section, options)
 
 
 # ---- replica loss and full outage, in network namespaces ---------------------------------------
