@@ -253,3 +253,11 @@ async def test_access_denied_is_not_retried(make_cache, sts):
     with pytest.raises(CredentialsUnavailable):
         await cache.get(identity)
     assert sts.assume_role_calls(identity.role_arn) == 1
+
+
+async def test_sts_unavailable_for_a_moment_costs_the_pod_nothing(make_cache, sts):
+    cache = make_cache(StsBudget(qps=100, burst=10), FakeClock())
+    identity = RoleIdentity(BASE + "blip", "podiam-blip")
+    sts.fail_next(1, "ServiceUnavailable")
+    assert (await cache.get(identity)).access_key_id
+    assert [c.failed_with for c in sts.calls(identity.role_arn)] == ["ServiceUnavailable", None]
