@@ -11,7 +11,9 @@ credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``sc
 initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
 (one pod's policy decision under hostile ``permitted`` patterns vs a benign one), ``faults``
 (failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
-down, and pod IPs are reused; the replica and outage faults need root). Figures are
+down, the node is partitioned, pod IPs are reused, STS is down for 30 simulated minutes, the
+Kubernetes API is down and its watches break, certificates rotate and the agent is rolled out;
+the replica, outage and partition faults need root; ``--faults`` picks some). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
