@@ -261,3 +261,17 @@ async def test_sts_unavailable_for_a_moment_costs_the_pod_nothing(make_cache, st
     sts.fail_next(1, "ServiceUnavailable")
     assert (await cache.get(identity)).access_key_id
     assert [c.failed_with for c in sts.calls(identity.role_arn)] == ["ServiceUnavailable", None]
+
+
+async def test_throttling_answers_to_calls_already_in_flight_do_not_lengthen_the_pause():
+    budget = StsBudget(qps=1000, burst=10, throttle_pause=0.2, throttle_pause_max=30)
+    try:
+        for _ in range(8):  # eight calls granted together, all answered Throttling
+            budget.throttled()
+        throttled_at = time.monotonic()
+        await budget.wait(Ticket(Priority.FIRST))
+        waited = time.monotonic() - throttled_at
+        # One pause (0.2 s), not 0.2 s doubled seven times over.
+        assert 0.2 <= waited < 5
+    finally:
+        await budget.close()
