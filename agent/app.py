@@ -61,6 +61,11 @@ DRAIN_SECONDS = 5.0
 CLOSE_NOTICE_SECONDS = 1.0
 # How often the readiness file is brought up to date.
 READY_CHECK_SECONDS = 0.5
+# Connections the kernel queues before the agent accepts them (capped by net.core.somaxconn).
+# aiohttp's default of 128 overflowed in a burst of a Deployment's pods all asking at once: a
+# connection dropped from a full queue is retried by the pod's kernel only after its 1 s SYN
+# timeout, which is all of the SDK's budget.
+LISTEN_BACKLOG = 4096
 
 
 class PodiamAgent:
@@ -281,7 +286,7 @@ class PodiamAgent:
         )
         await runner.setup()
         self._runners.append(runner)
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         return sock.getsockname()[1]
 
     async def stop(self) -> None:

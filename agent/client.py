@@ -33,10 +33,20 @@ _BACKOFF_MAX_ALONE = 2.0
 FIRST_UPDATE_SECONDS = 10.0
 
 
+# Keepalive pings (answered by gRPC's core, no Python on either side) every 5 s, 2 s to answer:
+# a node cut off from the servers (a partition: nothing refuses, packets just vanish) learns it
+# within 7 s — its node streams end, and new pods are refused at once with a reason instead of
+# waiting out their --pod-wait. The servers accept pings 4 s apart (server/app.py).
+KEEPALIVE_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 2_000
 _CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # gRPC's core waits this long for any ping's answer (a minute by default), whatever the
+    # keepalive timeout says.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
@@ -73,15 +83,7 @@ def open_channel(server_address: str, tls: TlsFiles) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(
         _main_target(addresses),
         channel_credentials(tls),
-        options=[
-            ("grpc.lb_policy_name", "round_robin"),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # Reconnect quickly after a server restart; the stream is what keeps us fast.
-            ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 10_000),
-        ],
+        options=[("grpc.lb_policy_name", "round_robin"), *_CHANNEL_OPTIONS],
     )
 
 
@@ -113,10 +115,15 @@ class ServerConnection:
         return open_pinned_channel(endpoint, self._tls)
 
     def unreachable(self) -> bool:
-        """Whether the shared channel has just failed to reach every replica (and, if idle,
-        start connecting): lets a request refuse at once, with a reason, during an outage."""
+        """Whether the shared channel has no connection to any replica now: it failed to reach
+        every one, or is still trying (after a partition, connection attempts hang rather than
+        fail); an idle channel starts connecting. Lets a request refuse at once, with a reason,
+        when no node stream is live either."""
         state = self.channel.get_state(try_to_connect=True)
-        return state == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        return state in (
+            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            grpc.ChannelConnectivity.CONNECTING,
+        )
 
     async def watch_files(self) -> None:
         while True:

@@ -22,7 +22,6 @@ resets; steering needs neither privilege nor node set-up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import socket
 
@@ -62,14 +61,29 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def someone_listens(host: str, port: int, *, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
-    """Whether a process (the agent being replaced) already accepts connections on the port."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    """Whether a process (the agent being replaced) already accepts connections on the port.
+
+    Asked with a blocking connect in a worker thread, so that the answer is the kernel's — a
+    listener's queue takes the connection, or it is refused, at once on the node's own address
+    — and not a matter of how soon this process's event loop gets round to it: at start-up the
+    loop is busy (TLS material, gRPC channels), and on a busy core it once took longer than the
+    timeout, which read as "nobody listens" and made a new agent listen before it could answer.
+    No answer in time counts as someone listening: the safe side, where this agent listens only
+    once its node stream has delivered a snapshot.
+    """
+    return await asyncio.to_thread(_connects, host, port, timeout)
+
+
+def _connects(host: str, port: int, timeout: float) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+        except TimeoutError:
+            return True
+        except OSError:
+            return False  # refused (nobody listens), or the address is not this machine's
     return True
 
 

@@ -20,6 +20,9 @@ from protos import REASON_METADATA
 # stream, so the answer still arrives within the budget.
 _UNARY_RESERVE = 0.3
 _MIN_UNARY_TIMEOUT = 0.05
+# With no node stream live, how long the role may take before the server counts as unreachable.
+_ALONE_ROLE_TIMEOUT = 0.25
+_NO_SERVER = "no podiam server is reachable and this pod's credentials are not cached"
 
 # The server's refusal reasons become metric labels: accept only short fixed words.
 _REASON_LABEL = re.compile(r"[a-z][a-z-]{0,31}")
@@ -117,18 +120,23 @@ class PodLookup:
         return self._state.usable_entry(ip) if arrived else None
 
     async def _from_server(self, ip: str, budget: _Budget) -> PodEntry:
-        if not self._state.live and self._client.unreachable():
-            # No stream, and the last attempt to reach any replica failed: say so at once.
-            # Cached pods were answered from memory before this; this one is new (or its
-            # cached entry may no longer be trusted), and never gets the node's role.
-            raise Refused(
-                503,
-                "no-server",
-                "no podiam server is reachable and this pod's credentials are not cached",
-            )
+        alone = not self._state.live
+        if alone and self._client.unreachable():
+            # No stream, and no connection to any replica: say so at once. Cached pods were
+            # answered from memory before this; this one is new (or its cached entry may no
+            # longer be trusted), and never gets the node's role.
+            raise Refused(503, "no-server", _NO_SERVER)
+        # Without a live stream a connected channel may still be one to a server that has
+        # gone silent (a partition not yet noticed): the role is a small question, so a short
+        # wait for it tells, and the pod hears why well inside its SDK's second.
+        seconds = budget.unary_timeout()
+        if alone:
+            seconds = min(seconds, _ALONE_ROLE_TIMEOUT)
         try:
-            role = await self._client.pod_role(ip, seconds=budget.unary_timeout())
+            role = await self._client.pod_role(ip, seconds=seconds)
         except grpc.aio.AioRpcError as error:
+            if alone and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise Refused(503, "no-server", _NO_SERVER) from None
             raise _refusal(error) from None
         # The unary path has no identity key or ARN; the server checks policy on every call.
         return PodEntry(role=role, role_name=role_name(role), role_arn="", identity="", denied="")

@@ -159,7 +159,7 @@ class NodeState:
         self._wall = wall
         self._monotonic = monotonic
         self.stale_since: float | None = None  # monotonic time the last live stream broke
-        self._waiters: set[asyncio.Event] = set()
+        self._waiters: dict[str, set[asyncio.Event]] = {}  # ip → its requests' events
         self._publish_mode()
 
     # ---- the streams' side ----------------------------------------------------------------
@@ -353,10 +353,14 @@ class NodeState:
         """Wait until the stream can answer for ``ip`` or it breaks, at most ``seconds``."""
         if self.ready(ip):
             return True
-        # One event per waiting request, all set on every update: waiters are few (pods
-        # that have just started), updates are batched, and each waiter re-checks its own IP.
+        # One event per waiting request, filed under its IP. After each update only the
+        # waiters whose IP is now ready (or all, when no stream is live any more) are woken:
+        # in a burst of new pods a thousand requests wait at once while the stream brings
+        # their pods a batch at a time, and waking every one of them on every batch, for each
+        # to find its pod still missing, cost the agent's one core more than answering them.
         event = asyncio.Event()
-        self._waiters.add(event)
+        waiters = self._waiters.setdefault(ip, set())
+        waiters.add(event)
         try:
             async with asyncio.timeout(seconds):
                 while not self.ready(ip) and self.live:
@@ -365,17 +369,22 @@ class NodeState:
         except TimeoutError:
             pass
         finally:
-            self._waiters.discard(event)
+            waiters.discard(event)
+            if not waiters and self._waiters.get(ip) is waiters:
+                del self._waiters[ip]
         return self.ready(ip)
 
     @property
     def waiting(self) -> int:
         """Requests waiting for the stream to answer for their pod."""
-        return len(self._waiters)
+        return sum(len(events) for events in self._waiters.values())
 
     def _wake(self) -> None:
-        for event in self._waiters:
-            event.set()
+        everyone = not self.live
+        for ip, events in self._waiters.items():
+            if everyone or self.ready(ip):
+                for event in events:
+                    event.set()
 
     def _publish_mode(self) -> None:
         current = self.mode

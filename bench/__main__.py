@@ -12,7 +12,9 @@ credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``sc
 initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
 (one pod's policy decision under hostile ``permitted`` patterns vs a benign one), ``faults``
 (failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
-down, and pod IPs are reused; the replica and outage faults need root). Figures are
+down, the node is partitioned, pod IPs are reused, STS is down for 30 simulated minutes, the
+Kubernetes API is down and its watches break, certificates rotate and the agent is rolled out;
+the replica, outage and partition faults need root; ``--faults`` picks some). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
@@ -36,6 +38,7 @@ from bench import procs
 from bench.report import Report
 
 SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults")
+FAULTS = ("replica", "churn", "sts-outage", "kube", "rotation", "rollout")
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
 
@@ -86,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--outage-seconds", type=float, help="how long every replica is down")
     faults.add_argument("--churn-replacements", type=int, help="pod replacements on reused IPs")
     faults.add_argument("--churn-ips", type=int, help="size of the reused IP pool")
+    faults.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"comma-separated, of {', '.join(FAULTS)}"
+    )
+    faults.add_argument("--sts-outage-minutes", type=int, help="simulated minutes STS is down")
+    faults.add_argument("--sts-outage-held", type=int, help="identities held through it")
+    faults.add_argument(
+        "--sts-outage-step-seconds", type=float, help="real seconds per simulated minute"
+    )
+    faults.add_argument("--kube-outage-seconds", type=float, help="how long the API is down")
+    faults.add_argument("--kube-pods", type=int, help="pods probed through the API faults")
+    faults.add_argument("--rotation-load-seconds", type=float, help="load around a rotation")
+    faults.add_argument("--rollout-load-seconds", type=float, help="load around an agent rollout")
     return parser
 
 
@@ -117,6 +132,13 @@ _FULL = {
     "outage_seconds": 60.0,
     "churn_replacements": 10000,
     "churn_ips": 16,
+    "sts_outage_minutes": 30,
+    "sts_outage_held": 50,
+    "sts_outage_step_seconds": 2.0,
+    "kube_outage_seconds": 30.0,
+    "kube_pods": 60,
+    "rotation_load_seconds": 20.0,
+    "rollout_load_seconds": 20.0,
 }
 _QUICK = {
     "pods": 200,
@@ -146,6 +168,13 @@ _QUICK = {
     "outage_seconds": 5.0,
     "churn_replacements": 300,
     "churn_ips": 4,
+    "sts_outage_minutes": 5,
+    "sts_outage_held": 10,
+    "sts_outage_step_seconds": 0.3,
+    "kube_outage_seconds": 3.0,
+    "kube_pods": 12,
+    "rotation_load_seconds": 6.0,
+    "rollout_load_seconds": 6.0,
 }
 
 
@@ -160,6 +189,10 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(options.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    options.faults = [f.strip() for f in options.faults.split(",") if f.strip()]
+    unknown_faults = set(options.faults) - set(FAULTS)
+    if unknown_faults:
+        parser.error(f"unknown faults: {', '.join(sorted(unknown_faults))}")
     options.routes = [r.strip() for r in options.routes.split(",") if r.strip()]
     options.keepalive = [k.strip() in ("yes", "true", "1") for k in options.keepalive.split(",")]
     return options

@@ -188,5 +188,5 @@ async def wait_served(cluster: LoopbackCluster, pods, *, seconds: float = 30) ->
 
 def quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING)
-    for name in ("werkzeug", "server", "agent", "aiohttp", "grpc", "botocore"):
+    for name in ("werkzeug", "server", "agent", "aiohttp", "grpc", "botocore", "podiam"):
         logging.getLogger(name).setLevel(logging.WARNING)

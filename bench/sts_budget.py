@@ -185,6 +185,9 @@ async def flood(sts: MotoSts, *, identities: int, held: int, qps: float, burst: 
         )  # fmt: skip
     await _settle(sts, held_prefix)
     held_identities = [registry.lookup(pod_ip(k, block=245)).grant.identity for k in range(held)]
+    # _settle alone is not enough: on a busy machine the first fetches may not have begun yet
+    # (no call for a few ms reads as settled), and would then be made after the clock moves.
+    await eventually(lambda: all(cache.peek(i) for i in held_identities), timeout=60)
     stop = asyncio.Event()
     probe = asyncio.create_task(_probe(cache, held_identities, stop))
     try:
@@ -258,6 +261,7 @@ async def throttled(sts: MotoSts, *, held: int, seconds: float, prefix: str):
         )
     await _settle(sts, prefix)
     identities = [registry.lookup(pod_ip(k, block=250)).grant.identity for k in range(held)]
+    await eventually(lambda: all(cache.peek(i) for i in identities), timeout=60)
     before = len(sts.calls())
     stop = asyncio.Event()
     probe = asyncio.create_task(_probe(cache, identities, stop))

@@ -178,7 +178,10 @@ class PodiamServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # The least time between an agent's keepalive pings that this server takes
+                # (a quicker one is a strike; two and the connection is closed). Agents ping
+                # every 5 s, so that a partition is noticed within seconds (agent/client.py).
+                ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.max_connection_age_ms", age_ms),
                 ("grpc.max_connection_age_grace_ms", 30_000),

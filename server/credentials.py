@@ -20,14 +20,16 @@ caller — and hands the credentials out *without keeping them*. Nothing would r
 no agent needs them pushed; if the identity is acquired while that fetch is in flight, the entry
 is kept and the fetch becomes its first one.
 
-Every AssumeRole first waits for the STS rate budget (server/sts_budget.py) when there is one:
-calls for an identity with nothing valid held (a `get`, or the first fetch when a pod appears)
-go before refreshes, and a refresh a pod comes to wait for is promoted. A `get` that holds old,
-still valid credentials waits for fresher ones only briefly (`STALE_WAIT`), then serves the old
-ones: a queue at the budget must not outlast the SDK's one second. Refreshes are spread with
-jitter over the first `refresh_jitter` of the window between `refresh_before` and
-`MIN_REMAINING`, so that identities fetched together do not refresh together, and the rest of
-the window is slack for the budget's queue and for retries.
+Every attempt at AssumeRole first waits for the STS rate budget (server/sts_budget.py) when there
+is one. botocore makes one attempt per call; the retries on throttling or a transient failure
+are made here (`sts_attempts`, jittered backoff), each through the budget again, so STS never
+sees an attempt the budget did not grant. Calls for an identity with nothing valid held (a
+`get`, or the first fetch when a pod appears) go before refreshes, and a refresh a pod comes to
+wait for is promoted. A `get` that holds old, still valid credentials waits for fresher ones
+only briefly (`STALE_WAIT`), then serves the old ones: a queue at the budget must not outlast
+the SDK's one second. Refreshes are spread with jitter over the first `refresh_jitter` of the
+window between `refresh_before` and `MIN_REMAINING`, so that identities fetched together do not
+refresh together, and the rest of the window is slack for the budget's queue and for retries.
 
 Scheduling reads the wall clock through `clock` and sleeps in steps of at most `max_sleep`
 seconds, re-reading the clock after each: a suspended VM or a stepped clock cannot make a refresh
@@ -57,6 +59,11 @@ MIN_REFRESH_INTERVAL = timedelta(minutes=1)
 # How long a get() holding old but valid credentials waits for fresher ones before serving them.
 STALE_WAIT = 0.25
 DEFAULT_REFRESH_JITTER = 0.5
+# Attempts per AssumeRole while STS throttles or fails transiently (botocore's standard mode made
+# three), and the base of the full-jitter backoff between them; the budget's pause comes on top
+# when STS throttles.
+DEFAULT_STS_ATTEMPTS = 3
+_ATTEMPT_BACKOFF = 0.1
 
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 T = TypeVar("T")
@@ -104,6 +111,7 @@ class CredentialCache:
         budget: StsBudget | None = None,
         refresh_jitter: float = 0.0,
         rng: random.Random | None = None,
+        sts_attempts: int = DEFAULT_STS_ATTEMPTS,
     ) -> None:
         if refresh_before < MIN_REMAINING:
             raise ValueError(
@@ -114,6 +122,9 @@ class CredentialCache:
             raise ValueError("need 0 < retry_initial <= retry_max")
         if max_sleep <= 0:
             raise ValueError("max_sleep must be positive")
+        if sts_attempts < 1:
+            raise ValueError("sts_attempts must be at least 1")
+        self._sts_attempts = sts_attempts
         if not 0 <= refresh_jitter <= 1:
             raise ValueError("refresh_jitter is a fraction of the refresh window, 0 to 1")
         self._budget = budget
@@ -224,18 +235,7 @@ class CredentialCache:
 
     async def _assume_role(self, entry: _Entry, priority: Priority) -> AwsCredentials:
         try:
-            if self._budget is not None:
-                entry.ticket = Ticket(priority)
-                await self._budget.wait(entry.ticket)
-                entry.ticket = None
-            try:
-                credentials = await self._gateway.assume_role(entry.identity)
-            except StsError as exc:
-                if exc.throttled and self._budget is not None:
-                    self._budget.throttled()
-                raise
-            if self._budget is not None:
-                self._budget.succeeded()
+            credentials = await self._attempts(entry, priority)
         finally:
             entry.ticket = None
             entry.inflight = None
@@ -254,6 +254,32 @@ class CredentialCache:
             )
             self._announce(entry, credentials)
         return credentials
+
+    async def _attempts(self, entry: _Entry, priority: Priority) -> AwsCredentials:
+        """One AssumeRole, tried up to ``sts_attempts`` times while STS answers with throttling
+        or a transient failure. Each attempt takes its own token from the budget (botocore makes
+        one attempt per call, server/sts.py), so STS never sees more than the budget allows,
+        and a throttling answer pauses the budget for every identity, not just this one."""
+        for attempt in range(1, self._sts_attempts + 1):
+            if self._budget is not None:
+                entry.ticket = Ticket(priority)
+                await self._budget.wait(entry.ticket)
+                priority = entry.ticket.priority  # promoted while it waited, perhaps
+                entry.ticket = None
+            try:
+                credentials = await self._gateway.assume_role(entry.identity)
+            except StsError as exc:
+                if exc.throttled and self._budget is not None:
+                    self._budget.throttled()
+                if not exc.retryable or attempt == self._sts_attempts:
+                    raise
+                # Full jitter, so identities that failed together do not come back together.
+                await asyncio.sleep(self._rng.uniform(0, _ATTEMPT_BACKOFF * 2 ** (attempt - 1)))
+                continue
+            if self._budget is not None:
+                self._budget.succeeded()
+            return credentials
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _valid(self, entry: _Entry) -> AwsCredentials | None:
         """The entry's credentials if they have not expired."""

@@ -2,8 +2,10 @@
 
 boto3 is synchronous, so every call runs in a small, bounded thread pool off the event loop; the
 STS client is built once (botocore clients are thread-safe) and reused by every thread. Nothing
-here caches or retries beyond botocore's own short "standard" retries: the credentials cache in
-front of this module decides when to call and what to do when a call fails.
+here caches or retries, and botocore is told not to retry either (one attempt per call): every
+request that reaches STS must first take a token from the rate budget (server/sts_budget.py), so
+the credentials cache in front of this module makes each attempt itself, through the budget, and
+decides when to call again (``StsError.retryable``).
 
 With `assume_role_arn` the server first becomes an intermediate role and calls AssumeRole for
 pods with *its* credentials (useful when the node's instance role may only assume that one role).
@@ -49,11 +51,14 @@ INTERMEDIATE_SESSION_PREFIX = "podiam-server"
 INTERMEDIATE_SESSION_DURATION = timedelta(hours=1)
 
 # Short timeouts: a pod's SDK waits about a second for the metadata service, and the cache
-# retries with backoff anyway. "standard" retries cover throttling and transient 5xx.
+# retries with backoff anyway. One attempt per call: botocore's own retries would reach STS
+# behind the rate budget's back (its `max_attempts: 3` meant four attempts — the key counts
+# retries — so four times what the budget allowed while STS throttles); the cache retries
+# through the budget instead. `total_max_attempts` counts attempts, the first included.
 _BOTO_CONFIG = Config(
     connect_timeout=3,
     read_timeout=10,
-    retries={"mode": "standard", "max_attempts": 3},
+    retries={"mode": "standard", "total_max_attempts": 1},
     user_agent_extra="podiam",
 )
 
@@ -74,6 +79,26 @@ THROTTLING_CODES = frozenset(
 )
 
 
+# Answers and failures worth another attempt (what botocore's standard mode retried): STS or the
+# way to it failed for a moment; the request itself may well succeed.
+TRANSIENT_CODES = frozenset(
+    {
+        "InternalFailure",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "IDPCommunicationError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ProxyConnectionError",
+        "HTTPClientError",
+    }
+)
+
+
 class StsError(Exception):
     """An AssumeRole call that failed. `code` is the AWS error code (`AccessDenied`, ...) or, for
     failures that never reached STS, the botocore exception's class name
@@ -88,6 +113,12 @@ class StsError(Exception):
     @property
     def throttled(self) -> bool:
         return self.code in THROTTLING_CODES
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same call may succeed if made again soon (throttling, a 5xx, a failed
+        connection); AccessDenied and alike will not."""
+        return self.throttled or self.code in TRANSIENT_CODES
 
     def __str__(self) -> str:
         target = f" for {self.role_arn}" if self.role_arn else ""

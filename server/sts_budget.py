@@ -117,10 +117,14 @@ class StsBudget:
     # -- what STS said ------------------------------------------------------------------------
 
     def throttled(self) -> None:
-        """STS answered Throttling (or alike): hand out no tokens for a while."""
+        """STS answered Throttling (or alike): hand out no tokens for a while. Answers that
+        arrive while paused are to attempts made before the pause: they say nothing new, and
+        do not lengthen it (eight calls in flight would otherwise double it eight times)."""
         STS_THROTTLED.inc()
         now = self._clock()
-        self._paused_until = max(self._paused_until, now + self._pause)
+        if now < self._paused_until:
+            return
+        self._paused_until = now + self._pause
         self._pause = min(self._pause * 2, self._pause_max)
         self._tokens = 0.0
         self._updated = now

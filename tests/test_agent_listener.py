@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -93,3 +94,20 @@ async def test_the_newest_agent_takes_every_new_connection_and_then_all_of_them(
     finally:
         old.close()
         new.close()
+
+
+async def test_a_listening_agent_is_found_while_the_new_agents_loop_is_busy_starting() -> None:
+    # The new agent asks at start-up, while its event loop is busy (imports, TLS material, gRPC
+    # channels); on a node's busy core that took longer than the probe's timeout, the probe
+    # concluded that nobody listened, and the new agent listened before its snapshot had come:
+    # pods it was handed were refused "not connected" during a rollout.
+    old = listener.bind(HOST, 0)
+    port = old.getsockname()[1]
+    try:
+        old.listen(16)
+        probe = asyncio.create_task(listener.someone_listens(HOST, port, timeout=0.2))
+        await asyncio.sleep(0)  # the probe has started
+        time.sleep(0.5)  # start-up work holding the event loop  # noqa: ASYNC251
+        assert await probe is True
+    finally:
+        old.close()

@@ -23,6 +23,7 @@ from tests.support.agent import NODE, pod_session, running_agent
 from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
 from tests.support.server import BASE_ARN, running_server
+from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import eventually
 
 PERMITTED = "iam.amazonaws.com/permitted"
@@ -213,6 +214,32 @@ async def test_new_pod_during_outage_is_refused_fast_with_reason(
             status, body = await get(agent, new, CREDS + "app-during")
             assert status == 503 and "no podiam server is reachable" in body
             assert (await get(agent, old, CREDS + "app-before"))[0] == 200
+
+
+async def test_new_pod_during_a_partition_is_refused_fast_with_reason(
+    kube, moto_sts, tls_dirs, tmp_path
+):
+    # A partition refuses nothing: packets vanish and the connections look open. The agent's
+    # keepalive pings notice within seconds; from then on a new pod hears "no server" at once
+    # rather than waiting out --pod-wait for a 504.
+    mkdirs(tmp_path, 1)
+    async with replicas(kube, moto_sts, tls_dirs, tmp_path, count=1) as runs:
+        async with TcpProxy("127.0.0.1", runs[0].server.port) as network:
+            async with running_agent(
+                server_port=network.port, tls=tls_dirs, metadata=moto_sts.endpoint_url
+            ) as agent:
+                await asyncio.wait_for(agent.streams.synced_once.wait(), 15)
+                old = add_pod(kube, "before-partition", "app-before")
+                await cached(agent, old, "app-before")
+                network.stall()
+                await eventually(lambda: not agent.state.live, timeout=20)
+                new = add_pod(kube, "during-partition", "app-during")
+                status, body = await get(agent, new, CREDS + "app-during")
+                assert status == 503 and "no podiam server is reachable" in body, (status, body)
+                assert (await get(agent, old, CREDS + "app-before"))[0] == 200
+                network.flow()
+                await eventually(lambda: agent.state.live, timeout=20)
+                await eventually(lambda: agent.state.usable_entry(new) is not None, timeout=10)
 
 
 async def test_without_route_evidence_stale_service_ends_after_grace(

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.__main__ import SECTIONS, parse_options
+import pytest
+
+from bench.__main__ import FAULTS, SECTIONS, parse_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +21,15 @@ def test_quick_defaults_and_overrides_are_parsed():
     assert options.concurrency == [2, 8]
     assert options.keepalive == [True, False]
     assert set(SECTIONS) >= {"hot", "client", "podstart", "sts", "scale", "faults"}
+    assert options.faults == list(FAULTS)
+    assert options.sts_outage_minutes == 5
+
+
+def test_faults_can_be_picked_and_an_unknown_one_is_refused(capsys):
+    assert parse_options(["--faults", "kube, rollout"]).faults == ["kube", "rollout"]
+    with pytest.raises(SystemExit):
+        parse_options(["--faults", "kube,earthquake"])
+    assert "unknown faults: earthquake" in capsys.readouterr().err
 
 
 def test_tiny_run_writes_a_markdown_and_json_report(tmp_path):

@@ -148,6 +148,22 @@ async def test_waiting_request_wakes_when_its_pod_and_credentials_arrive() -> No
     assert waiter.done() and waiter.result() is True
 
 
+async def test_a_burst_of_waiting_requests_is_answered_batch_by_batch_as_pods_arrive() -> None:
+    node = NodeState()
+    node.apply(snapshot(credentials=[creds("id-1", "AK1")]))
+    ips = [f"10.0.1.{n}" for n in range(1, 201)]
+    waiters = {ip: asyncio.create_task(node.wait_ready(ip, seconds=30)) for ip in ips}
+    await asyncio.sleep(0)
+    assert node.waiting == len(ips)
+    for batch in range(0, len(ips), 50):
+        arrived = ips[batch : batch + 50]
+        node.apply(kiam_pb2.NodeUpdate(pods=[state(ip, identity="id-1") for ip in arrived]))
+        await _turns(3)
+        assert all(waiters[ip].done() and waiters[ip].result() for ip in arrived)
+        assert not any(waiters[ip].done() for ip in ips[batch + 50 :])
+        assert node.waiting == len(ips) - batch - 50
+
+
 async def test_waiting_request_gives_up_at_once_when_the_stream_breaks() -> None:
     node = NodeState()
     node.apply(snapshot())

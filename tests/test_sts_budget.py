@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
-from server.credentials import CredentialCache
+from server.credentials import CredentialCache, CredentialsUnavailable
 from server.identity import RoleIdentity
 from server.sts_budget import Priority, StsBudget, Ticket
 from tests.support.waiting import eventually
@@ -202,3 +203,75 @@ async def test_refreshes_are_spread_over_the_refresh_window(make_cache, sts):
     assert 0 < refreshed < len(spread)
     clock.now = expiry - timedelta(minutes=29)
     await eventually(lambda: all(cache.peek(i).access_key_id != first[i] for i in spread))
+
+
+# ---- every attempt through the budget --------------------------------------------------------
+
+
+def budget_grants() -> float:
+    """Tokens the budget has handed out, first fetches and refreshes (one histogram sample per
+    grant)."""
+    sample = REGISTRY.get_sample_value
+    return sum(
+        sample("podiam_sts_budget_wait_seconds_count", {"priority": p.label}) or 0.0
+        for p in Priority
+    )
+
+
+async def test_a_throttled_first_fetch_is_retried_through_the_budget_not_behind_it(make_cache, sts):
+    cache = make_cache(StsBudget(qps=100, burst=10, throttle_pause=0.05), FakeClock())
+    identity = RoleIdentity(BASE + "retried", "podiam-retried")
+    grants = budget_grants()
+    sts.fail_next(2, "Throttling")
+    credentials = await cache.get(identity)
+    assert credentials.access_key_id
+    calls = sts.calls(identity.role_arn)
+    # Two throttled attempts and the one that succeeded — no retry of botocore's own on top —
+    # and each of the three took its token from the budget.
+    assert [call.failed_with for call in calls] == ["Throttling", "Throttling", None]
+    assert budget_grants() - grants == 3
+
+
+async def test_sts_throttling_without_end_costs_three_attempts_per_call_each_granted(
+    make_cache, sts
+):
+    cache = make_cache(StsBudget(qps=100, burst=10, throttle_pause=0.05), FakeClock())
+    identity = RoleIdentity(BASE + "throttled", "podiam-throttled")
+    grants = budget_grants()
+    sts.set_failing(True, "Throttling")
+    with pytest.raises(CredentialsUnavailable) as refused:
+        await cache.get(identity)
+    assert refused.value.cause.code == "Throttling"
+    assert sts.assume_role_calls(identity.role_arn) == 3
+    assert budget_grants() - grants == 3
+
+
+async def test_access_denied_is_not_retried(make_cache, sts):
+    cache = make_cache(StsBudget(qps=100, burst=10), FakeClock())
+    identity = RoleIdentity(BASE + "denied", "podiam-denied")
+    sts.fail_next(1, "AccessDenied")
+    with pytest.raises(CredentialsUnavailable):
+        await cache.get(identity)
+    assert sts.assume_role_calls(identity.role_arn) == 1
+
+
+async def test_sts_unavailable_for_a_moment_costs_the_pod_nothing(make_cache, sts):
+    cache = make_cache(StsBudget(qps=100, burst=10), FakeClock())
+    identity = RoleIdentity(BASE + "blip", "podiam-blip")
+    sts.fail_next(1, "ServiceUnavailable")
+    assert (await cache.get(identity)).access_key_id
+    assert [c.failed_with for c in sts.calls(identity.role_arn)] == ["ServiceUnavailable", None]
+
+
+async def test_throttling_answers_to_calls_already_in_flight_do_not_lengthen_the_pause():
+    budget = StsBudget(qps=1000, burst=10, throttle_pause=0.2, throttle_pause_max=30)
+    try:
+        for _ in range(8):  # eight calls granted together, all answered Throttling
+            budget.throttled()
+        throttled_at = time.monotonic()
+        await budget.wait(Ticket(Priority.FIRST))
+        waited = time.monotonic() - throttled_at
+        # One pause (0.2 s), not 0.2 s doubled seven times over.
+        assert 0.2 <= waited < 5
+    finally:
+        await budget.close()

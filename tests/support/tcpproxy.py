@@ -1,4 +1,6 @@
-"""A TCP proxy that tests can break: cut every connection, or refuse new ones for a while.
+"""A TCP proxy that tests can break: cut every connection, refuse new ones for a while, or
+stall — a partition: connections stay open and new ones are accepted, but no byte gets through,
+so nothing fails until a timeout or a keepalive notices.
 
 A watch that dies because the network did is the same event whichever API server is behind it,
 so the shared Kubernetes scenarios break watches here, in front of the test double and the real
@@ -22,6 +24,9 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self.accepting = True
+        self.stalled = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.connections = 0  # accepted and forwarded, ever
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -65,6 +70,16 @@ class TcpProxy:
     def accept(self) -> None:
         self.accepting = True
 
+    def stall(self) -> None:
+        """Let nothing through, in either direction, on open or new connections, until
+        ``flow``: what a pulled cable or a dropped route looks like from either end."""
+        self.stalled = True
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self.stalled = False
+        self._flowing.set()
+
     @contextlib.contextmanager
     def down(self):
         """The network is down for the duration of the block."""
@@ -75,6 +90,7 @@ class TcpProxy:
             self.accept()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()  # a stalled network: the connection goes nowhere yet
         if not self.accepting:
             writer.transport.abort()
             return
@@ -106,10 +122,10 @@ class TcpProxy:
                 self._writers.discard(end)
                 end.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()  # bytes sent into a partition arrive after it, if ever
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
