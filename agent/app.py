@@ -167,7 +167,7 @@ class PodiamAgent:
                 asyncio.create_task(self._listen_when_ready(http, sock), name="listen-when-ready")
             )
         else:
-            http.serve(sock)
+            http.serve(sock, backlog=LISTEN_BACKLOG)
             self._listening.set()
             log.info(
                 "serving the metadata API on %s:%d; waiting for podiam server %s",
@@ -226,7 +226,7 @@ class PodiamAgent:
         await self.streams.synced_once.wait()
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
-        http.serve(sock)
+        http.serve(sock, backlog=LISTEN_BACKLOG)
         try:
             listener.steer_new_connections_here(sock)
             steered = "; new connections come here only"
