@@ -181,6 +181,7 @@ class PodiamServer:
             denials=recorder,
             startup_taint=self.startup_taint,
             audit=self.audit,
+            allowed_accounts=config.allowed_accounts,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()

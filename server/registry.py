@@ -116,6 +116,11 @@ class Registry:
         key = keys[0]
         return Lookup(pod=self.pods[key], grant=self._grants[key])
 
+    def pod(self, namespace: str, name: str) -> tuple[PodRecord | None, Grant | None]:
+        """A pod by name with its grant, whether or not it is active (podiam-server explain)."""
+        key = (namespace, name)
+        return self.pods.get(key), self._grants.get(key)
+
     def pods_with_ip(self, ip: str) -> tuple[PodKey, ...]:
         """The active pods that have ``ip``; more than one is the ambiguous case."""
         return self._index.holders(ip)
