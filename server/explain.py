@@ -282,13 +282,13 @@ def _namespace(out: Explanation, pod: PodRecord, grant: Grant, view: ServerView)
     )
     role_arn = view.resolver.resolve(pod.role)
     short = view.resolver.short_name(role_arn)
-    tried = " and ".join(
-        f"{what} {quoted(value)}"
-        for what, value in (("short name", short), ("ARN", role_arn))
-        if value is not None
-    )
     if reason is Reason.NOT_PERMITTED:
-        out.step("pattern matches", Outcome.FAIL, f"matches neither {tried}")
+        tried = (
+            f"matches neither short name {quoted(short)} nor ARN {quoted(role_arn)}"
+            if short is not None
+            else f"does not match ARN {quoted(role_arn)}"
+        )
+        out.step("pattern matches", Outcome.FAIL, tried)
         _skip_rest(out, "pattern matches")
         out.refuse(
             Reason.NOT_PERMITTED.value,

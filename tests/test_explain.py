@@ -127,7 +127,7 @@ async def test_not_permitted_shows_the_pattern_and_what_it_was_matched_against(p
     await known(podiam, "apps", "intruder")
     result = await explain(podiam, "apps/intruder")
     assert "iam.amazonaws.com/permitted='app-.*'" in result.line("permitted pattern")
-    assert f"short name 'admin' and ARN '{BASE_ARN}admin'" in result.line("pattern matches")
+    assert f"neither short name 'admin' nor ARN '{BASE_ARN}admin'" in result.line("pattern matches")
     assert "kubectl annotate namespace apps --overwrite" in result.out
     assert "'app-.*|admin'" in result.out
 
