@@ -69,7 +69,7 @@ class PodiamServer:
         except KubeConfigError as error:
             raise StartupError(str(error)) from error
 
-        first_credentials = FirstCredentialsTimer()
+        first_credentials = FirstCredentialsTimer()  # told of the fan-out below
         try:
             audit = AuditTrail(config.audit_log, on_first_served=first_credentials.served)
         except OSError as error:
@@ -97,6 +97,7 @@ class PodiamServer:
         messages = CredentialMessages()
         self._closers.append(_as_async(messages.clear))  # closers run last first: after the cache
         fanout = NodeFanout(messages)
+        first_credentials.streams = fanout.streams
         budget = StsBudget(qps=config.sts_qps, burst=config.sts_burst)
         cache = CredentialCache(
             gateway,

@@ -6,7 +6,10 @@ start, as ``podiam_pod_first_credentials_seconds``.
 The two ends are facts other modules already know: the registry sees a pod become active, and
 the audit trail records each pod the first time it is served. This joins them with one
 timestamp per pod still waiting. Pods listed when the server starts are not timed: they started
-before this server did, and were served by another replica meanwhile.
+before this server did, and were served by another replica meanwhile. Nor are pods on nodes
+whose agents hold no node stream to this replica (with three replicas or more, each serves only
+some nodes): the replica those agents follow times them, and this one keeps no timestamp that
+nothing would ever close.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from server.pods import PodRecord
 
 
 class FirstCredentialsTimer:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        streams: Callable[[str], int] = lambda host_ip: 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # Node streams open for a node (NodeFanout.streams); may be set after construction, as
+        # the server builds the fan-out after the audit trail that reports to this timer.
+        self.streams = streams
         self._clock = clock
         self._armed = False
         self._waiting: dict[str, float] = {}  # pod uid → when it was first seen active
@@ -29,7 +40,7 @@ class FirstCredentialsTimer:
         self._armed = True
 
     def active(self, pod: PodRecord) -> None:
-        if self._armed:
+        if self._armed and self.streams(pod.host_ip):
             self._waiting.setdefault(pod.uid, self._clock())
 
     def served(self, pod: PodRecord) -> None:

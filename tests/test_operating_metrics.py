@@ -76,6 +76,15 @@ def test_pods_listed_before_the_server_was_ready_are_not_timed():
     assert first_credentials_count() == before + 1
 
 
+def test_pods_on_nodes_this_replica_does_not_stream_to_keep_no_timestamp():
+    timer = FirstCredentialsTimer(streams=lambda host_ip: 0)
+    timer.arm()
+    before = first_credentials_count()
+    timer.active(_pod("elsewhere"))
+    timer.served(_pod("elsewhere"))  # e.g. by a unary call: this replica never started a clock
+    assert first_credentials_count() == before
+
+
 async def test_agent_counts_credentials_it_holds_with_under_30_minutes_left(agent, kube, sts):
     key = ("podiam_agent_credentials_expiring", ())
     assert (await agent_metrics(agent))[key] == 0
