@@ -369,10 +369,10 @@ async def test_prometheus_parses_every_query_and_reads_the_same_metric_names(
 
 
 def _selector_names(node) -> set[str]:
-    """Metric names of every vector selector in Prometheus's parse tree."""
+    """Metric names of every selector (instant or range) in Prometheus's parse tree."""
     names = set()
     if isinstance(node, dict):
-        if node.get("type") == "vectorSelector":
+        if node.get("type") in ("vectorSelector", "matrixSelector"):
             name = node.get("name") or next(
                 (m["value"] for m in node.get("matchers", []) if m.get("name") == "__name__"), ""
             )
