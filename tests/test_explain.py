@@ -8,12 +8,15 @@ import asyncio
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 
 from protos import kiam_pb2
+from server.explain_cli import build_parser
 from server.service import is_local
+from tests.support.helm import container, render
 from tests.support.pods import NODE, add_pod, next_pod_ip
 from tests.support.server import BASE_ARN, indexed, refused
 from tests.support.waiting import eventually
@@ -222,3 +225,15 @@ def _state(podiam, namespace: str, name: str):
     if grant is None or grant.identity is None:
         return None
     return podiam.server.cache.state(grant.identity)
+
+
+def test_defaults_reach_the_server_in_its_pod_as_the_chart_runs_it():
+    """`kubectl exec deploy/podiam-server -- podiam-server explain NS/POD` needs no flags: the
+    defaults are the chart's gRPC port and the client certificate it mounts for the probes."""
+    server = container(render({"server": {"roleBaseArn": BASE_ARN}}), "Deployment")
+    args = build_parser(environ={}).parse_args(["apps/web"])
+    assert args.server_address == ("127.0.0.1", server["ports"][0]["containerPort"])
+    mounts = {mount["name"]: mount["mountPath"] for mount in server["volumeMounts"]}
+    assert args.cert.parent == args.key.parent == args.ca.parent == Path(mounts["probe-tls"])
+    probe = server["readinessProbe"]["exec"]["command"]
+    assert [str(args.cert), str(args.key), str(args.ca)] == probe[-3:]
