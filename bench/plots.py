@@ -57,6 +57,7 @@ def _latency(data: Mapping[str, Any], path: Path) -> bool:
     if not concurrencies:
         return False
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure, axes = plt.subplots(
         1, len(concurrencies), figsize=(4.2 * len(concurrencies), 3.8), sharey=True, squeeze=False
@@ -72,13 +73,16 @@ def _latency(data: Mapping[str, Any], path: Path) -> bool:
                 fractions, ms = zip(*row[who]["quantiles_ms"], strict=True)
                 axis.plot(ms, fractions, style, color=colour, label=f"{label}, {connections}")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_title(f"{concurrency} concurrent")
         axis.set_xlabel("latency (ms, log)")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("fraction of requests at or below")
-    axes[0][0].legend(fontsize="small", loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize="small", frameon=False)
     figure.suptitle("Credentials requests: podiam-agent vs a bare aiohttp server, same bytes")
-    return _save(figure, path)
+    return _save(figure, path, bottom=0.14)
 
 
 def _hour(data: Mapping[str, Any], path: Path) -> bool:
@@ -131,10 +135,10 @@ def _scale(data: Mapping[str, Any], path: Path) -> bool:
     return _save(figure, path)
 
 
-def _save(figure, path: Path) -> bool:
+def _save(figure, path: Path, *, bottom: float = 0.0) -> bool:
     import matplotlib.pyplot as plt
 
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, bottom, 1, 1))  # room for a legend below, when there is one
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
