@@ -26,7 +26,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent import listener
+from agent import listener, metrics
 from agent.client import ServerConnection
 from agent.config import AgentConfig
 from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
@@ -91,13 +91,13 @@ class PodiamAgent:
         if ready_file is not None:
             # A file left by a killed predecessor in the same pod must not claim readiness.
             _remove(ready_file)
+        tls = TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
         try:
-            connection = ServerConnection(
-                config.server_address, TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
-            )
+            connection = ServerConnection(config.server_address, tls)
         except TlsConfigError as error:
             raise StartupError(str(error)) from error
         self._closers.append(connection.close)
+        metrics.HELD.watch(self.state, tls)
         if config.iptables:
             await self._install_redirect()
 

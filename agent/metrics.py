@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+import weakref
 from bisect import bisect_left
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client import metrics as metrics_module
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import INF, floatToGoString
+
+from certs.tls import TlsFiles, expiry_times
 
 
 class RequestMetrics:
@@ -152,3 +157,73 @@ CONNECTIONS = Gauge(
     "podiam_agent_listener_connections",
     "Pod connections open on the metadata listener.",
 )
+
+
+class _Expiring(Protocol):
+    expires: float  # seconds since the epoch
+
+
+class _HeldCredentials(Protocol):
+    credentials: Mapping[str, _Expiring]
+
+
+# SDKs treat credentials with less than about 25 minutes left as expiring; the server refreshes
+# with 30 to 35 minutes left, so an agent holding such credentials means refreshes are failing.
+EXPIRING_WITHIN = 30 * 60
+
+
+class HeldCredentials:
+    """``podiam_agent_credentials_expiring`` and
+    ``podiam_agent_certificate_expiry_timestamp_seconds``,
+    worked out at each scrape from what the agent holds (rendered on the event loop, like
+    everything the agent counts, so the state's dictionaries are read where they change)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._states: weakref.WeakSet = weakref.WeakSet()
+        self._files: dict[str, TlsFiles] = {}
+        registry.register(self)
+
+    def watch(self, state: _HeldCredentials, files: TlsFiles | None = None) -> None:
+        self._states.add(state)
+        if files is not None:
+            self._files["agent"] = files
+
+    def describe(self) -> list[Metric]:
+        return self._families()
+
+    def collect(self) -> list[Metric]:
+        expiring, certificates = self._families()
+        soon = time.time() + EXPIRING_WITHIN
+        expiring.add_metric(
+            [],
+            sum(
+                1
+                for state in list(self._states)
+                for held in state.credentials.values()
+                if held.expires < soon
+            ),
+        )
+        for side, files in self._files.items():
+            for certificate, moment in expiry_times(files, side=side).items():
+                certificates.add_metric([certificate], moment)
+        return [expiring, certificates]
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "podiam_agent_credentials_expiring",
+                "Identities whose credentials this agent holds with under 30 minutes left (it "
+                "serves them while no fresher ones come): 0 unless the server's refreshes fail.",
+            ),
+            GaugeMetricFamily(
+                "podiam_agent_certificate_expiry_timestamp_seconds",
+                "When a TLS certificate expires (seconds since the epoch): the agent's own "
+                "client certificate (certificate=agent), and the latest-expiring CA of the "
+                "bundle the server's certificate must chain to (certificate=ca).",
+                labels=["certificate"],
+            ),
+        ]
+
+
+HELD = HeldCredentials()

@@ -294,6 +294,18 @@ _SECTION_RUNNERS = {
 }
 
 
+def _draw(report: Report, out: Path) -> None:
+    """PNG plots beside the Markdown report, named after it (bench-report-latency.png, ...)."""
+    from bench import plots
+
+    report.images_skipped = plots.available()
+    if report.images_skipped:
+        return
+    data = json.loads(json.dumps(report.as_json(), default=str))
+    drawn = plots.write_plots(data, out.parent, out.stem)
+    report.images = [(title, path.name) for title, path in drawn]
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     # This process (API server, STS, podiam-server for the loopback sections) shares the load
@@ -301,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.pin(procs.cpu(procs.LOAD_CPU))
     procs.raise_open_files_limit()
     report = asyncio.run(run(options))
+    _draw(report, options.out)
     text = report.markdown()
     options.out.write_text(text)
     if options.json is not None:

@@ -123,14 +123,21 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+# Where the latency distribution is sampled for the report's plots (bench/plots.py).
+QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995,
+             0.999, 1.0)  # fmt: skip
+
+
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p99/p99.9/max in milliseconds."""
+    """p50/p99/p99.9/max in milliseconds, and ``quantiles_ms``: [fraction, ms] at
+    ``QUANTILES``, the distribution the plots draw."""
     ordered = sorted(seconds)
     return {
         "p50_ms": percentile(ordered, 0.50) * 1000,
         "p99_ms": percentile(ordered, 0.99) * 1000,
         "p999_ms": percentile(ordered, 0.999) * 1000,
         "max_ms": (ordered[-1] * 1000) if ordered else 0.0,
+        "quantiles_ms": [[q, percentile(ordered, q) * 1000] for q in QUANTILES] if ordered else [],
     }
 
 

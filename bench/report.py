@@ -55,6 +55,9 @@ class Report:
         self.options = options
         self.sections: list[Section] = []
         self.started = time.time()
+        # (title, file name beside the Markdown) of each plot drawn (bench/plots.py), or why none.
+        self.images: list[tuple[str, str]] = []
+        self.images_skipped = ""
 
     def section(self, key: str, title: str) -> Section:
         section = Section(key, title)
@@ -104,6 +107,12 @@ class Report:
                     out.append("| " + " | ".join(_cell(value) for value in row) + " |")
                 out.append("")
             out += [f"_section time: {section.seconds:.1f}s_", ""]
+        if self.images or self.images_skipped:
+            out += ["## Plots", ""]
+            if self.images_skipped:
+                out += [f"_No plots: {self.images_skipped}_", ""]
+            for title, name in self.images:
+                out += [f"**{title}**", "", f"![{title}]({name})", ""]
         return "\n".join(out)
 
     def as_json(self) -> dict[str, Any]:

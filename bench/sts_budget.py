@@ -96,7 +96,7 @@ async def workload_hour(sts: MotoSts, *, pods: int, workloads: int, roles: int, 
         )
         registry.pod_sink.upsert(_deployment_pod(obj, deployment))
     try:
-        _total, rounds, _period = await run_the_hour(sts, prefix, clock)
+        rounds = (await run_the_hour(sts, prefix, clock)).rounds
     finally:
         await cache.close()
         gateway.close()

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from prometheus_client import REGISTRY
 
@@ -99,9 +100,16 @@ async def simulated_hour(sts: MotoSts, *, pods: int, roles: int, shared: bool, p
         gateway.close()
 
 
-async def run_the_hour(sts: MotoSts, prefix: str, clock: _Clock) -> tuple[int, list[int], int]:
+class Hour(NamedTuple):
+    total: int  # AssumeRole calls in the hour
+    rounds: list[int]  # the calls of each refresh round
+    period: int  # a round's length, in steps
+    per_step: list[int]  # the calls of each step (minute 0 is the first fetch)
+
+
+async def run_the_hour(sts: MotoSts, prefix: str, clock: _Clock) -> Hour:
     """Move ``clock`` through an hour in steps, letting the cache refresh at each, and count
-    AssumeRole calls: (the total, the calls of each refresh round, the round's length in steps)."""
+    AssumeRole calls."""
     timeline = [(0, await _settle(sts, prefix))]
     minutes = int(HOUR / STEP)
     for minute in range(1, minutes + 1):
@@ -113,7 +121,8 @@ async def run_the_hour(sts: MotoSts, prefix: str, clock: _Clock) -> tuple[int, l
         before = timeline[start - 1][1] if start else 0
         end = min(start + period - 1, minutes)
         rounds.append(timeline[end][1] - before)
-    return timeline[-1][1], rounds, period
+    per_step = [count - (timeline[i - 1][1] if i else 0) for i, (_, count) in enumerate(timeline)]
+    return Hour(timeline[-1][1], rounds, period, per_step)
 
 
 async def burst(cluster: LoopbackCluster, *, pods: int, roles: int, shared: bool, prefix: str):
@@ -181,7 +190,9 @@ async def run(section: Section, cluster: LoopbackCluster, options) -> None:
         "simulated hour", ["pods (N)", "roles (M)", "sessions", "AssumeRole calls",
                            "calls per refresh round", "expected per round"]
     )  # fmt: skip
-    total, rounds, _ = await simulated_hour(cluster.sts, pods=n, roles=m, shared=True, prefix="hr")
+    total, rounds, _, per_minute = await simulated_hour(
+        cluster.sts, pods=n, roles=m, shared=True, prefix="hr"
+    )
     hour.add(n, m, "shared annotation", total, " / ".join(map(str, rounds)), m)
     section.check(
         f"simulated hour: AssumeRole calls per refresh round ({n} pods, {m} roles)",
@@ -189,7 +200,7 @@ async def run(section: Section, cluster: LoopbackCluster, options) -> None:
         " / ".join(map(str, rounds)),
         all(r == m for r in rounds),
     )
-    total2, rounds2, _ = await simulated_hour(
+    total2, rounds2, _, per_minute2 = await simulated_hour(
         cluster.sts, pods=contrast, roles=m, shared=False, prefix="hp"
     )
     hour.add(contrast, m, "pod-name sessions", total2, " / ".join(map(str, rounds2)), contrast)
@@ -215,7 +226,16 @@ async def run(section: Section, cluster: LoopbackCluster, options) -> None:
               latency2["p50_ms"], latency2["p99_ms"], latency2["max_ms"],
               latency2["assume_role_mean_ms"])  # fmt: skip
     section.data.update(
-        hour={"total": total, "rounds": rounds, "contrast_rounds": rounds2},
+        hour={
+            "total": total,
+            "rounds": rounds,
+            "contrast_rounds": rounds2,
+            "pods": n,
+            "roles": m,
+            "contrast_pods": contrast,
+            "calls_per_minute": per_minute,
+            "contrast_calls_per_minute": per_minute2,
+        },
         burst={"calls": calls, "ok": ok, "latency": latency, "contrast_calls": calls2},
     )
 

@@ -177,6 +177,22 @@ def check_purpose(cert: x509.Certificate, path: Path, purpose: Purpose) -> None:
         )
 
 
+def expiry_times(files: TlsFiles, *, side: str) -> dict[str, float]:
+    """When the certificate of ``files`` and the latest-expiring CA of its bundle expire, in
+    seconds since the epoch, as ``{side: ..., "ca": ...}`` (for the metrics of both programs).
+    A file that cannot be read or parsed now is left out: the process keeps what it loaded."""
+    found = {}
+    for label, path, what in ((side, files.cert, "certificate"), ("ca", files.ca, "CA bundle")):
+        try:
+            certs = parse_certificates(read_file(path, what), path, what)
+        except TlsConfigError:
+            continue
+        # The leaf comes first in a chain; of a CA bundle, the CA that lasts longest counts.
+        chosen = certs[0] if label == side else max(certs, key=lambda c: c.not_valid_after_utc)
+        found[label] = chosen.not_valid_after_utc.timestamp()
+    return found
+
+
 def load_tls_material(files: TlsFiles, *, purpose: Purpose) -> tuple[bytes, bytes, bytes]:
     """``(cert, key, ca)`` PEM bytes from ``files``, checked to be usable together by the
     ``purpose`` side of a connection.

@@ -145,3 +145,35 @@ class TokenCredentials(_message.Message):
     identity: str
     token_expires: int
     def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., ip: _Optional[str] = ..., identity: _Optional[str] = ..., token_expires: _Optional[int] = ...) -> None: ...
+
+class ExplainPodRequest(_message.Message):
+    __slots__ = ("namespace", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ExplanationStep(_message.Message):
+    __slots__ = ("check", "outcome", "detail")
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    check: str
+    outcome: str
+    detail: str
+    def __init__(self, check: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class PodExplanation(_message.Message):
+    __slots__ = ("steps", "served", "answer", "fix", "reason")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    FIX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[ExplanationStep]
+    served: bool
+    answer: str
+    fix: str
+    reason: str
+    def __init__(self, steps: _Optional[_Iterable[_Union[ExplanationStep, _Mapping]]] = ..., served: _Optional[bool] = ..., answer: _Optional[str] = ..., fix: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

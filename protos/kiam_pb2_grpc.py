@@ -64,6 +64,11 @@ class KiamServiceStub:
                 request_serializer=protos_dot_kiam__pb2.TokenCredentialsRequest.SerializeToString,
                 response_deserializer=protos_dot_kiam__pb2.TokenCredentials.FromString,
                 _registered_method=True)
+        self.ExplainPod = channel.unary_unary(
+                '/kiam.KiamService/ExplainPod',
+                request_serializer=protos_dot_kiam__pb2.ExplainPodRequest.SerializeToString,
+                response_deserializer=protos_dot_kiam__pb2.PodExplanation.FromString,
+                _registered_method=True)
 
 
 class KiamServiceServicer:
@@ -112,6 +117,15 @@ class KiamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainPod(self, request, context):
+        """podiam: each step of the server's decision for one pod, as the server sees it now, and the
+        answer the pod gets (`podiam-server explain`). Read-only; answered only to callers on the
+        server's own host (kubectl exec, kubectl port-forward), never to agents on other nodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KiamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_KiamServiceServicer_to_server(servicer, server):
                     servicer.GetTokenCredentials,
                     request_deserializer=protos_dot_kiam__pb2.TokenCredentialsRequest.FromString,
                     response_serializer=protos_dot_kiam__pb2.TokenCredentials.SerializeToString,
+            ),
+            'ExplainPod': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainPod,
+                    request_deserializer=protos_dot_kiam__pb2.ExplainPodRequest.FromString,
+                    response_serializer=protos_dot_kiam__pb2.PodExplanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +327,33 @@ class KiamService:
             '/kiam.KiamService/GetTokenCredentials',
             protos_dot_kiam__pb2.TokenCredentialsRequest.SerializeToString,
             protos_dot_kiam__pb2.TokenCredentials.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainPod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiam.KiamService/ExplainPod',
+            protos_dot_kiam__pb2.ExplainPodRequest.SerializeToString,
+            protos_dot_kiam__pb2.PodExplanation.FromString,
             options,
             channel_credentials,
             insecure,

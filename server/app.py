@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
 from protos import kiam_pb2_grpc
 from runtime.process import StartupError
+from server import metrics
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.audit import AuditTrail
 from server.config import ServerConfig
@@ -26,6 +27,7 @@ from server.credentials import DEFAULT_REFRESH_JITTER, CredentialCache
 from server.credentials_proto import CredentialMessages
 from server.events import EventRecorder
 from server.fanout import NodeFanout
+from server.first_credentials import FirstCredentialsTimer
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
 from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
@@ -54,16 +56,17 @@ class PodiamServer:
         self._closers: list = []
         self.webhook_port: int | None = None
         self._webhook: web.AppRunner | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         config = self.config
+        tls = TlsFiles(cert=config.cert, key=config.key, ca=config.ca)
         try:
             # Reloaded when the files change, so certificate rotation needs no restart.
-            credentials = server_credentials(
-                TlsFiles(cert=config.cert, key=config.key, ca=config.ca), reload=True
-            )
+            credentials = server_credentials(tls, reload=True)
         except TlsConfigError as error:
             raise StartupError(str(error)) from error
+        metrics.CERTIFICATE_EXPIRY.watch("server", tls)
         resolver = RoleResolver(await self._base_arn())
         try:
             api = await load_api_client(config.kubeconfig)
@@ -72,8 +75,9 @@ class PodiamServer:
         except KubeConfigError as error:
             raise StartupError(str(error)) from error
 
+        first_credentials = FirstCredentialsTimer()  # told of the fan-out below
         try:
-            audit = AuditTrail(config.audit_log)
+            audit = AuditTrail(config.audit_log, on_first_served=first_credentials.served)
         except OSError as error:
             raise StartupError(f"--audit-log {config.audit_log}: {error}") from error
         self._closers.append(_as_async(audit.close))
@@ -99,6 +103,7 @@ class PodiamServer:
         messages = CredentialMessages()
         self._closers.append(_as_async(messages.clear))  # closers run last first: after the cache
         fanout = NodeFanout(messages)
+        first_credentials.streams = fanout.streams
         budget = StsBudget(qps=config.sts_qps, burst=config.sts_burst)
         cache = CredentialCache(
             gateway,
@@ -123,7 +128,8 @@ class PodiamServer:
             changes=fanout,
             denials=recorder,
             allowed_accounts=config.allowed_accounts,
-            on_pod_gone=audit.pod_gone,
+            on_pod_active=first_credentials.active,
+            on_pod_gone=_both(audit.pod_gone, first_credentials.gone),
         )
         self.registry = registry
         self.cache = cache
@@ -142,7 +148,11 @@ class PodiamServer:
         if config.token_credentials:
             reviewer = TokenReviewer(api, audience=config.token_audience)
             self.token_pods = TokenPods(reviewer, registry, api)
+        # Before the first list, so that a server stuck listing shows (podiam_server_synced 0).
+        self._serve_metrics()
         await self._sync(api, registry)
+        metrics.SYNCED.set(1)
+        first_credentials.arm()
         await self._serve(registry, cache, messages, fanout, recorder, credentials)
         if config.webhook_bind is not None:
             await self._serve_webhook()
@@ -197,6 +207,7 @@ class PodiamServer:
             startup_taint=self.startup_taint,
             audit=self.audit,
             token_pods=self.token_pods,
+            allowed_accounts=config.allowed_accounts,
         )
         kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
         self.health = health.aio.HealthServicer()
@@ -210,9 +221,6 @@ class PodiamServer:
         self._grpc = server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if config.prometheus_listen_addr is not None:
-            metrics_host, metrics_port = config.prometheus_listen_addr
-            start_http_server(metrics_port, addr=metrics_host)
         log.info("serving gRPC on %s:%d", host, self.port)
 
     async def _serve_webhook(self) -> None:
@@ -245,6 +253,22 @@ class PodiamServer:
         self.webhook_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("serving the admission webhook on %s:%d", host, self.webhook_port)
 
+    def _serve_metrics(self) -> None:
+        if self.config.prometheus_listen_addr is None:
+            return
+        host, port = self.config.prometheus_listen_addr
+        try:
+            httpd, _thread = start_http_server(port, addr=host)
+        except OSError as error:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {error}") from error
+        self.metrics_port = httpd.server_port
+
+        async def close() -> None:
+            await asyncio.to_thread(httpd.shutdown)
+            httpd.server_close()
+
+        self._closers.append(close)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking new RPCs, let in-flight ones finish within ``grace``, then tear down."""
         if self._webhook is not None:
@@ -263,6 +287,14 @@ class PodiamServer:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _both(first, second):
+    def call(*args) -> None:
+        first(*args)
+        second(*args)
+
+    return call
 
 
 def _as_async(fn):

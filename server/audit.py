@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime.logs import JsonFormatter
@@ -30,7 +31,13 @@ _LOGGER = "podiam.audit"
 
 
 class AuditTrail:
-    def __init__(self, destination: str = STDOUT) -> None:
+    def __init__(
+        self,
+        destination: str = STDOUT,
+        *,
+        on_first_served: Callable[[PodRecord], None] | None = None,
+    ) -> None:
+        self._on_first_served = on_first_served
         self._handler: logging.Handler | None = None
         if destination == STDOUT:
             self._log = logging.getLogger(_LOGGER)
@@ -73,6 +80,8 @@ class AuditTrail:
         """Record ``pod`` as served ``identity``, unless it already was."""
         if self._served.get(pod.uid) == identity.key:
             return
+        if pod.uid not in self._served and self._on_first_served is not None:
+            self._on_first_served(pod)
         self._served[pod.uid] = identity.key
         self._log.info(
             "audit: pod served: %s/%s uid=%s node=%s identity=%s access_key_id=%s",

@@ -85,6 +85,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
             "iam.amazonaws.com/role), fetches and caches STS credentials, and serves podiam and "
             "kiam agents over mutual-TLS gRPC."
         ),
+        epilog="podiam-server explain NAMESPACE/POD asks a running server why a pod gets "
+        "credentials or not (see podiam-server explain --help).",
         environ=environ,
     )
     flag = parser.add_flag

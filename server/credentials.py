@@ -95,6 +95,23 @@ class _Entry:
     retry_at: float = 0.0
     # When the refresher renews the credentials (on `clock`), set whenever new ones are stored.
     refresh_at: datetime = _LONG_AGO
+    # The last AssumeRole that failed and the last that succeeded (on `clock`), for explain.
+    last_error: StsError | None = None
+    last_error_at: datetime | None = None
+    last_success_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityState:
+    """What the cache holds for one identity, as `podiam-server explain` reports it."""
+
+    pods: int  # pods holding the identity (0: fetched for a get() alone)
+    credentials: AwsCredentials | None  # unexpired credentials, if any
+    refresh_at: datetime | None  # when the refresher renews them
+    fetching: bool  # an AssumeRole is in flight or queued at the rate budget
+    last_error: StsError | None
+    last_error_at: datetime | None
+    last_success_at: datetime | None
 
 
 class CredentialCache:
@@ -211,6 +228,22 @@ class CredentialCache:
             return None
         return self._valid(entry)
 
+    def state(self, identity: RoleIdentity) -> IdentityState | None:
+        """What is held for ``identity``, or None when nothing is (read-only)."""
+        entry = self._entries.get(identity)
+        if entry is None:
+            return None
+        credentials = self._valid(entry)
+        return IdentityState(
+            pods=entry.refcount,
+            credentials=credentials,
+            refresh_at=entry.refresh_at if credentials is not None else None,
+            fetching=entry.inflight is not None,
+            last_error=entry.last_error,
+            last_error_at=entry.last_error_at,
+            last_success_at=entry.last_success_at,
+        )
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -269,6 +302,7 @@ class CredentialCache:
             try:
                 credentials = await self._gateway.assume_role(entry.identity)
             except StsError as exc:
+                entry.last_error, entry.last_error_at = exc, self._clock()
                 if exc.throttled and self._budget is not None:
                     self._budget.throttled()
                 if not exc.retryable or attempt == self._sts_attempts:
@@ -276,6 +310,7 @@ class CredentialCache:
                 # Full jitter, so identities that failed together do not come back together.
                 await asyncio.sleep(self._rng.uniform(0, _ATTEMPT_BACKOFF * 2 ** (attempt - 1)))
                 continue
+            entry.last_success_at = self._clock()
             if self._budget is not None:
                 self._budget.succeeded()
             return credentials

@@ -96,6 +96,10 @@ class NodeFanout:
             self._by_identity.setdefault(identity, set()).add(watch)
         watch.serving = new
 
+    def streams(self, host_ip: str) -> int:
+        """How many node streams are open for ``host_ip``'s agent."""
+        return len(self._by_host.get(host_ip, ()))
+
     def credentials(self, identity: RoleIdentity) -> kiam_pb2.Credentials | None:
         """The wire message of ``identity``'s credentials as last announced; None when the cache
         holds none (not fetched yet, released, or expired)."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY
+
+from certs.tls import TlsFiles, expiry_times
 
 REQUESTS = Counter(
     "podiam_server_requests_total",
@@ -112,3 +116,50 @@ WEBHOOK_REVIEWS = Counter(
     "unchanged, bad-request).",
     ["outcome"],
 )
+POD_FIRST_CREDENTIALS = Histogram(
+    "podiam_pod_first_credentials_seconds",
+    "Time from the server first seeing a new pod active and permitted a role to its credentials "
+    "first going out to its node's agent or to the pod.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+SYNCED = Gauge(
+    "podiam_server_synced",
+    "1 once the first full list of pods and namespaces is done (gRPC is served only then).",
+)
+
+
+class CertificateExpiry:
+    """``podiam_server_certificate_expiry_timestamp_seconds{certificate}``: when the server's TLS
+    certificate and the latest-expiring CA it trusts expire. Read from the files at each scrape,
+    so a rotation shows at once. (The agent's twin is ``podiam_agent_…``: one name per program,
+    so that both can run in one process, as in the tests and the demo.)"""
+
+    def __init__(self, registry=REGISTRY) -> None:
+        self._files: dict[str, TlsFiles] = {}
+        registry.register(self)
+
+    def watch(self, side: str, files: TlsFiles) -> None:
+        self._files[side] = files
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        family = self._family()
+        for side, files in list(self._files.items()):
+            for certificate, moment in expiry_times(files, side=side).items():
+                family.add_metric([certificate], moment)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "podiam_server_certificate_expiry_timestamp_seconds",
+            "When a TLS certificate expires (seconds since the epoch): the server's own "
+            "(certificate=server), and the latest-expiring CA of the bundle agents' "
+            "certificates must chain to (certificate=ca).",
+            labels=["certificate"],
+        )
+
+
+CERTIFICATE_EXPIRY = CertificateExpiry()

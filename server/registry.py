@@ -77,9 +77,12 @@ class Registry:
         denials: DenialRecorder | None = None,
         allowed_accounts: frozenset[str] = frozenset(),
         on_pod_gone: Callable[[PodRecord], None] | None = None,
+        on_pod_active: Callable[[PodRecord], None] | None = None,
     ) -> None:
         self.resolver = resolver
         self._on_pod_gone = on_pod_gone
+        # Told when a pod permitted an identity becomes active (new, or its IP arrived).
+        self._on_pod_active = on_pod_active
         self._session_name = session_name
         self._session_tags = session_tags
         self._credentials = credentials
@@ -126,6 +129,11 @@ class Registry:
         """What ``pod`` would be granted now, for a pod read from the API but not (yet) seen
         by the watch."""
         return self._grant(pod)
+
+    def pod(self, namespace: str, name: str) -> tuple[PodRecord | None, Grant | None]:
+        """A pod by name with its grant, whether or not it is active (podiam-server explain)."""
+        key = (namespace, name)
+        return self.pods.get(key), self._grants.get(key)
 
     def pods_with_ip(self, ip: str) -> tuple[PodKey, ...]:
         """The active pods that have ``ip``; more than one is the ambiguous case."""
@@ -184,6 +192,13 @@ class Registry:
                 self._on_pod_gone(old)
         else:
             self._grants[key] = grant
+            if (
+                self._on_pod_active is not None
+                and new.active
+                and grant.identity is not None
+                and (old is None or not old.active)
+            ):
+                self._on_pod_active(new)
         self._publish(old, new)
         self._report_denial(old, old_grant, new, grant)
         metrics.PODS_INDEXED.set(len(self._index))

@@ -22,6 +22,7 @@ from server import metrics
 from server.audit import AuditTrail
 from server.credentials import CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
+from server.explain import ServerView, explain_pod
 from server.fanout import NodeFanout
 from server.node_stream import NodeStream
 from server.pods import PodRecord
@@ -80,9 +81,11 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         startup_taint: StartupTaintRemover | None = None,
         audit: AuditTrail | None = None,
         token_pods: TokenPods | None = None,
+        allowed_accounts: frozenset[str] = frozenset(),
     ) -> None:
         self._token_pods = token_pods
         self._audit = audit
+        self._allowed_accounts = allowed_accounts
         self._registry = registry
         self._credentials = credentials
         self._messages = messages
@@ -234,6 +237,34 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             token_expires=int(found.token.expires),
         )
 
+    # ---- podiam-server explain ----------------------------------------------------------------
+
+    async def ExplainPod(self, request, context) -> kiam_pb2.PodExplanation:
+        async with _answering("ExplainPod", context, ""):
+            if not is_local(peer_ip(context.peer())):
+                # Any agent certificate could ask otherwise, and learn every namespace's roles
+                # and patterns; an operator reaches the server's loopback with kubectl exec or
+                # kubectl port-forward.
+                raise Refusal(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "ExplainPod is answered only to callers on the server's own host (kubectl "
+                    "exec or kubectl port-forward to the server pod)",
+                )
+            if not request.namespace or not request.name:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "name a pod: namespace and name")
+            registry = self._registry
+            view = ServerView(
+                pod=registry.pod,
+                pods_with_ip=registry.pods_with_ip,
+                namespace=registry.namespaces.get,
+                resolver=registry.resolver,
+                allowed_accounts=self._allowed_accounts,
+                identity_state=self._credentials.state,
+                streams=self._fanout.streams,
+                node_binding=self._node_binding,
+            )
+            return explain_pod(request.namespace, request.name, view).message()
+
     # ---- policy -----------------------------------------------------------------------------
 
     def _permitted(self, ip: str, context, *, requested_role: str | None):
@@ -267,6 +298,15 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
             )
             raise Refusal(code, denial.message, denial.reason)
         return found.pod, found.grant
+
+
+def is_local(ip: str | None) -> bool:
+    """Whether a peer address is this host's loopback (IPv4-mapped addresses already unwrapped
+    by ``peer_ip``)."""
+    try:
+        return ip is not None and ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 _REPORT_CODES = {

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import FAULTS, SECTIONS, parse_options
+from bench.plots import write_plots
 
 REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_quick_defaults_and_overrides_are_parsed():
@@ -87,6 +89,14 @@ def test_tiny_run_writes_a_markdown_and_json_report(tmp_path):
     assert sts["hour"]["rounds"] == [2, 2, 2]
     assert sts["burst"]["calls"] == 2
     assert all(check["ok"] for check in sections["sts"]["checks"])
+    # Minute by minute, the hour's calls add up to its total: 2 at the start, 2 per refresh.
+    per_minute = sts["hour"]["calls_per_minute"]
+    assert len(per_minute) == 61 and sum(per_minute) == sts["hour"]["total"]
+    assert per_minute[0] == 2 and sorted(set(per_minute)) == [0, 2]
+    # Pictures beside the Markdown, linked from it.
+    for name in ("report-latency.png", "report-assume-role-hour.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG, name
+        assert f"]({name})" in markdown
 
 
 def verdicts_follow_the_figures(sections: dict) -> None:
@@ -142,3 +152,20 @@ def test_sts_economy_figures_for_workloads_and_the_rate_budget_are_exact_counts(
     assert sts["flood"]["probe_refusals"] == 0 < sts["flood"]["probe_answers"]
     assert sts["throttle"]["probe_refusals"] == 0 < sts["throttle"]["probe_answers"]
     assert sts["throttle"]["throttled_answers"] > 0
+
+
+def test_server_scale_plot_is_drawn_from_the_sections_rows(tmp_path):
+    rows = [
+        {"pods": 0, "sync_s": 0.1, "start_s": 1.0, "rss_mb": 60.0, "peak_rss_mb": 61.0},
+        {"pods": 10000, "sync_s": 1.2, "start_s": 2.5, "rss_mb": 80.0, "peak_rss_mb": 90.0},
+        {"pods": 50000, "sync_s": 5.1, "start_s": 6.8, "rss_mb": 150.0, "peak_rss_mb": 170.0},
+    ]
+    report = {"sections": [{"key": "scale", "skipped": "", "data": {"rows": rows}}]}
+    drawn = write_plots(report, tmp_path, "r")
+    assert [(title, path.name) for title, path in drawn] == [
+        ("Server memory and initial sync vs pods", "r-server-scale.png")
+    ]
+    assert (tmp_path / "r-server-scale.png").read_bytes()[:8] == PNG
+    # A skipped section draws nothing.
+    report["sections"][0]["skipped"] = "needs root"
+    assert write_plots(report, tmp_path, "s") == []
