@@ -22,12 +22,13 @@ from bench import procs
 from bench.report import Section
 from certs.authority import generate_bundle, write_bundle
 from certs.tls import TlsFiles
+from server.reflector import DEFAULT_PAGE_SIZE
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, MotoSts
 from tests.support.server import BASE_ARN
 
 ROLES = 50
 LOCAL_PODS = 100
-PAGE_SIZE = 500  # podiam-server's list page size (server/reflector.py)
+PAGE_SIZE = DEFAULT_PAGE_SIZE  # podiam-server's list page size
 _SERVING = re.compile(r"serving gRPC on [^:]+:(\d+)")
 
 
