@@ -143,8 +143,10 @@ class _Server:
             self.log.append(text)
             if "listing namespaces and pods" in text:
                 self.marks["listing"] = now
+                self.marks["listing_cpu"] = procs.cpu_seconds(self.process.pid)
             elif "synced" in text and "pods" in text:
                 self.marks["synced"] = now
+                self.marks["synced_cpu"] = procs.cpu_seconds(self.process.pid)
                 for profiler in self._profilers:  # the sync only
                     with contextlib.suppress(ProcessLookupError):
                         profiler.send_signal(signal.SIGINT)
@@ -248,7 +250,9 @@ async def run(section: Section, options) -> None:
         "API server's own share of the sync, the floor for any client of it.",
         "initial sync: from the server's `listing namespaces and pods` log line to `synced`; "
         "start to serving: from spawning the process to `serving gRPC` (imports, certificate "
-        "checks, sync). RSS and peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
+        "checks, sync); sync CPU: the CPU seconds the server process used between those two "
+        "lines (what the sync costs, whatever else the shared machine was running). RSS and "
+        "peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
         f"watch events/s: {options.watch_events} pods added to the API server at once, until "
         "the server's `podiam_pods_indexed` shows them all (the API server's own encoding of "
         "the events included); then deleted again, so every server measured lists the same "
@@ -265,7 +269,8 @@ async def run(section: Section, options) -> None:
         )
     table = section.table(
         "server by cluster size",
-        ["pods", "server", "API list alone s", "initial sync s", "start to serving s",
+        ["pods", "server", "API list alone s", "initial sync s", "sync CPU s",
+         "start to serving s",
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "watch events/s",
          "unary calls/s", "bare calls/s", "ratio", "unary p99 ms", "bare p99 ms",
          "server CPU"],
@@ -326,6 +331,7 @@ async def _measure(
         base_rss[label] = rss
     marks = server.marks
     row = {"pods": size, "server": label, "sync_s": marks["synced"] - marks["listing"],
+           "sync_cpu_s": marks["synced_cpu"] - marks["listing_cpu"],
            "start_s": marks["serving"] - marks["spawn"], "rss_mb": rss,
            "peak_rss_mb": peak, "api_alone_s": alone["seconds"] if alone else None}  # fmt: skip
     if size == 0:
@@ -356,12 +362,14 @@ async def _measure(
 def _add_row(table, row: dict) -> None:
     alone = f"{row['api_alone_s']:.1f}" if row.get("api_alone_s") else "—"
     if not row["pods"]:
-        table.add(0, row["server"], alone, row["sync_s"], row["start_s"], row["rss_mb"],
+        table.add(0, row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
+                  row["rss_mb"],
                   row["peak_rss_mb"], *["—"] * 9)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
-        row["pods"], row["server"], alone, row["sync_s"], row["start_s"], row["rss_mb"],
+        row["pods"], row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
+        row["rss_mb"],
         row["peak_rss_mb"], row["per_pod_bytes"], row["watch_events_per_s"], unary["cps"],
         bare["cps"], f"{row['unary_ratio']:.2f}x", unary["p99_ms"], bare["p99_ms"],
         f"{unary['served_cpu']:.2f}",

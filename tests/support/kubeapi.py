@@ -34,6 +34,7 @@ import bisect
 import copy
 import functools
 import gc
+import itertools
 import json
 import random
 import time
@@ -147,15 +148,16 @@ def parse_requirements(selector: str) -> list[Requirement]:
     return requirements
 
 
-@functools.lru_cache(maxsize=64)
-def _path_parts(path: str) -> tuple[str, ...]:
-    return tuple(path.split("."))
+_PATHS: dict[str, tuple[str, ...]] = {}
 
 
 def field_value(obj: Object, path: str) -> str:
+    parts = _PATHS.get(path)
+    if parts is None:
+        parts = _PATHS[path] = tuple(path.split("."))
     value: Any = obj
-    for part in _path_parts(path):
-        value = value.get(part) if isinstance(value, dict) else None
+    for part in parts:
+        value = value.get(part) if type(value) is dict else None
     if isinstance(value, bool):
         return "true" if value else "false"
     return "" if value is None else str(value)
@@ -186,8 +188,11 @@ class Filter:
         metadata = obj["metadata"]
         if self.namespace is not None and metadata.get("namespace") != self.namespace:
             return False
-        if not all(r.matches(field_value(obj, r.path)) for r in self.fields):
-            return False
+        for requirement in self.fields:  # a loop, not all(): this runs for every listed object
+            if (field_value(obj, requirement.path) == requirement.value) != requirement.equal:
+                return False
+        if not self.labels:
+            return True
         labels = metadata.get("labels") or {}
         return all(r.matches(labels.get(r.path, "")) for r in self.labels)
 
@@ -247,6 +252,10 @@ class Store:
         self.history: list[Change] = []
         self.watchers: set[Watcher] = set()
         self._snapshots: dict[tuple[str, int], Snapshot] = {}
+        # Keys in order as of the last snapshot (some since deleted), and keys created since:
+        # the next snapshot merges the two instead of sorting every key again.
+        self._ordered: dict[str, list[Key]] = {resource: [] for resource in KINDS}
+        self._created: dict[str, list[Key]] = {resource: [] for resource in KINDS}
         # UIDs unique to this store and cheap to make (uuid4 per object slows bulk loads).
         self._uid_prefix = str(uuid.uuid4())[:23]
 
@@ -282,6 +291,8 @@ class Store:
             del self.objects[resource][key]
             del self.encoded[resource][key]
         else:
+            if kind == "ADDED":
+                self._created[resource].append(key)
             self.objects[resource][key] = new
             self.encoded[resource][key] = msgspec.json.encode(new)
         change = Change(self.rv, resource, kind, old, new)
@@ -299,10 +310,16 @@ class Store:
         cached = self._snapshots.get((resource, self.rv))
         if cached is not None:
             return cached
-        items = sorted(self.objects[resource].items())
-        keys = [k for k, _ in items]
-        encoded = self.encoded[resource]
-        snapshot = Snapshot(self.rv, keys, [o for _, o in items], [encoded[k] for k in keys])
+        objects, encoded = self.objects[resource], self.encoded[resource]
+        # Two sorted runs, which sorted() merges in linear time; then each key once, and only
+        # the keys that still exist.
+        created = self._created[resource]
+        created.sort()
+        merged = sorted(self._ordered[resource] + created)
+        created.clear()
+        keys = [k for k, _ in itertools.groupby(merged) if k in objects]
+        self._ordered[resource] = keys
+        snapshot = Snapshot(self.rv, keys, [objects[k] for k in keys], [encoded[k] for k in keys])
         if len(self._snapshots) >= self.SNAPSHOTS_KEPT:
             del self._snapshots[next(iter(self._snapshots))]
         self._snapshots[(resource, self.rv)] = snapshot
