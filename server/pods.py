@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from server import kube_wire
 from server.kube_wire import (
     EXTERNAL_ID_ANNOTATION,
@@ -57,8 +59,12 @@ def is_finished(phase: str) -> bool:
     return phase in FINISHED_PHASES
 
 
-@dataclass(frozen=True, slots=True)
-class PodRecord:
+class PodRecord(msgspec.Struct, frozen=True, gc=False):
+    """A pod as podiam keeps it: immutable, compared and hashed by value. A msgspec struct
+    rather than a dataclass: one is made for every pod of every list, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) was most of that; nor does the garbage
+    collector need to track objects that hold only strings."""
+
     uid: str
     namespace: str
     name: str
