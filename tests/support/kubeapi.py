@@ -182,6 +182,19 @@ class Filter:
         labels = parse_requirements(query.get("labelSelector", ""))
         return cls(namespace, tuple(fields), tuple(labels))
 
+    def matches_listed(self, obj: Object, fields: Mapping[str, str]) -> bool:
+        """``matches`` for a stored object whose selectable fields' values are at hand."""
+        metadata = obj["metadata"]
+        if self.namespace is not None and metadata.get("namespace") != self.namespace:
+            return False
+        for requirement in self.fields:
+            if (fields[requirement.path] == requirement.value) != requirement.equal:
+                return False
+        if not self.labels:
+            return True
+        labels = metadata.get("labels") or {}
+        return all(r.matches(labels.get(r.path, "")) for r in self.labels)
+
     def matches(self, obj: Object | None) -> bool:
         if obj is None:
             return False
@@ -235,6 +248,7 @@ class Snapshot:
     keys: list[Key]
     objects: list[Object]
     encoded: list[bytes]
+    fields: list[dict[str, str]]  # each object's selectable fields (SELECTABLE_FIELDS)
 
 
 class Store:
@@ -247,8 +261,10 @@ class Store:
         self.rv = 0
         self.compacted_rv = 0  # history holds every change after this resourceVersion
         self.objects: dict[str, dict[Key, Object]] = {resource: {} for resource in KINDS}
-        # Each stored object's JSON, encoded once when it is written.
+        # Each stored object's JSON, encoded once when it is written, and the values of its
+        # selectable fields, read once: a list filters every object it pages through.
         self.encoded: dict[str, dict[Key, bytes]] = {resource: {} for resource in KINDS}
+        self.fields: dict[str, dict[Key, dict[str, str]]] = {resource: {} for resource in KINDS}
         self.history: list[Change] = []
         self.watchers: set[Watcher] = set()
         self._snapshots: dict[tuple[str, int], Snapshot] = {}
@@ -290,11 +306,15 @@ class Store:
         if kind == "DELETED":
             del self.objects[resource][key]
             del self.encoded[resource][key]
+            del self.fields[resource][key]
         else:
             if kind == "ADDED":
                 self._created[resource].append(key)
             self.objects[resource][key] = new
             self.encoded[resource][key] = msgspec.json.encode(new)
+            self.fields[resource][key] = {
+                path: field_value(new, path) for path in SELECTABLE_FIELDS[resource]
+            }
         change = Change(self.rv, resource, kind, old, new)
         self.history.append(change)
         for watcher in self.watchers:
@@ -319,7 +339,14 @@ class Store:
         created.clear()
         keys = [k for k, _ in itertools.groupby(merged) if k in objects]
         self._ordered[resource] = keys
-        snapshot = Snapshot(self.rv, keys, [objects[k] for k in keys], [encoded[k] for k in keys])
+        fields = self.fields[resource]
+        snapshot = Snapshot(
+            self.rv,
+            keys,
+            [objects[k] for k in keys],
+            [encoded[k] for k in keys],
+            [fields[k] for k in keys],
+        )
         if len(self._snapshots) >= self.SNAPSHOTS_KEPT:
             del self._snapshots[next(iter(self._snapshots))]
         self._snapshots[(resource, self.rv)] = snapshot
@@ -955,11 +982,12 @@ def page_positions(
     """The positions of up to ``limit`` (0: all) matching objects from ``position``, and the
     key to resume after when more remain."""
     found: list[int] = []
-    keys, objects = snapshot.keys, snapshot.objects
+    keys, objects, fields = snapshot.keys, snapshot.objects, snapshot.fields
+    matches = flt.matches_listed
     while position < len(keys):
         if flt.namespace is not None and keys[position][0] != flt.namespace:
             break
-        if flt.matches(objects[position]):
+        if matches(objects[position], fields[position]):
             found.append(position)
             if len(found) == limit:
                 more = position + 1 < len(keys)
