@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
     scale.add_argument("--scale-nodes", type=int, help="nodes the pods spread over")
     scale.add_argument(
+        "--scale-streams", type=int, help="simulated agents, one node stream each (0: none)"
+    )
+    scale.add_argument(
         "--scale-baseline",
         metavar="REV",
         help="also measure podiam-server as of this git revision (before/after in one run)",
@@ -119,6 +122,7 @@ _FULL = {
     "unary_calls": 5000,
     "unary_concurrency": 32,
     "scale_nodes": 5000,
+    "scale_streams": 5000,
     "scale_baseline": None,
     "scale_profile": None,
     "fault_pods": 4,
@@ -149,6 +153,7 @@ _QUICK = {
     "unary_calls": 1500,
     "unary_concurrency": 32,
     "scale_nodes": 500,
+    "scale_streams": 500,
     "scale_baseline": None,
     "scale_profile": None,
     "fault_pods": 2,

@@ -114,6 +114,8 @@ class _Server:
                 "--role-base-arn", BASE_ARN, "--region", "us-east-1",
                 "--sts-endpoint", self.sts.endpoint_url,
                 "--prometheus-listen-addr", f"127.0.0.1:{self.metrics_port}",
+                # One process stands in for every node's agent (bench/nodestreams.py).
+                "--no-node-binding",
             ],
             core=procs.cpu(procs.SERVED_CPU),
             stdout=asyncio.subprocess.DEVNULL,
@@ -253,10 +255,18 @@ async def run(section: Section, options) -> None:
         "checks, sync); sync CPU: the CPU seconds the server process used between those two "
         "lines (what the sync costs, whatever else the shared machine was running). RSS and "
         "peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
-        f"watch events/s: {options.watch_events} pods added to the API server at once, until "
-        "the server's `podiam_pods_indexed` shows them all (the API server's own encoding of "
-        "the events included); then deleted again, so every server measured lists the same "
-        "cluster.",
+        f"node streams: {options.scale_streams:,} simulated agents (`bench/nodestreams.py`, one "
+        "process on the other core, one WatchNode stream per node; the server runs with "
+        "`--no-node-binding` so that one process may stand in for every node); connected: "
+        "until every stream has its snapshot; KB/stream: the server's RSS growth over them.",
+        f"watch events/s: {options.watch_events} pods added to the API server at once (spread "
+        "over the nodes), until each has reached its own node's stream (with streams) or the "
+        "server's `podiam_pods_indexed` shows them all (without); the API server's own "
+        "creating and encoding of the events included. Misrouted: pod states that reached "
+        "another node's stream (must be 0). Then deleted again, so every server measured lists "
+        "the same cluster. Events per server CPU s: the same events over the CPU seconds the "
+        "server used meanwhile — what one core of the server sustains, whatever the machine's "
+        "other load.",
         f"unary: {options.unary_calls} GetPodCredentials calls, {options.unary_concurrency} "
         "concurrent, over one mutual-TLS channel from a client process on the other core; the "
         "baseline is a bare grpc.aio servicer (`bench/grpcbare.py`) with the same TLS answering "
@@ -271,7 +281,9 @@ async def run(section: Section, options) -> None:
         "server by cluster size",
         ["pods", "server", "API list alone s", "initial sync s", "sync CPU s",
          "start to serving s",
-         "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "watch events/s",
+         "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
+         "streams connected s", "KB/stream", "misrouted", "watch events/s",
+         "events per server CPU s",
          "unary calls/s", "bare calls/s", "ratio", "unary p99 ms", "bare p99 ms",
          "server CPU"],
     )  # fmt: skip
@@ -354,23 +366,105 @@ async def _measure(
     bare_best = max(theirs, key=lambda r: r["cps"])
     ratio = unary["cps"] / bare_best["cps"] if bare_best["cps"] else 0.0
     row.update(unary=unary, bare=bare_best, unary_ratio=ratio)
-    # Last, since it changes the cluster (and puts it back).
-    row["watch_events_per_s"] = await _watch_rate(server.kube, server, size, options.watch_events)
+    if options.scale_streams:
+        row.update(await _node_streams(server, size, tls, options))
+    else:
+        # Last, since it changes the cluster (and puts it back).
+        row["watch_events_per_s"] = await _watch_rate(
+            server.kube, server, size, options.watch_events
+        )
     return row
+
+
+async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
+    """One WatchNode stream per node from a simulated-agents process (bench/nodestreams.py):
+    what the streams cost the server in memory, how long until every one has its snapshot,
+    and the watch-event rate with every event fanned out to its node's stream."""
+    from bench import kubeproc
+
+    nodes = options.scale_nodes
+    streams = min(options.scale_streams, nodes)
+    spec = {
+        "target": f"localhost:{server.port}",
+        "tls": str(tls),
+        "hosts": [kubeproc.node_ip(n) for n in range(streams)],
+        "channels": max(1, streams // 500),
+        "cpu": procs.cpu(procs.LOAD_CPU),
+    }
+    before, _ = procs.rss_mb(server.process.pid)
+    client = await procs.spawn(
+        ["-m", "bench.nodestreams"], core=procs.cpu(procs.LOAD_CPU), stdin=asyncio.subprocess.PIPE
+    )
+    try:
+        client.stdin.write(json.dumps(spec).encode() + b"\n")
+        await client.stdin.drain()
+        ready = await _line(client, b"ready", 600)
+        await asyncio.sleep(1.0)
+        after, _ = procs.rss_mb(server.process.pid)
+        # Pods added on nodes that have streams only: node k % nodes for k from size on.
+        count = options.watch_events
+        client.stdin.write(f"watch {size} {count} {nodes}\n".encode())
+        await client.stdin.drain()
+        await _line(client, b"watching", 60)
+        profilers = []
+        if server.profile is not None:  # the watch phase, on all three sides
+            for pid, name in ((server.process.pid, "server"), (server.kube.process.pid, "kubeapi"),
+                              (client.pid, "agents")):  # fmt: skip
+                out = server.profile.with_name(f"{server.profile.name}-watch-{name}.txt")
+                profilers.append(await _profiler(pid, out))
+            await asyncio.sleep(0.5)
+        started = time.perf_counter()
+        cpu_started = procs.cpu_seconds(server.process.pid)
+        await server.kube.add(count)
+        watched = await _line(client, b"watched", 600)
+        seconds = time.perf_counter() - started
+        cpu = procs.cpu_seconds(server.process.pid) - cpu_started
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+            await profiler.wait()
+        await server.kube.remove(count)
+        async with aiohttp.ClientSession() as session:
+            deadline = time.perf_counter() + 600
+            while await server.metric(session, "podiam_pods_indexed") > size:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError("the server did not drop the removed pods")
+                await asyncio.sleep(0.1)
+        client.stdin.write(b"quit\n")
+        await client.stdin.drain()
+    finally:
+        await procs.stop(client)
+    return {
+        "streams": streams,
+        "streams_connect_s": ready["seconds"],
+        "stream_bytes": (after - before) * 1024 * 1024 / streams,
+        "watch_events_per_s": count / seconds,
+        "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
+        "fanout": watched,
+    }
+
+
+async def _line(process, prefix: bytes, seconds: float) -> dict:
+    line = await asyncio.wait_for(process.stdout.readline(), seconds)
+    if not line.startswith(prefix):
+        raise RuntimeError(f"simulated agents: expected {prefix!r}, got {line!r}")
+    rest = line[len(prefix) :].strip()
+    return json.loads(rest) if rest else {}
 
 
 def _add_row(table, row: dict) -> None:
     alone = f"{row['api_alone_s']:.1f}" if row.get("api_alone_s") else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
-                  row["rss_mb"],
-                  row["peak_rss_mb"], *["—"] * 9)  # fmt: skip
+                  row["rss_mb"], row["peak_rss_mb"], *["—"] * 14)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
         row["pods"], row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
-        row["rss_mb"],
-        row["peak_rss_mb"], row["per_pod_bytes"], row["watch_events_per_s"], unary["cps"],
+        row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
+        row.get("streams_connect_s", "—"),
+        f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
+        row["fanout"]["misrouted"] if "fanout" in row else "—",
+        row["watch_events_per_s"], row.get("watch_events_per_cpu_s", "—"), unary["cps"],
         bare["cps"], f"{row['unary_ratio']:.2f}x", unary["p99_ms"], bare["p99_ms"],
         f"{unary['served_cpu']:.2f}",
     )  # fmt: skip
