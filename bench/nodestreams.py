@@ -38,6 +38,8 @@ class Streams:
     def __init__(self, hosts: list[str]) -> None:
         self.hosts = hosts
         self.snapshots = 0
+        self.failed: list[str] = []  # streams that ended with an error, and why
+        self.live: set[str] = set()  # hosts whose stream has its snapshot and goes on
         self.all_snapshots = asyncio.Event()
         # While a watch command runs: the IPs expected, on which host, and what arrived.
         self.expected: dict[str, str] = {}
@@ -47,13 +49,25 @@ class Streams:
         self.done = asyncio.Event()
 
     async def follow(self, stub: kiam_pb2_grpc.KiamServiceStub, host: str) -> None:
+        try:
+            await self._follow(stub, host)
+        except grpc.aio.AioRpcError as error:
+            self.failed.append(f"{host}: {error.code().name} {error.details()}")
+        else:
+            self.failed.append(f"{host}: the stream ended")
+        self.live.discard(host)
+        if self.snapshots + len(self.failed) >= len(self.hosts):
+            self.all_snapshots.set()
+
+    async def _follow(self, stub: kiam_pb2_grpc.KiamServiceStub, host: str) -> None:
         call = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=host))
         first = True
         async for update in call:
             if first:
                 first = False
                 self.snapshots += 1
-                if self.snapshots == len(self.hosts):
+                self.live.add(host)
+                if self.snapshots + len(self.failed) >= len(self.hosts):
                     self.all_snapshots.set()
                 continue
             self.updates += 1
@@ -71,9 +85,10 @@ class Streams:
 async def run(spec: dict) -> None:
     credentials = channel_credentials(TlsFiles.agent_in(Path(spec["tls"])))
     hosts: list[str] = spec["hosts"]
+    # Each channel its own connection (distinct arguments: gRPC would share one otherwise).
     channels = [
-        grpc.aio.secure_channel(spec["target"], credentials)
-        for _ in range(max(1, int(spec.get("channels", 10))))
+        grpc.aio.secure_channel(spec["target"], credentials, options=[("podiam.bench.agent", n)])
+        for n in range(max(1, int(spec.get("channels", 10))))
     ]
     streams = Streams(hosts)
     started = time.perf_counter()
@@ -84,7 +99,9 @@ async def run(spec: dict) -> None:
         for n, host in enumerate(hosts)
     ]
     await streams.all_snapshots.wait()
-    print("ready " + json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+    ready = {"seconds": time.perf_counter() - started, "failed": len(streams.failed)}
+    ready["first_failures"] = streams.failed[:3]
+    print("ready " + json.dumps(ready), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -93,13 +110,18 @@ async def run(spec: dict) -> None:
         if command[:1] == ["watch"]:
             first, count, nodes = (int(word) for word in command[1:4])
             started = time.perf_counter()
-            streams.expected = {
+            # Only pods on nodes whose stream is live can arrive (see "failed" in ready).
+            expected = {
                 kubeproc.pod_ip(k): kubeproc.node_ip(k % nodes) for k in range(first, first + count)
             }
+            streams.expected = {ip: h for ip, h in expected.items() if h in streams.live}
             streams.delivered = streams.misrouted = streams.updates = 0
             streams.done.clear()
             print("watching", flush=True)  # the caller adds the pods only now
-            await streams.done.wait()
+            try:
+                await asyncio.wait_for(streams.done.wait(), 300)
+            except TimeoutError:
+                pass  # reported as fewer delivered than asked for
             result = {
                 "seconds": time.perf_counter() - started,
                 "delivered": streams.delivered,

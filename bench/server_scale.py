@@ -367,7 +367,12 @@ async def _measure(
     ratio = unary["cps"] / bare_best["cps"] if bare_best["cps"] else 0.0
     row.update(unary=unary, bare=bare_best, unary_ratio=ratio)
     if options.scale_streams:
-        row.update(await _node_streams(server, size, tls, options))
+        try:
+            row.update(await _node_streams(server, size, tls, options))
+        except (RuntimeError, TimeoutError) as error:
+            print(f"bench: node streams failed: {error!r}", file=sys.stderr, flush=True)
+            row["streams_error"] = repr(error)
+            row["watch_events_per_s"] = 0.0
     else:
         # Last, since it changes the cluster (and puts it back).
         row["watch_events_per_s"] = await _watch_rate(
@@ -388,7 +393,7 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         "target": f"localhost:{server.port}",
         "tls": str(tls),
         "hosts": [kubeproc.node_ip(n) for n in range(streams)],
-        "channels": max(1, streams // 500),
+        "channels": max(1, streams // 100),
         "cpu": procs.cpu(procs.LOAD_CPU),
     }
     before, _ = procs.rss_mb(server.process.pid)
@@ -398,7 +403,9 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
     try:
         client.stdin.write(json.dumps(spec).encode() + b"\n")
         await client.stdin.drain()
-        ready = await _line(client, b"ready", 600)
+        ready = await _line(client, b"ready", 900)
+        if ready["failed"]:
+            print(f"bench: node streams failed: {ready}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)
         after, _ = procs.rss_mb(server.process.pid)
         # Pods added on nodes that have streams only: node k % nodes for k from size on.
@@ -436,6 +443,7 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
     return {
         "streams": streams,
         "streams_connect_s": ready["seconds"],
+        "streams_failed": ready["failed"],
         "stream_bytes": (after - before) * 1024 * 1024 / streams,
         "watch_events_per_s": count / seconds,
         "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
