@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
     scale.add_argument("--unary-calls", type=int, help="GetPodCredentials calls per measurement")
     scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
+    scale.add_argument("--scale-nodes", type=int, help="nodes the pods spread over")
+    scale.add_argument(
+        "--scale-streams", type=int, help="simulated agents, one node stream each (0: none)"
+    )
+    scale.add_argument(
+        "--scale-baseline",
+        metavar="REV",
+        help="also measure podiam-server as of this git revision (before/after in one run)",
+    )
+    scale.add_argument(
+        "--scale-profile",
+        metavar="DIR",
+        help="record py-spy profiles (collapsed stacks) of both processes during each sync",
+    )
     faults = parser.add_argument_group("faults: static stability")
     faults.add_argument("--fault-pods", type=int, help="pods with cached credentials under load")
     faults.add_argument("--fault-load-seconds", type=float, help="load around a replica kill")
@@ -127,6 +141,10 @@ _FULL = {
     "watch_events": 10000,
     "unary_calls": 5000,
     "unary_concurrency": 32,
+    "scale_nodes": 5000,
+    "scale_streams": 5000,
+    "scale_baseline": None,
+    "scale_profile": None,
     "fault_pods": 4,
     "fault_load_seconds": 10.0,
     "outage_seconds": 60.0,
@@ -163,6 +181,10 @@ _QUICK = {
     "watch_events": 2000,
     "unary_calls": 1500,
     "unary_concurrency": 32,
+    "scale_nodes": 500,
+    "scale_streams": 500,
+    "scale_baseline": None,
+    "scale_profile": None,
     "fault_pods": 2,
     "fault_load_seconds": 4.0,
     "outage_seconds": 5.0,

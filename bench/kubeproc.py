@@ -4,7 +4,9 @@ synthetic cluster, so that the podiam-server process measured beside it is alone
     python -m bench.kubeproc --pods N --kubeconfig PATH [--nodes K --roles R --local-pods L]
 
 prints ``ready <url>`` once loaded, then takes commands on stdin: ``add <k>`` adds k more pods
-(the watch events whose processing rate is measured) and answers ``added <k> <seconds>``.
+(the watch events whose processing rate is measured) and answers ``added <k> <seconds>``;
+``remove <k>`` deletes the k pods added last and answers ``removed <k> <seconds>``, so the next
+server measured lists the same cluster.
 
 Layout: pods spread over 100 namespaces (all permitting every role) and K nodes (host IPs
 10.1.x.y); the first L pods run on node 127.0.0.1, where the benchmark's gRPC client connects
@@ -71,6 +73,13 @@ async def serve(args: argparse.Namespace) -> None:
                 kube.add_pods(specs(added, count, nodes=args.nodes, roles=args.roles, local=0))
                 added += count
                 print(f"added {count} {time.perf_counter() - started:.3f}", flush=True)
+            elif command[:1] == ["remove"]:
+                count = min(int(command[1]), added - args.pods)
+                started = time.perf_counter()
+                for k in range(added - count, added):
+                    kube.delete_pod(f"ns-{k % NAMESPACES}", f"pod-{k}")
+                added -= count
+                print(f"removed {count} {time.perf_counter() - started:.3f}", flush=True)
             elif command[:1] == ["quit"]:
                 return
 

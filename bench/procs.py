@@ -71,8 +71,10 @@ async def spawn(
     stdout: int | None = asyncio.subprocess.PIPE,
     stderr: int | None = None,
     extra_env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> asyncio.subprocess.Process:
-    """``python <argv>`` from the repository, pinned to ``core``, leading its own group.
+    """``python <argv>`` from the repository (or ``cwd``, whose packages then come first),
+    pinned to ``core``, leading its own group.
 
     Pinned by ``taskset`` rather than in a ``preexec_fn``: a Python function between fork and
     exec makes the child run gRPC's fork handlers, which abort when this process's gRPC is busy
@@ -82,7 +84,7 @@ async def spawn(
         *prefix,
         sys.executable,
         *argv,
-        cwd=REPO,
+        cwd=cwd,
         env=env(**(extra_env or {})),
         stdin=stdin,
         stdout=stdout,

@@ -6,6 +6,10 @@ Only *active* pods are found by IP or node (see ``PodRecord.active``): a finishe
 already be another pod's, and a hostNetwork pod's IP is its node's. Every pod, active or not, is
 found by namespace, because a pod without an IP yet still holds its identity (the prefetch) and
 must be re-granted with the others. The index decides nothing; the registry does.
+
+It holds every pod of the cluster, so each entry is kept small: the IP index maps an IP to the
+one key that holds it — the common case — and only an IP held by several pods (the rare,
+refused, ambiguous case) to a ``_Several`` of keys.
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ from server.pods import PodRecord
 PodKey = tuple[str, str]  # (namespace, name)
 
 
+class _Several(tuple):
+    """The keys of the active pods that share one IP (a PodKey is a tuple too: this tells the
+    two apart)."""
+
+    __slots__ = ()
+
+
 class PodIndex:
     def __init__(self) -> None:
         self.pods: dict[PodKey, PodRecord] = {}
-        # A tuple, not a set: the hot lookup reads it without allocating, and an IP is held by
-        # more than one active pod only in the rare, refused, ambiguous case.
-        self.by_ip: dict[str, tuple[PodKey, ...]] = {}
+        self._by_ip: dict[str, PodKey | _Several] = {}
         self._by_node: dict[str, set[PodKey]] = {}
         self._by_namespace: dict[str, set[PodKey]] = {}
 
@@ -41,14 +50,31 @@ class PodIndex:
             self.pods.pop(key, None)
             return
         self.pods[key] = pod
-        self._by_namespace.setdefault(pod.namespace, set()).add(key)
+        members = self._by_namespace.get(pod.namespace)
+        if members is None:
+            members = self._by_namespace[pod.namespace] = set()
+        members.add(key)
         if pod.active:
-            self.by_ip[pod.ip] = (*self.by_ip.get(pod.ip, ()), key)
-            self._by_node.setdefault(pod.host_ip, set()).add(key)
+            held = self._by_ip.get(pod.ip)
+            if held is None:
+                self._by_ip[pod.ip] = key
+            else:
+                self._by_ip[pod.ip] = _Several((*_keys(held), key))
+            members = self._by_node.get(pod.host_ip)
+            if members is None:
+                members = self._by_node[pod.host_ip] = set()
+            members.add(key)
 
     def holders(self, ip: str) -> tuple[PodKey, ...]:
         """The active pods that have ``ip``: none, one, or (ambiguous) several."""
-        return self.by_ip.get(ip, ())
+        held = self._by_ip.get(ip)
+        return () if held is None else _keys(held)
+
+    def sole_holder(self, ip: str) -> PodKey | None:
+        """The active pod that has ``ip`` when exactly one does (the hot lookup: no tuple is
+        made); None when none or several do."""
+        held = self._by_ip.get(ip)
+        return None if held is None or type(held) is _Several else held
 
     def on_node(self, host_ip: str) -> Iterable[PodKey]:
         """The active pods of a node."""
@@ -61,12 +87,18 @@ class PodIndex:
     def _unindex(self, key: PodKey, pod: PodRecord) -> None:
         _discard(self._by_namespace, pod.namespace, key)
         if pod.active:
-            remaining = tuple(k for k in self.by_ip.get(pod.ip, ()) if k != key)
-            if remaining:
-                self.by_ip[pod.ip] = remaining
+            remaining = tuple(k for k in self.holders(pod.ip) if k != key)
+            if len(remaining) > 1:
+                self._by_ip[pod.ip] = _Several(remaining)
+            elif remaining:
+                self._by_ip[pod.ip] = remaining[0]
             else:
-                self.by_ip.pop(pod.ip, None)
+                self._by_ip.pop(pod.ip, None)
             _discard(self._by_node, pod.host_ip, key)
+
+
+def _keys(held: PodKey | _Several) -> tuple[PodKey, ...]:
+    return held if type(held) is _Several else (held,)
 
 
 def _discard(index: dict[str, set[PodKey]], name: str, key: PodKey) -> None:

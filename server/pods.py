@@ -1,7 +1,9 @@
-"""Slim records of the Kubernetes objects podiam cares about, built from raw API dictionaries.
+"""Slim records of the Kubernetes objects podiam cares about, built from the API's objects as
+server/kube_wire.py decodes them (or from raw dictionaries, converted to that shape first).
 
-Full model objects cost kilobytes each; podiam keeps a handful of strings per pod so that a
-100,000-pod cluster fits in a few tens of megabytes and a re-list is a dictionary walk.
+Full model objects cost kilobytes each; podiam keeps a handful of strings per pod, and shares
+every string that repeats between pods (namespace, node, phase, role, workload, service account)
+so that 550,000 pods fit in a few hundred megabytes and a re-list is a dictionary walk.
 """
 
 from __future__ import annotations
@@ -11,16 +13,38 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from server import kube_wire
+from server.kube_wire import (
+    EXTERNAL_ID_ANNOTATION,
+    PERMITTED_ANNOTATION,
+    POD_TEMPLATE_HASH_LABEL,
+    ROLE_ANNOTATION,
+    SESSION_NAME_ANNOTATION,
+)
 from server.permitted import PatternError, PermittedPattern
 
-ROLE_ANNOTATION = "iam.amazonaws.com/role"
-PERMITTED_ANNOTATION = "iam.amazonaws.com/permitted"
-EXTERNAL_ID_ANNOTATION = "iam.amazonaws.com/external-id"
-SESSION_NAME_ANNOTATION = "iam.amazonaws.com/session-name"
+__all__ = [
+    "EXTERNAL_ID_ANNOTATION",
+    "FINISHED_PHASES",
+    "PERMITTED_ANNOTATION",
+    "POD_TEMPLATE_HASH_LABEL",
+    "ROLE_ANNOTATION",
+    "SESSION_NAME_ANNOTATION",
+    "UNFINISHED_PODS",
+    "NamespaceRecord",
+    "PodRecord",
+    "is_finished",
+    "namespace_from_object",
+    "object_key",
+    "pod_from_object",
+    "workload_of",
+]
+
 # A Deployment's ReplicaSets are named <deployment>-<pod-template-hash>, the label its pods carry.
 # (StatefulSets and DaemonSets own their pods directly; their controller-revision-hash label
 # names a revision, which changes on every rollout, so it is never part of a workload's name.)
-POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
 # A CronJob names each Job <cronjob>-<scheduled time in minutes since the epoch>.
 _CRONJOB_JOB_NAME = re.compile(r"(?P<cronjob>.+)-\d{8,}")
 
@@ -35,8 +59,12 @@ def is_finished(phase: str) -> bool:
     return phase in FINISHED_PHASES
 
 
-@dataclass(frozen=True, slots=True)
-class PodRecord:
+class PodRecord(msgspec.Struct, frozen=True, gc=False):
+    """A pod as podiam keeps it: immutable, compared and hashed by value. A msgspec struct
+    rather than a dataclass: one is made for every pod of every list, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) was most of that; nor does the garbage
+    collector need to track objects that hold only strings."""
+
     uid: str
     namespace: str
     name: str
@@ -47,14 +75,20 @@ class PodRecord:
     role: str  # the role annotation as written (short name or ARN); empty if none
     external_id: str
     session_name: str
-    # The pod's controller as "<Kind>/<name>" (Deployment/web, StatefulSet/db, CronJob/nightly;
-    # "Pod/<name>" for a bare pod): one interned string shared by all replicas.
-    workload: str = ""
+    # The pod's controller as "<Kind>/<name>" (Deployment/web, StatefulSet/db, CronJob/nightly):
+    # one interned string shared by all replicas; empty for a bare pod (see ``workload``).
+    controller: str = ""
     service_account: str = ""
 
     @property
+    def workload(self) -> str:
+        """The pod's workload as "<Kind>/<name>": its controller, or "Pod/<name>" for a bare
+        pod (made when asked, so that bare pods do not each keep one more string)."""
+        return self.controller or f"Pod/{self.name}"
+
+    @property
     def workload_name(self) -> str:
-        return self.workload.partition("/")[2] or self.name
+        return self.controller.partition("/")[2] or self.name
 
     @property
     def key(self) -> tuple[str, str]:
@@ -76,67 +110,83 @@ class NamespaceRecord:
     error: str  # why permitted could not be compiled; empty otherwise
 
 
-def _annotations(obj: dict[str, Any]) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("annotations") or {}
+def object_key(obj: Any) -> tuple[str, str]:
+    """(namespace, name) of an object, decoded or a raw dictionary."""
+    return kube_wire.object_key(obj)
 
 
-def object_key(obj: dict[str, Any]) -> tuple[str, str]:
-    meta = obj.get("metadata") or {}
-    return (meta.get("namespace") or "", meta.get("name") or "")
+_intern = sys.intern
 
 
-def pod_from_object(obj: dict[str, Any]) -> PodRecord:
-    meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    annotations = meta.get("annotations") or {}
-    # Namespaces and node IPs repeat across thousands of pods: share one string for each.
+def pod_from_object(obj: Any) -> PodRecord:
+    """The record of a pod, from its wire struct or a raw dictionary (ValueError when the
+    dictionary does not have the shape of a pod)."""
+    pod = kube_wire.as_wire(obj, kube_wire.Pod)
+    meta = pod.metadata or _NO_POD_META
+    spec = pod.spec or _NO_SPEC
+    status = pod.status or _NO_STATUS
+    annotations = meta.annotations or _NO_ANNOTATIONS
+    # Whatever repeats across pods is interned: one string for each namespace, node, role.
     return PodRecord(
-        uid=meta.get("uid") or "",
-        namespace=sys.intern(meta.get("namespace") or ""),
-        name=meta.get("name") or "",
-        ip=status.get("podIP") or "",
-        host_ip=sys.intern(status.get("hostIP") or ""),
-        phase=sys.intern(status.get("phase") or ""),
-        host_network=bool(spec.get("hostNetwork")),
-        role=(annotations.get(ROLE_ANNOTATION) or "").strip(),
-        external_id=annotations.get(EXTERNAL_ID_ANNOTATION) or "",
-        session_name=(annotations.get(SESSION_NAME_ANNOTATION) or "").strip(),
-        workload=sys.intern(workload_of(meta)),
-        service_account=sys.intern(spec.get("serviceAccountName") or "default"),
+        uid=meta.uid or "",
+        namespace=_intern(meta.namespace or ""),
+        name=meta.name or "",
+        ip=status.podIP or "",
+        host_ip=_intern(status.hostIP or ""),
+        phase=_intern(status.phase or ""),
+        host_network=bool(spec.hostNetwork),
+        role=_intern((annotations.role or "").strip()),
+        external_id=_intern(annotations.external_id or ""),
+        session_name=_intern((annotations.session_name or "").strip()),
+        controller=_controller(meta),
+        service_account=_intern(spec.serviceAccountName or "default"),
     )
 
 
-def workload_of(meta: dict[str, Any]) -> str:
+_NO_POD_META = kube_wire.PodMeta()
+_NO_SPEC = kube_wire.PodSpec()
+_NO_STATUS = kube_wire.PodStatus()
+_NO_ANNOTATIONS = kube_wire.PodAnnotations()
+_NO_LABELS = kube_wire.PodLabels()
+
+
+def workload_of(meta: Any) -> str:
     """The workload that owns a pod, as "<Kind>/<name>", from its controller owner reference and
-    the controllers' naming conventions; "Pod/<name>" when no controller owns it.
+    the controllers' naming conventions; "Pod/<name>" when no controller owns it. ``meta`` is
+    the pod's metadata, decoded or a raw dictionary.
 
     A pod names only its direct owner, so a Deployment is recognised through its ReplicaSet's
     name (<deployment>-<pod-template-hash>) and a CronJob through its Job's name
     (<cronjob>-<minutes since the epoch>). Reading the ReplicaSet or Job themselves would be
     exact, but costs a watch of each kind for what the names already say."""
-    owner = next(
-        (ref for ref in meta.get("ownerReferences") or () if ref.get("controller")),
-        None,
-    )
-    if owner is None or not owner.get("kind") or not owner.get("name"):
-        return f"Pod/{meta.get('name') or ''}"
-    kind, name = owner["kind"], owner["name"]
-    labels = meta.get("labels") or {}
+    meta = kube_wire.as_wire(meta, kube_wire.PodMeta)
+    return _controller(meta) or f"Pod/{meta.name or ''}"
+
+
+def _controller(meta: kube_wire.PodMeta) -> str:
+    """The controller's workload, interned; "" for a pod no controller owns."""
+    if not meta.ownerReferences:
+        return ""
+    owner = next((ref for ref in meta.ownerReferences if ref.controller), None)
+    if owner is None or not owner.kind or not owner.name:
+        return ""
+    kind, name = owner.kind, owner.name
     if kind == "ReplicaSet":
-        template_hash = labels.get(POD_TEMPLATE_HASH_LABEL) or ""
+        template_hash = (meta.labels or _NO_LABELS).pod_template_hash or ""
         if template_hash and name.endswith(f"-{template_hash}"):
-            return f"Deployment/{name[: -len(template_hash) - 1]}"
+            return _intern(f"Deployment/{name[: -len(template_hash) - 1]}")
     elif kind == "Job":
         match = _CRONJOB_JOB_NAME.fullmatch(name)
         if match:
-            return f"CronJob/{match['cronjob']}"
-    return f"{kind}/{name}"
+            return _intern(f"CronJob/{match['cronjob']}")
+    return _intern(f"{kind}/{name}")
 
 
-def namespace_from_object(obj: dict[str, Any]) -> NamespaceRecord:
-    meta = obj.get("metadata") or {}
-    permitted = (_annotations(obj).get(PERMITTED_ANNOTATION) or "").strip()
+def namespace_from_object(obj: Any) -> NamespaceRecord:
+    """The record of a namespace, from its wire struct or a raw dictionary."""
+    namespace = kube_wire.as_wire(obj, kube_wire.Namespace)
+    meta = namespace.metadata or kube_wire.NamespaceMeta()
+    permitted = ((meta.annotations or kube_wire.NamespaceAnnotations()).permitted or "").strip()
     pattern, error = None, ""
     if permitted:
         try:
@@ -146,8 +196,8 @@ def namespace_from_object(obj: dict[str, Any]) -> NamespaceRecord:
                 f"invalid {PERMITTED_ANNOTATION} regular expression, so nothing is permitted: {exc}"
             )
     return NamespaceRecord(
-        name=meta.get("name") or "",
-        uid=meta.get("uid") or "",
+        name=_intern(meta.name or ""),
+        uid=meta.uid or "",
         permitted=permitted,
         pattern=pattern,
         error=error,

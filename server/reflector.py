@@ -8,13 +8,16 @@ local copy exact (an "informer"/"reflector" in client-go terms), feeding an ``Ob
     Reflector.run                 endless: restarts after errors, with capped backoff
       _list_then_watch            lists when needed, then watches stream after stream;
                                   410 Gone means the history we need is lost: list again
-        _list_pages               one full list, page by page (limit/continue)
+        _list_pages               one full list, page by page (limit/continue), asking for
+                                  the next page before decoding this one
         _watch_events             one HTTP watch stream, as decoded events
           _split_lines            raw bytes to lines, however long a line is
 
 It uses kubernetes_asyncio for configuration, authentication and URLs, but reads raw JSON
 (``_preload_content=False``): the generated model classes are slow and large, and 100,000 pods
-would cost seconds and hundreds of megabytes. Nothing here would be needed with a maintained
+would cost seconds and hundreds of megabytes. The JSON is decoded by the sink's codec
+(server/kube_wire.py): straight into the few fields the sink reads when it names a wire
+struct, into plain dictionaries otherwise. Nothing here would be needed with a maintained
 asyncio informer library for Python that streams raw objects; at the time of writing there is
 none that does pagination, bookmarks and re-list reconciliation together.
 """
@@ -22,7 +25,6 @@ none that does pagination, bookmarks and re-list reconciliation together.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +35,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 
 from server.kube_status import describe, status_message
+from server.kube_wire import Codec, Page, object_key
 from server.metrics import WATCH_EVENTS, WATCH_RESTARTS
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,16 @@ log = logging.getLogger(__name__)
 _LIST_TIMEOUT = 60.0  # seconds for one list page, connection and body together
 _CONNECT_TIMEOUT = 10.0
 _BACKOFF_INITIAL = 0.5
+# Large pages: fewer round trips and less per-request work on both sides, while a page of
+# real pods (a few kilobytes each) stays a few megabytes.
+DEFAULT_PAGE_SIZE = 2000
 
 
 class ObjectSink(Protocol):
-    """Where a Reflector delivers objects: raw dictionaries as the API returns them."""
+    """Where a Reflector delivers objects: raw dictionaries as the API returns them — or, when
+    the sink has a ``wire`` attribute naming a struct of server/kube_wire.py, objects decoded
+    into it (any object that does not fit it comes as a dictionary, for the sink to refuse).
+    A sink may also take a list page in one step, with ``upsert_page(objects, on_error)``."""
 
     def begin_relist(self) -> None:
         """A full list is starting. It may start again before ending, if a list fails."""
@@ -82,7 +91,7 @@ class Reflector:
         resource: str,
         sink: ObjectSink,
         field_selector: str | None = None,
-        page_size: int = 500,
+        page_size: int = DEFAULT_PAGE_SIZE,
         watch_timeout: float = 300,
         backoff_max: float = 30,
     ) -> None:
@@ -96,6 +105,7 @@ class Reflector:
         self._list = listers[resource]
         self._resource = resource
         self._sink = sink
+        self._codec = Codec(getattr(sink, "wire", None))
         self._field_selector = field_selector
         self._page_size = page_size
         self._watch_timeout = watch_timeout
@@ -165,45 +175,70 @@ class Reflector:
     async def _relist(self) -> None:
         self._sink.begin_relist()
         count, version = 0, None
-        async for page in self._list_pages():
-            for obj in page.get("items") or ():
-                self._deliver(self._sink.upsert, "LIST", obj)
-                count += 1
-            version = page["metadata"]["resourceVersion"]
+        upsert_page = getattr(self._sink, "upsert_page", None)
+        async with aclosing(self._list_pages()) as pages:
+            async for page in pages:
+                try:
+                    items = page.items()
+                except ValueError as error:
+                    raise _ApiError(f"unreadable list answer: {describe(error)}") from error
+                if upsert_page is not None:
+                    upsert_page(items, self._rejected)
+                else:
+                    for obj in items:
+                        self._deliver(self._sink.upsert, "LIST", obj)
+                count += len(items)
+                version = page.resource_version
         self._sink.end_relist()
         self._resource_version = version
         self._failures = 0
         self.synced.set()
         log.info("listed %d %s at resourceVersion %s", count, self._resource, version)
 
-    async def _list_pages(self) -> AsyncIterator[dict[str, Any]]:
+    async def _list_pages(self) -> AsyncIterator[Page]:
         """One full list, a page at a time so a huge cluster is never held in memory at once.
-        All pages come from one snapshot; its resourceVersion is where the watch starts."""
-        token: str | None = None
-        while True:
-            # No resource_version: a consistent read of the latest state, not a cache that
-            # may be behind what we have already seen.
-            response = await self._list(
-                limit=self._page_size,
-                _continue=token,
-                field_selector=self._field_selector,
-                _preload_content=False,
-                _request_timeout=_LIST_TIMEOUT,
-            )
-            try:
-                body = await response.read()
-            finally:
-                response.release()
-            _raise_for_status(response.status, body)
-            page = _parse_page(body)
-            yield page
-            token = page["metadata"].get("continue")
-            if not token:
-                return
+        All pages come from one snapshot; its resourceVersion is where the watch starts.
+
+        The next page is asked for as soon as this one's continue token is read, before its
+        items are decoded and applied: the API server produces page n+1 while we decode page
+        n. (The token sits in the page's metadata; finding it skims the items undecoded.)"""
+        fetch: asyncio.Task[Page] | None = asyncio.ensure_future(self._page(None))
+        try:
+            while fetch is not None:
+                page = await fetch
+                fetch = None
+                if page.continue_token:
+                    fetch = asyncio.ensure_future(self._page(page.continue_token))
+                    await asyncio.sleep(0)  # let it send its request
+                yield page
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+
+    async def _page(self, token: str | None) -> Page:
+        # No resource_version: a consistent read of the latest state, not a cache that may be
+        # behind what we have already seen.
+        response = await self._list(
+            limit=self._page_size,
+            _continue=token,
+            field_selector=self._field_selector,
+            _preload_content=False,
+            _request_timeout=_LIST_TIMEOUT,
+        )
+        try:
+            body = await response.read()
+        finally:
+            response.release()
+        _raise_for_status(response.status, body)
+        try:
+            return self._codec.page(body)
+        except ValueError as error:
+            raise _ApiError(f"unreadable list answer: {describe(error)}") from error
 
     # --- watching ---------------------------------------------------------------------------
 
-    async def _watch_events(self) -> AsyncIterator[dict[str, Any]]:
+    async def _watch_events(self) -> AsyncIterator[tuple[str, Any, str | None] | None]:
         """The events of one watch stream from our resourceVersion, until the stream ends."""
         response = await self._list(
             watch=True,
@@ -224,26 +259,29 @@ class Reflector:
             self._failures = 0
             async for line in _split_lines(response.content):
                 try:
-                    yield json.loads(line)
+                    event = self._codec.event(line)
                 except ValueError:
                     log.warning("%s watch: skipping a line that is not JSON", self._resource)
+                    continue
+                yield event
         finally:
             response.close()  # never reuse a connection left mid-stream
 
-    def _apply(self, event: Any) -> None:
-        kind = event.get("type") if isinstance(event, dict) else None
-        obj = event.get("object") if isinstance(event, dict) else None
-        if not isinstance(kind, str) or not isinstance(obj, dict):
+    def _apply(self, event: tuple[str, Any, str | None] | None) -> None:
+        """One decoded watch event: (type, object, the object's resourceVersion), None when
+        malformed (see Codec.event)."""
+        if event is None:
             log.warning("%s watch: skipping a malformed event", self._resource)
             return
-        WATCH_EVENTS.labels(resource=self._resource, type=kind).inc()
+        kind, obj, version = event
+        _count_event(self._resource, kind)
         if kind == "ERROR":
             # The API server ends a watch it cannot serve with an ERROR event carrying a
-            # Status; 410 means our resourceVersion is older than the history it keeps.
+            # Status (always a dictionary here); 410 means our resourceVersion is older than
+            # the history it keeps.
             if obj.get("code") == 410:
                 raise _Gone(obj.get("message") or "resource version too old")
             raise _ApiError(f"watch error {obj.get('code')}: {obj.get('message')}")
-        version = (obj.get("metadata") or {}).get("resourceVersion")
         if not version:
             log.warning(
                 "%s watch: skipping a %s event without resourceVersion", self._resource, kind
@@ -263,14 +301,33 @@ class Reflector:
         # Applied (or skipped as bad, which retrying would not fix): resume after it.
         self._resource_version = version
 
-    def _deliver(self, method: Callable[[dict[str, Any]], None], kind: str, obj: Any) -> None:
+    def _deliver(self, method: Callable[[Any], None], kind: str, obj: Any) -> None:
         """Hand one object to the sink; a bad object is logged and skipped, never fatal."""
         try:
             method(obj)
         except Exception:
             log.exception("%s %s: sink failed on %s", self._resource, kind, _name_of(obj))
         else:
-            log.debug("%s %s %s", self._resource, kind, _name_of(obj))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s %s", self._resource, kind, _name_of(obj))
+
+    def _rejected(self, obj: Any) -> None:
+        """A list item the sink could not take (called inside the sink's except block)."""
+        log.exception("%s LIST: sink failed on %s", self._resource, _name_of(obj))
+
+
+_EVENT_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def _count_event(resource: str, kind: str) -> None:
+    # The labelled child is looked up once per (resource, type): at 20,000 events a second the
+    # lookup by label cost more than applying an event.
+    counter = _EVENT_COUNTERS.get((resource, kind))
+    if counter is None:
+        counter = _EVENT_COUNTERS[(resource, kind)] = WATCH_EVENTS.labels(
+            resource=resource, type=kind
+        )
+    counter.inc()
 
 
 async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -293,16 +350,6 @@ async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield line
 
 
-def _parse_page(body: bytes) -> dict[str, Any]:
-    try:
-        page = json.loads(body)
-        if "resourceVersion" not in page["metadata"]:
-            raise KeyError("metadata.resourceVersion")
-    except (ValueError, KeyError, TypeError) as error:
-        raise _ApiError(f"unreadable list answer: {describe(error)}") from error
-    return page
-
-
 def _raise_for_status(status: int, body: bytes) -> None:
     if 200 <= status < 300:
         return
@@ -314,8 +361,9 @@ def _raise_for_status(status: int, body: bytes) -> None:
 
 def _name_of(obj: Any) -> str:
     try:
-        metadata = obj["metadata"]
-        namespace = metadata.get("namespace")
-        return f"{namespace}/{metadata['name']}" if namespace else str(metadata["name"])
+        namespace, name = object_key(obj)
     except (KeyError, TypeError, AttributeError):
         return "<unnamed>"
+    if not name:
+        return "<unnamed>"
+    return f"{namespace}/{name}" if namespace else name

@@ -8,12 +8,17 @@ moment a pod appears and dropped when the last pod using them goes), stores the 
 (server/pod_index.py), tells the node fan-out which IPs changed on which nodes, and reports a
 newly decided denial as an Event. A change to a namespace's ``permitted`` re-grants its pods.
 Nothing here awaits: it runs on the event loop between watch events.
+
+At 550,000 pods the grants are most of what a pod costs, and most pods share theirs with their
+replicas: a grant depends only on the namespace, the role, the external id, the session name
+and tags. So grants are kept per namespace by those inputs, and equal ones are one object —
+one Grant and one RoleIdentity per workload, not per pod — until the namespace changes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +26,7 @@ from server import metrics
 from server.arn import RoleResolver
 from server.identity import RoleIdentity
 from server.kube_sink import KeyedSink
+from server.kube_wire import Namespace, Pod
 from server.pod_index import PodIndex, PodKey
 from server.pods import (
     NamespaceRecord,
@@ -32,6 +38,10 @@ from server.pods import (
 from server.policy import Denial, Grant, Reason, SessionNamer, SessionTagger, grant_for_pod
 
 log = logging.getLogger(__name__)
+
+# Grants kept per namespace. When every pod is its own STS session (--session-name-from pod)
+# no two pods share one, and the memo would only cost memory: past this many it starts over.
+_GRANTS_KEPT_PER_NAMESPACE = 4096
 
 
 class CredentialsHolder(Protocol):
@@ -90,16 +100,22 @@ class Registry:
         self._denials = denials
         self._allowed_accounts = allowed_accounts
         self._index = PodIndex()
-        # The index's own dictionaries, read directly by the hot lookup.
+        # The index's own dictionary, read directly by the hot lookup.
         self.pods = self._index.pods
-        self._by_ip = self._index.by_ip
         self._grants: dict[PodKey, Grant] = {}
+        # Namespace → (namespace, role, external id, session name, tags) → the Grant.
+        self._grant_memo: dict[str, dict[tuple, Grant]] = {}
         self.namespaces: dict[str, NamespaceRecord] = {}
         self._invalid_namespaces: set[str] = set()
         self.pod_sink = KeyedSink(
-            upsert=self._upsert_pod_object, delete=self._delete_pod_key, stored=self.pods.keys
+            wire=Pod,
+            upsert=self._upsert_pod_object,
+            delete=self._delete_pod_key,
+            stored=self.pods.keys,
+            upsert_page=self._upsert_pod_page,
         )
         self.namespace_sink = KeyedSink(
+            wire=Namespace,
             upsert=self._upsert_namespace_object,
             delete=self._delete_namespace_key,
             stored=lambda: (("", name) for name in self.namespaces),
@@ -108,16 +124,16 @@ class Registry:
     # ---- lookups (the gRPC service) -------------------------------------------------------
 
     def lookup(self, ip: str) -> Lookup:
-        keys = self._by_ip.get(ip)
+        key = self._index.sole_holder(ip)
+        if key is not None:
+            return Lookup(pod=self.pods[key], grant=self._grants[key])
+        keys = self._index.holders(ip)
         if not keys:
             return Lookup(denial=Denial(Reason.UNKNOWN_POD, f"no active pod has IP {ip}"))
-        if len(keys) > 1:
-            names = ", ".join(f"{ns}/{name}" for ns, name in keys)
-            return Lookup(
-                denial=Denial(Reason.AMBIGUOUS_IP, f"IP {ip} is held by several pods: {names}")
-            )
-        key = keys[0]
-        return Lookup(pod=self.pods[key], grant=self._grants[key])
+        names = ", ".join(f"{ns}/{name}" for ns, name in keys)
+        return Lookup(
+            denial=Denial(Reason.AMBIGUOUS_IP, f"IP {ip} is held by several pods: {names}")
+        )
 
     def by_key(self, key: PodKey) -> tuple[PodRecord | None, Grant | None]:
         """The pod stored under (namespace, name) and its grant (token-bound credentials find
@@ -148,16 +164,17 @@ class Registry:
     def node_identities(self, host_ip: str) -> set[RoleIdentity]:
         """Identities that pods on this node are granted: what its agent should hold."""
         found = set()
+        sole_holder = self._index.sole_holder
         for key in self._index.on_node(host_ip):
             identity = self._grants[key].identity
-            if identity is not None and len(self._by_ip.get(self.pods[key].ip, ())) == 1:
+            if identity is not None and sole_holder(self.pods[key].ip) is not None:
                 found.add(identity)
         return found
 
     def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]:
         """What the agent of ``host_ip`` should answer for ``ip``: (None, None) when no active
         pod of that node has it, (pod, None) when the IP is ambiguous."""
-        keys = self._by_ip.get(ip, ())
+        keys = self._index.holders(ip)
         pods = [self.pods[key] for key in keys]
         mine = [pod for pod in pods if pod.host_ip == host_ip]
         if not mine:
@@ -168,17 +185,38 @@ class Registry:
 
     # ---- pods -------------------------------------------------------------------------------
 
-    def _upsert_pod_object(self, obj: dict[str, Any]) -> PodKey:
+    def _upsert_pod_object(self, obj: Pod | dict[str, Any]) -> PodKey:
+        key = self._put_pod_object(obj)
+        metrics.PODS_INDEXED.set(len(self._index))
+        return key
+
+    def _upsert_pod_page(
+        self, objects: Sequence[Pod | dict[str, Any]], on_error: Callable[[Any], None]
+    ) -> list[PodKey]:
+        """A page of a list, in one step: every pod stored, the gauge set once."""
+        keys = []
+        put = self._put_pod_object
+        for obj in objects:
+            try:
+                keys.append(put(obj))
+            except Exception:
+                on_error(obj)
+        metrics.PODS_INDEXED.set(len(self._index))
+        return keys
+
+    def _put_pod_object(self, obj: Pod | dict[str, Any]) -> PodKey:
         pod = pod_from_object(obj)
         key = pod.key
         # A finished pod's IP may already be reused; it is of no further interest.
-        self._store_pod(key, None if is_finished(pod.phase) else pod)
+        self._store_pod(key, None if is_finished(pod.phase) else pod, count=False)
         return key
 
     def _delete_pod_key(self, key: PodKey) -> None:
         self._store_pod(key, None)
 
-    def _store_pod(self, key: PodKey, new: PodRecord | None, *, regrant: bool = False) -> None:
+    def _store_pod(
+        self, key: PodKey, new: PodRecord | None, *, regrant: bool = False, count: bool = True
+    ) -> None:
         old = self._index.get(key)
         if new == old and not regrant:
             return
@@ -201,7 +239,8 @@ class Registry:
                 self._on_pod_active(new)
         self._publish(old, new)
         self._report_denial(old, old_grant, new, grant)
-        metrics.PODS_INDEXED.set(len(self._index))
+        if count:
+            metrics.PODS_INDEXED.set(len(self._index))
 
     def _report_denial(
         self,
@@ -220,14 +259,27 @@ class Registry:
             self._denials.record(new_pod, new_grant.denial)
 
     def _grant(self, pod: PodRecord) -> Grant:
-        return grant_for_pod(
-            pod,
-            self.namespaces.get(pod.namespace),
-            resolver=self.resolver,
-            session_name=self._session_name,
-            session_tags=self._session_tags,
-            allowed_accounts=self._allowed_accounts,
-        )
+        """The pod's grant: the one already decided for the same inputs in its namespace, or a
+        new one. (The inputs are everything grant_for_pod reads of a pod.)"""
+        tags = self._session_tags(pod) if self._session_tags is not None else ()
+        inputs = (pod.role, pod.external_id, self._session_name(pod), tags)
+        memo = self._grant_memo.get(pod.namespace)
+        if memo is None:
+            memo = self._grant_memo[pod.namespace] = {}
+        grant = memo.get(inputs)
+        if grant is None:
+            grant = grant_for_pod(
+                pod,
+                self.namespaces.get(pod.namespace),
+                resolver=self.resolver,
+                session_name=self._session_name,
+                session_tags=self._session_tags,
+                allowed_accounts=self._allowed_accounts,
+            )
+            if len(memo) >= _GRANTS_KEPT_PER_NAMESPACE:
+                memo.clear()
+            memo[inputs] = grant
+        return grant
 
     def _move_identity(
         self,
@@ -255,7 +307,7 @@ class Registry:
         for ip in {pod.ip for pod in (old, new) if pod is not None and pod.ip}:
             # Every node with a pod on this IP may see its answer change (ambiguity too).
             hosts = {pod.host_ip for pod in (old, new) if pod is not None}
-            hosts.update(self.pods[key].host_ip for key in self._by_ip.get(ip, ()))
+            hosts.update(self.pods[key].host_ip for key in self._index.holders(ip))
             changes.ip_changed(ip, hosts)
 
     # ---- namespaces -------------------------------------------------------------------------
@@ -293,6 +345,7 @@ class Registry:
         metrics.NAMESPACES_INVALID_PERMITTED.set(len(self._invalid_namespaces))
 
     def _regrant_namespace(self, name: str) -> None:
+        self._grant_memo.pop(name, None)  # decided under the namespace as it was
         for key in self._index.in_namespace(name):
             self._store_pod(key, self.pods[key], regrant=True)
 

@@ -18,10 +18,13 @@ import pytest_asyncio
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import REGISTRY
 
+from server.arn import RoleResolver
 from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_client
 from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
+from server.registry import Registry
 from tests.support.kubeapi import KubeApiServer
+from tests.support.objects import namespace_object
 from tests.support.waiting import eventually
 
 
@@ -427,3 +430,71 @@ async def test_unreachable_api_is_a_clear_error(tmp_path: Path):
             await check_api_reachable(api, timeout=5)
     finally:
         await api.close()
+
+
+# --- decoding straight into the registry's records -------------------------------------------
+
+
+def registry_with_namespace() -> Registry:
+    registry = Registry(
+        resolver=RoleResolver("arn:aws:iam::123456789012:role/"),
+        session_name=lambda pod: f"podiam-{pod.name}",
+        credentials=NoCredentials(),
+    )
+    registry.namespace_sink.upsert(namespace_object("default", ".*"))
+    return registry
+
+
+class NoCredentials:
+    def acquire(self, identity) -> None:
+        pass
+
+    def release(self, identity) -> None:
+        pass
+
+
+async def test_pod_with_an_unreadable_annotation_is_refused_alone_in_its_list_page(
+    kube: KubeApiServer, api: ApiClient
+):
+    # An annotation value that is not a string does not fit the pod's wire struct: that one
+    # pod is refused (logged), the others of its page are indexed, the list is not retried.
+    add_pods(kube, "before")
+    kube.add_pod("default", "poison", ip="10.0.9.9", annotations={"iam.amazonaws.com/role": 5})
+    add_pods(kube, "after")
+    registry = registry_with_namespace()
+
+    reflector = Reflector(api, resource="pods", sink=registry.pod_sink, page_size=500)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: reflector.synced.is_set())
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert set(registry.pods) == {("default", "before"), ("default", "after")}
+    assert kube.list_requests["pods"] == 1
+
+
+async def test_watched_pod_with_an_unreadable_annotation_is_skipped_and_watching_goes_on(
+    kube: KubeApiServer, api: ApiClient
+):
+    registry = registry_with_namespace()
+    reflector = Reflector(api, resource="pods", sink=registry.pod_sink)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: reflector.synced.is_set() and kube.watching("pods"))
+        kube.add_pod("default", "poison", ip="10.0.9.9", annotations={"iam.amazonaws.com/role": 5})
+        kube.add_pod(
+            "default", "healthy", ip="10.0.9.10", annotations={"iam.amazonaws.com/role": "app"}
+        )
+        await eventually(lambda: ("default", "healthy") in registry.pods)
+        assert reflector.resource_version == str(kube.store.rv)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert ("default", "poison") not in registry.pods
+    assert registry.lookup("10.0.9.10").grant.role_arn == "arn:aws:iam::123456789012:role/app"
+    assert kube.list_requests["pods"] == 1
