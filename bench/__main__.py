@@ -11,7 +11,9 @@ credentials served), ``sts`` (AssumeRole calls for N pods sharing M roles), ``sc
 initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer), ``policy``
 (one pod's policy decision under hostile ``permitted`` patterns vs a benign one), ``faults``
 (failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
-down, and pod IPs are reused; the replica and outage faults need root). Figures are
+down, and pod IPs are reused; the replica and outage faults need root), and, only when asked
+for, ``realscale`` (the server against a real control plane with kwok's fake nodes, side by side
+with the test double; about an hour at full size on two cores). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
@@ -34,7 +36,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from bench import procs
 from bench.report import Report
 
-SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults")
+SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults", "realscale")
+_ON_REQUEST = {"realscale"}  # not in a plain `python -m bench`: it takes an hour
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
 
@@ -46,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke, ~2 min)")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+        "--sections",
+        default=",".join(s for s in SECTIONS if s not in _ON_REQUEST),
+        help=f"comma-separated, of {', '.join(SECTIONS)} (realscale only when named)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-report.md"), help="Markdown report")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
@@ -77,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
     scale.add_argument("--unary-calls", type=int, help="GetPodCredentials calls per measurement")
     scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
+    real = parser.add_argument_group("realscale: server against a real control plane")
+    real.add_argument("--real-scale", help="sizes as NODESxPODS_PER_NODE, e.g. 1000x110,5000x22")
     faults = parser.add_argument_group("faults: static stability")
     faults.add_argument("--fault-pods", type=int, help="pods with cached credentials under load")
     faults.add_argument("--fault-load-seconds", type=float, help="load around a replica kill")
@@ -104,6 +111,7 @@ _FULL = {
     "sts_flood_qps": 50.0,
     "sts_throttle_seconds": 10.0,
     "scale_pods": [10000, 50000, 100000],
+    "real_scale": "1000x110,5000x22",
     "watch_events": 10000,
     "unary_calls": 5000,
     "unary_concurrency": 32,
@@ -131,6 +139,7 @@ _QUICK = {
     "sts_flood_qps": 50.0,
     "sts_throttle_seconds": 1.0,
     "scale_pods": [10000],
+    "real_scale": "20x5",
     "watch_events": 2000,
     "unary_calls": 1500,
     "unary_concurrency": 32,
@@ -173,6 +182,7 @@ async def run(options: argparse.Namespace) -> Report:
         "scale": "Server scale",
         "policy": "Hostile policy: decision time under pathological patterns",
         "faults": "Faults: static stability under load",
+        "realscale": "Server scale on a real control plane (kwok) vs the test double",
     }
     sections = {key: report.section(key, titles[key]) for key in SECTIONS if key in wanted}
     shared = None
@@ -243,6 +253,15 @@ async def _faults(section, cluster, options):
     await faults.run(section, options)
 
 
+async def _realscale(section, cluster, options):
+    from bench import real_scale
+
+    problem = real_scale.problem()
+    if problem:
+        raise _Skip(problem)
+    await real_scale.run(section, options)
+
+
 _SECTION_RUNNERS = {
     "hot": _hot,
     "client": _client,
@@ -251,6 +270,7 @@ _SECTION_RUNNERS = {
     "scale": _scale,
     "policy": _policy,
     "faults": _faults,
+    "realscale": _realscale,
 }
 
 
