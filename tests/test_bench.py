@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import SECTIONS, parse_options
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,3 +118,36 @@ def test_sts_economy_figures_for_workloads_and_the_rate_budget_are_exact_counts(
     assert sts["flood"]["probe_refusals"] == 0 < sts["flood"]["probe_answers"]
     assert sts["throttle"]["probe_refusals"] == 0 < sts["throttle"]["probe_answers"]
     assert sts["throttle"]["throttled_answers"] > 0
+
+
+def test_realscale_runs_only_when_named():
+    # An hour at full size: a plain `python -m bench` must not start it.
+    assert "realscale" in SECTIONS
+    assert "realscale" not in parse_options([]).sections
+    assert parse_options(["--sections", "realscale", "--quick"]).real_scale == "20x5"
+
+
+@pytest.mark.timeout(300)
+def test_realscale_compares_the_real_api_with_the_double_at_the_same_pods(tmp_path):
+    from tests.support.controlplane import require_binaries
+
+    require_binaries()
+    out, data = tmp_path / "report.md", tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--sections", "realscale",
+            "--real-scale", "4x3", "--watch-events", "5",
+            "--out", str(out), "--json", str(data),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = json.loads(data.read_text())["sections"][0]
+    assert section["key"] == "realscale" and not section["skipped"]
+    rows = section["data"]["rows"]
+    assert [row["api"] for row in rows] == ["double", "real"]
+    for row in rows:
+        # Every node's stream opened, the snapshots held every pod, the new pods reached them.
+        assert row["streams"] == row["node_streams_metric"] == 4
+        assert row["snapshot_pods"] == 12
+        assert row["delivered_pods"] == 5
