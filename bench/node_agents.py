@@ -5,7 +5,8 @@ connections with the agent certificate (thousands of agents' connections would m
 process's TLS, not the server's fan-out).
 
 It prints JSON lines: ``{"snapshots": ...}`` once every stream has delivered its first message
-(the snapshot), with the wall-clock time of the last one and the pods the snapshots held; then,
+(the snapshot), with the wall-clock time of the last one, the pods the snapshots held and how
+often a stream was refused before its snapshot and tried again (as agents do); then,
 once the streams together have delivered ``expect`` pod IPs that no snapshot held,
 ``{"delivered": ...}`` with the wall-clock time of the last; then it runs until stdin closes.
 Wall-clock times, because the process that adds the pods is another one.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -44,16 +47,30 @@ async def run(spec: dict) -> None:
     marks: dict[str, float] = {}
     started = time.time()
     messages = [0]
+    snapshotted: set[str] = set()
+    retries: Counter[str] = Counter()
 
     async def agent(index: int, host_ip: str) -> None:
-        nonlocal pending
         stub = kiam_pb2_grpc.KiamServiceStub(channels[index % len(channels)])
-        first = True
+        while True:
+            try:
+                await stream(stub, host_ip)
+                raise RuntimeError(f"the stream for {host_ip} ended")
+            except grpc.aio.AioRpcError as error:
+                if host_ip in snapshotted:
+                    raise
+                # Refused before its snapshot (a server swamped by agents arriving at once
+                # cancels some calls): retried after a jittered backoff, as an agent does.
+                retries[error.code().name] += 1
+                await asyncio.sleep(random.uniform(0.5, 2.0))
+
+    async def stream(stub, host_ip: str) -> None:
+        nonlocal pending
         async for update in stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=host_ip)):
             messages[0] += 1
             ips = {pod.ip for pod in update.pods if pod.ip}
-            if first:
-                first = False
+            if host_ip not in snapshotted:
+                snapshotted.add(host_ip)
                 snapshot_ips.update(ips)
                 pending -= 1
                 if pending == 0:
@@ -70,7 +87,7 @@ async def run(spec: dict) -> None:
     try:
         await _first(all_snapshots.wait(), watcher)
         _say(snapshots=marks["snapshots"], seconds=marks["snapshots"] - started,
-             pods=len(snapshot_ips), streams=len(host_ips))  # fmt: skip
+             pods=len(snapshot_ips), streams=len(host_ips), retries=dict(retries))  # fmt: skip
         if expect:
             await _first(all_delivered.wait(), watcher)
             _say(delivered=marks["delivered"], pods=len(new_ips), messages=messages[0])
