@@ -14,7 +14,9 @@ initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer)
 (failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
 down, the node is partitioned, pod IPs are reused, STS is down for 30 simulated minutes, the
 Kubernetes API is down and its watches break, certificates rotate and the agent is rolled out;
-the replica, outage and partition faults need root; ``--faults`` picks some). Figures are
+the replica, outage and partition faults need root; ``--faults`` picks some), and, only when
+asked for, ``realscale`` (the server against a real control plane with kwok's fake nodes, side
+by side with the test double; about an hour at full size on two cores). Figures are
 printed, never asserted: the machine may be shared and noisy, so the report compares each figure
 with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
@@ -37,7 +39,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from bench import procs
 from bench.report import Report
 
-SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults")
+SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults", "realscale")
+_ON_REQUEST = {"realscale"}  # not in a plain `python -m bench`: it takes an hour
 FAULTS = ("replica", "churn", "sts-outage", "kube", "rotation", "rollout")
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
@@ -50,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke, ~2 min)")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+        "--sections",
+        default=",".join(s for s in SECTIONS if s not in _ON_REQUEST),
+        help=f"comma-separated, of {', '.join(SECTIONS)} (realscale only when named)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-report.md"), help="Markdown report")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="record py-spy profiles (collapsed stacks) of both processes during each sync",
     )
+    real = parser.add_argument_group("realscale: server against a real control plane")
+    real.add_argument("--real-scale", help="sizes as NODESxPODS_PER_NODE, e.g. 1000x110,5000x22")
     faults = parser.add_argument_group("faults: static stability")
     faults.add_argument("--fault-pods", type=int, help="pods with cached credentials under load")
     faults.add_argument("--fault-load-seconds", type=float, help="load around a replica kill")
@@ -138,6 +145,7 @@ _FULL = {
     "sts_flood_qps": 50.0,
     "sts_throttle_seconds": 10.0,
     "scale_pods": [10000, 50000, 100000],
+    "real_scale": "1000x110,5000x22",
     "watch_events": 10000,
     "unary_calls": 5000,
     "unary_concurrency": 32,
@@ -178,6 +186,7 @@ _QUICK = {
     "sts_flood_qps": 50.0,
     "sts_throttle_seconds": 1.0,
     "scale_pods": [10000],
+    "real_scale": "20x5",
     "watch_events": 2000,
     "unary_calls": 1500,
     "unary_concurrency": 32,
@@ -235,6 +244,7 @@ async def run(options: argparse.Namespace) -> Report:
         "scale": "Server scale",
         "policy": "Hostile policy: decision time under pathological patterns",
         "faults": "Faults: static stability under load",
+        "realscale": "Server scale on a real control plane (kwok) vs the test double",
     }
     sections = {key: report.section(key, titles[key]) for key in SECTIONS if key in wanted}
     shared = None
@@ -305,6 +315,15 @@ async def _faults(section, cluster, options):
     await faults.run(section, options)
 
 
+async def _realscale(section, cluster, options):
+    from bench import real_scale
+
+    problem = real_scale.problem()
+    if problem:
+        raise _Skip(problem)
+    await real_scale.run(section, options)
+
+
 _SECTION_RUNNERS = {
     "hot": _hot,
     "client": _client,
@@ -313,6 +332,7 @@ _SECTION_RUNNERS = {
     "scale": _scale,
     "policy": _policy,
     "faults": _faults,
+    "realscale": _realscale,
 }
 
 

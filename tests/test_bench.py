@@ -169,3 +169,36 @@ def test_server_scale_plot_is_drawn_from_the_sections_rows(tmp_path):
     # A skipped section draws nothing.
     report["sections"][0]["skipped"] = "needs root"
     assert write_plots(report, tmp_path, "s") == []
+
+
+def test_realscale_runs_only_when_named():
+    # An hour at full size: a plain `python -m bench` must not start it.
+    assert "realscale" in SECTIONS
+    assert "realscale" not in parse_options([]).sections
+    assert parse_options(["--sections", "realscale", "--quick"]).real_scale == "20x5"
+
+
+@pytest.mark.timeout(300)
+def test_realscale_compares_the_real_api_with_the_double_at_the_same_pods(tmp_path):
+    from tests.support.controlplane import require_binaries
+
+    require_binaries()
+    out, data = tmp_path / "report.md", tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--sections", "realscale",
+            "--real-scale", "4x3", "--watch-events", "5",
+            "--out", str(out), "--json", str(data),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = json.loads(data.read_text())["sections"][0]
+    assert section["key"] == "realscale" and not section["skipped"]
+    rows = section["data"]["rows"]
+    assert [row["api"] for row in rows] == ["double", "real"]
+    for row in rows:
+        # Every node's stream opened, the snapshots held every pod, the new pods reached them.
+        assert row["streams"] == row["node_streams_metric"] == 4
+        assert row["snapshot_pods"] == 12
+        assert row["delivered_pods"] == 5

@@ -340,11 +340,15 @@ class ControlPlane:
         *,
         nodes: int = 2,
         apiserver_args: Sequence[str] = (),
+        component_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.bin_dir = bin_dir
         self.workdir = workdir
         self.node_names = [f"kwok-node-{i}" for i in range(nodes)]
         self._apiserver_args = list(apiserver_args)
+        # More flags for any component by name, after its own (a repeated flag's last value
+        # wins): the scale bench tunes etcd, the controller manager and kwok this way.
+        self._component_args = {name: list(args) for name, args in (component_args or {}).items()}
         self.components: list[Component] = []
         workdir.mkdir(parents=True, exist_ok=True)
         self.pki = Pki(workdir / "pki")
@@ -499,6 +503,7 @@ class ControlPlane:
     # --- starting -----------------------------------------------------------------------------
 
     def _add(self, name: str, argv: Sequence[str]) -> Component:
+        argv = [*argv, *self._component_args.get(name, ())]
         component = Component(name, argv, self.workdir / f"{name}.log")
         self.components.append(component)
         component.start()
