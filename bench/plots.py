@@ -1,6 +1,7 @@
 """Pictures for the benchmark report, where a reader would rather look than read: the agent's
-latency distribution against its bare-aiohttp baseline, AssumeRole calls over
-the simulated hour, and the server's memory and initial sync time against the cluster's size.
+latency distribution against its baselines (bare aiohttp, a raw httptools+uvloop protocol),
+AssumeRole calls over the simulated hour, and the server's memory and initial sync time against
+the cluster's size.
 
 Drawn from the report's JSON (each section's ``data``), so a saved ``bench-report.json`` can be
 drawn again: ``python -m bench.plots bench-report.json``. matplotlib comes with the bench extra;
@@ -16,7 +17,13 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-AGENT, BASELINE = "#1f77b4", "#7f7f7f"
+AGENT, BASELINE, RAW = "#1f77b4", "#7f7f7f", "#2ca02c"
+# The hot section's servers, each measured with the same bytes in the same run (bench/hot_path.py).
+_LATENCY_SIDES = (
+    ("agent", AGENT, "podiam-agent"),
+    ("aiohttp", BASELINE, "bare aiohttp"),
+    ("raw", RAW, "raw httptools+uvloop"),
+)
 
 
 def available() -> str:
@@ -37,7 +44,7 @@ def write_plots(report: Mapping[str, Any], directory: Path, stem: str) -> list[t
     sections = {section["key"]: section for section in report.get("sections", [])}
     drawn = []
     for key, name, title, draw in (
-        ("hot", "latency", "Agent latency distribution vs bare aiohttp", _latency),
+        ("hot", "latency", "Agent latency distribution vs its baselines", _latency),
         ("sts", "assume-role-hour", "AssumeRole calls over a simulated hour", _hour),
         ("scale", "server-scale", "Server memory and initial sync vs pods", _scale),
     ):
@@ -52,7 +59,8 @@ def write_plots(report: Mapping[str, Any], directory: Path, stem: str) -> list[t
 
 def _latency(data: Mapping[str, Any], path: Path) -> bool:
     rows = [r for r in data.get("rows", []) if r["route"] == "credentials"]
-    rows = [r for r in rows if r["agent"].get("quantiles_ms") and r["baseline"].get("quantiles_ms")]
+    sides = [side for side, *_ in _LATENCY_SIDES]
+    rows = [r for r in rows if all(r.get(side, {}).get("quantiles_ms") for side in sides)]
     concurrencies = sorted({r["concurrency"] for r in rows})
     if not concurrencies:
         return False
@@ -66,10 +74,7 @@ def _latency(data: Mapping[str, Any], path: Path) -> bool:
         for row in (r for r in rows if r["concurrency"] == concurrency):
             style = "-" if row["keepalive"] else "--"
             connections = "keep-alive" if row["keepalive"] else "new connections"
-            for who, colour, label in (
-                ("agent", AGENT, "podiam-agent"),
-                ("baseline", BASELINE, "bare aiohttp"),
-            ):
+            for who, colour, label in _LATENCY_SIDES:
                 fractions, ms = zip(*row[who]["quantiles_ms"], strict=True)
                 axis.plot(ms, fractions, style, color=colour, label=f"{label}, {connections}")
         axis.set_xscale("log")
