@@ -6,8 +6,10 @@ metadata service) and cuts connections opened to the metadata address before it,
 port, and serves at once (so /ping answers) but hands out credentials only once connected to a
 server — unless another agent already serves the port (an upgrade: see agent/listener.py), in
 which case it starts listening only once its node stream has delivered a snapshot. Pods are
-served by the agent's own listener (agent/httpserver.py, with the route table agent/routes.py);
-the metrics endpoint, which only Prometheus reads, stays on aiohttp.
+served by the agent's own listener (agent/httpserver.py, with the route table agent/routes.py),
+and token-bound credentials, when enabled, by a second one on their own port (the route table
+agent/container_credentials.py); the metrics endpoint, which only Prometheus reads, stays on
+aiohttp.
 
 Shutdown stops listening first (the other agent on the port, if any, takes the new
 connections), tells clients on keep-alive connections to close for a moment, then drains what
@@ -30,7 +32,7 @@ from agent import listener, metrics
 from agent.client import ServerConnection
 from agent.config import AgentConfig
 from agent.conntrack import ConntrackError, check_available, cut_metadata_connections
-from agent.container_credentials import ContainerCredentials, container_credentials_app
+from agent.container_credentials import ContainerCredentials, token_limits
 from agent.handlers.credentials import CredentialsHandler
 from agent.handlers.health import HealthHandler
 from agent.handlers.info import InfoHandler
@@ -83,6 +85,7 @@ class PodiamAgent:
         self.http: HttpListener | None = None
         self.token_port: int | None = None
         self.token_endpoint: ContainerCredentials | None = None
+        self.token_http: HttpListener | None = None
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -183,8 +186,8 @@ class PodiamAgent:
             )
 
     async def _serve_token_endpoint(self, client, synced_once: asyncio.Event) -> None:
-        """GET /v1/credentials on its own socket (agent/container_credentials.py), reached by
-        its own DNAT rule."""
+        """GET /v1/credentials on a second listener of its own (agent/container_credentials.py
+        is its route table), reached by its own DNAT rule."""
         config = self.config
         if config.iptables:
             address, address_port = config.token_address
@@ -195,27 +198,43 @@ class PodiamAgent:
                 ).install()  # fmt: skip
             except (IptablesError, ValueError) as error:
                 raise StartupError(f"--token-endpoint: {error}") from error
-        endpoint = ContainerCredentials(self.state, client, synced_once=synced_once)
+        limits = config.limits
+        endpoint = ContainerCredentials(
+            self.state,
+            client,
+            synced_once=synced_once,
+            buckets=PodBuckets(rate=limits.pod_rate, burst=limits.pod_burst),
+        )
         self.token_endpoint = endpoint
+        http = self.token_http = HttpListener(
+            endpoint, token_limits(limits), name="token-bound credentials"
+        )
         sock = self._bind(config.host, config.token_port, "token-bound credentials")
         self.token_port = sock.getsockname()[1]
-        app = container_credentials_app(endpoint)
         if await listener.someone_listens(config.host, self.token_port):
             # An upgrade, as for the metadata port: listen beside the old agent only once this
             # one can answer, then take the new connections.
             self._tasks.append(
-                asyncio.create_task(self._serve_tokens_when_ready(app, sock), name="tokens")
+                asyncio.create_task(self._serve_tokens_when_ready(http, sock), name="tokens")
             )
             return
-        await self._serve(app, sock)
+        http.serve(sock, backlog=LISTEN_BACKLOG)
         log.info("serving token-bound credentials on %s:%d", config.host, self.token_port)
 
-    async def _serve_tokens_when_ready(self, app: web.Application, sock: socket.socket) -> None:
+    async def _serve_tokens_when_ready(self, http: HttpListener, sock: socket.socket) -> None:
         await self._listening.wait()  # the metadata port's own wait for a live snapshot
-        await self._serve(app, sock)
-        with contextlib.suppress(OSError):
+        http.serve(sock, backlog=LISTEN_BACKLOG)
+        try:
             listener.steer_new_connections_here(sock)
-        log.info("serving token-bound credentials on %s:%d", self.config.host, self.token_port)
+            steered = "; new connections come here only"
+        except OSError as error:
+            steered = f"; new connections are shared with it ({error.strerror or error})"
+        log.info(
+            "serving token-bound credentials on %s:%d%s",
+            self.config.host,
+            self.token_port,
+            steered,
+        )
 
     def ready(self) -> bool:
         """Listening, and the node stream is live with its snapshot applied: what the readiness
@@ -295,17 +314,18 @@ class PodiamAgent:
         self._listening.clear()  # not ready from now on, whatever the ready-file task sees
         if self.config.ready_file is not None:
             _remove(self.config.ready_file)
-        http = self.http
-        if http is not None:
+        pod_facing = [http for http in (self.http, self.token_http) if http is not None]
+        for http in pod_facing:
             http.stop_accepting()
         for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
-        if http is not None:
+        if pod_facing:
             if was_listening:
-                http.draining = True
+                for http in pod_facing:
+                    http.draining = True
                 await asyncio.sleep(CLOSE_NOTICE_SECONDS)
-            await http.close(drain_seconds=DRAIN_SECONDS)
+            await asyncio.gather(*(http.close(drain_seconds=DRAIN_SECONDS) for http in pod_facing))
         for runner in self._runners:
             await runner.cleanup()
         for task in self._tasks:

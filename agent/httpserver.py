@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import socket
+import weakref
 from collections import deque
 from collections.abc import Awaitable
 from typing import Protocol
@@ -52,6 +53,8 @@ MAX_HEADERS = 100
 MAX_PIPELINED = 32
 
 _INTERNAL_ERROR = wire.text("internal error\n", 500)
+# Listeners serving in this process: the connections gauge counts them all.
+_SERVING: weakref.WeakSet[HttpListener] = weakref.WeakSet()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -91,6 +94,7 @@ class HttpListener:
         sock.listen(backlog)
         self._loop.add_reader(sock.fileno(), self._accept)
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
+        _SERVING.add(self)
 
     def _accept(self) -> None:
         sock = self._sock
@@ -187,7 +191,8 @@ class HttpListener:
         forget = getattr(self.routes, "forget_idle", None)
         if forget is not None:
             forget()
-        metrics.CONNECTIONS.set(len(self.connections))
+        # One gauge for every pod-facing listener (the metadata API, token-bound credentials).
+        metrics.CONNECTIONS.set(sum(len(serving.connections) for serving in _SERVING))
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     # ---- stopping -----------------------------------------------------------------------
@@ -223,6 +228,7 @@ class HttpListener:
             connection.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        _SERVING.discard(self)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

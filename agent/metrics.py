@@ -155,7 +155,7 @@ LIMITED = Counter(
 )
 CONNECTIONS = Gauge(
     "podiam_agent_listener_connections",
-    "Pod connections open on the metadata listener.",
+    "Pod connections open on the agent's listeners (metadata API, token-bound credentials).",
 )
 
 

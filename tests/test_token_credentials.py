@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
+from prometheus_client import REGISTRY
 
 from tests.support import helm
 from tests.support.agent import running_agent
@@ -180,6 +181,28 @@ async def test_a_known_token_is_answered_from_the_agents_memory(real, podiam, ag
     # agent answers the token without the server.
     await eventually(lambda: endpoint.known(token) is not None, real.patience)
     assert json.loads(endpoint.known(token)) == first[1]
+
+
+def _token_calls() -> float:
+    labels = {"rpc": "GetTokenCredentials", "outcome": "OK"}
+    return REGISTRY.get_sample_value("podiam_agent_fallback_calls_total", labels) or 0.0
+
+
+async def test_a_known_tokens_repeated_requests_never_reach_the_server(real, podiam, agent):
+    ns = await namespace(real, podiam)
+    token = await pod_token(real, await start_pod(real, ns, "token-repeat"))
+    first = await ask(agent, token)
+    assert first[0] == 200
+    await eventually(lambda: agent.token_endpoint.known(token) is not None, real.patience)
+    calls = _token_calls()
+    url = f"http://{agent.config.host}:{agent.token_port}/v1/credentials"
+    async with aiohttp.ClientSession() as session:  # one keep-alive connection
+        for _ in range(20):
+            async with session.get(url, headers={"Authorization": token}) as response:
+                assert response.status == 200
+                assert response.content_type == "application/json"
+                assert json.loads(await response.text()) == first[1]
+    assert _token_calls() == calls
 
 
 async def test_a_pod_asking_before_its_node_has_reported_it_gets_credentials(real, podiam, agent):
