@@ -19,10 +19,8 @@ import asyncio
 import time
 from datetime import timedelta
 
-from bench.cluster import NAMESPACE, pod_ip
 from bench.simulated_clock import simulated_cache
-from bench.sts_budget import _registry
-from bench.sts_economy import _settle
+from bench.sts_budget import _registry, hold_identities
 from server.credentials import (
     DEFAULT_REFRESH_BEFORE,
     DEFAULT_REFRESH_JITTER,
@@ -32,9 +30,7 @@ from server.identity import MIN_REMAINING, RoleIdentity
 from server.sts import DEFAULT_SESSION_DURATION
 from server.sts_budget import StsBudget
 from tests.support.moto_sts import MotoSts
-from tests.support.objects import pod_object
 from tests.support.server import BASE_ARN
-from tests.support.waiting import eventually
 
 OUTAGE_CODE = "ServiceUnavailable"
 
@@ -47,14 +43,9 @@ async def sts_outage(
     )
     async with simulated as (clock, cache):
         registry = _registry(cache)
-        for k in range(held):
-            registry.pod_sink.upsert(
-                pod_object(NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=251),
-                           role=f"{prefix}-role-{k}")
-            )  # fmt: skip
-        await _settle(sts, prefix)
-        identities = [registry.lookup(pod_ip(k, block=251)).grant.identity for k in range(held)]
-        await eventually(lambda: all(cache.peek(i) is not None for i in identities), timeout=30)
+        identities = await hold_identities(
+            sts, cache, registry, prefix=prefix, count=held, block=251
+        )
         first_keys = {i: cache.peek(i).access_key_id for i in identities}
         counts = {"answers": 0, "refusals": 0, "expired": 0, "under_30_min": 0}
         slowest = 0.0

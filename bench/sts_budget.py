@@ -34,6 +34,7 @@ from server.credentials import (
     CredentialCache,
     CredentialsUnavailable,
 )
+from server.identity import RoleIdentity
 from server.registry import Registry
 from server.sessions import SessionNameFrom, session_namer
 from server.sts import DEFAULT_SESSION_DURATION
@@ -71,6 +72,30 @@ def _registry(cache: CredentialCache) -> Registry:
     )
     registry.namespace_sink.upsert(namespace_object(NAMESPACE, permitted=".*"))
     return registry
+
+
+async def hold_identities(
+    sts: MotoSts,
+    cache: CredentialCache,
+    registry: Registry,
+    *,
+    prefix: str,
+    count: int,
+    block: int,
+) -> list[RoleIdentity]:
+    """``count`` pods with a role each (``<prefix>-role-<k>``) stored in ``registry``, their IPs
+    from ``block``: the identities they hold, once the cache has credentials for every one."""
+    for k in range(count):
+        registry.pod_sink.upsert(
+            pod_object(NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=block),
+                       role=f"{prefix}-role-{k}")
+        )  # fmt: skip
+    await _settle(sts, prefix)
+    identities = [registry.lookup(pod_ip(k, block=block)).grant.identity for k in range(count)]
+    # _settle alone is not enough: on a busy machine the first fetches may not have begun yet
+    # (no call for a few ms reads as settled), and would then be made after the clock moves.
+    await eventually(lambda: all(cache.peek(i) is not None for i in identities), timeout=60)
+    return identities
 
 
 # ---- 1. a simulated hour of Deployments -----------------------------------------------------
@@ -163,18 +188,9 @@ async def flood(sts: MotoSts, *, identities: int, held: int, qps: float, burst: 
     async with simulated as (clock, cache):
         registry = _registry(cache)
         held_prefix, new_prefix = f"{prefix}h", f"{prefix}n"
-        for k in range(held):
-            registry.pod_sink.upsert(
-                pod_object(NAMESPACE, f"{held_prefix}-{k}", ip=pod_ip(k, block=245),
-                           role=f"{held_prefix}-role-{k}")
-            )  # fmt: skip
-        await _settle(sts, held_prefix)
-        held_identities = [
-            registry.lookup(pod_ip(k, block=245)).grant.identity for k in range(held)
-        ]
-        # _settle alone is not enough: on a busy machine the first fetches may not have begun yet
-        # (no call for a few ms reads as settled), and would then be made after the clock moves.
-        await eventually(lambda: all(cache.peek(i) for i in held_identities), timeout=60)
+        held_identities = await hold_identities(
+            sts, cache, registry, prefix=held_prefix, count=held, block=245
+        )
         stop = asyncio.Event()
         probe = asyncio.create_task(_probe(cache, held_identities, stop))
         try:
@@ -234,15 +250,9 @@ async def throttled(sts: MotoSts, *, held: int, seconds: float, prefix: str):
     )
     async with simulated as (clock, cache):
         registry = _registry(cache)
-        for k in range(held):
-            registry.pod_sink.upsert(
-                pod_object(
-                    NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=250), role=f"{prefix}-role-{k}"
-                )
-            )
-        await _settle(sts, prefix)
-        identities = [registry.lookup(pod_ip(k, block=250)).grant.identity for k in range(held)]
-        await eventually(lambda: all(cache.peek(i) for i in identities), timeout=60)
+        identities = await hold_identities(
+            sts, cache, registry, prefix=prefix, count=held, block=250
+        )
         before = len(sts.calls())
         stop = asyncio.Event()
         probe = asyncio.create_task(_probe(cache, identities, stop))
