@@ -23,30 +23,13 @@ ROLLOUTS = 2
 
 
 async def _spawn_agent(work: Path, name: str, *, port: int, server_port: int, tls):
-    from bench import procs
-    from tests.support.pods import NODE
+    from bench.cluster import spawn_agent
 
-    files = tls.agent
     ready = work / f"{name}.ready"
-    log = open(work / f"{name}.log", "ab")  # noqa: ASYNC230 - once, at start-up
-    try:
-        process = await procs.spawn(
-            [
-                "-m", "agent",
-                "--host", NODE, "--port", str(port),
-                "--server-address", f"127.0.0.1:{server_port}",
-                "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
-                "--metadata-endpoint", "http://127.0.0.1:9",
-                "--prometheus-listen-addr", "",
-                "--ready-file", str(ready),
-                "--log-level", "info",
-            ],
-            core=procs.cpu(procs.SERVED_CPU),
-            stdout=log.fileno(),
-            stderr=log.fileno(),
-        )  # fmt: skip
-    finally:
-        log.close()
+    process = await spawn_agent(
+        work / f"{name}.log", port=port, server_port=server_port, tls=tls,
+        args=["--ready-file", str(ready), "--log-level", "info"],
+    )  # fmt: skip
     started = time.monotonic()
     while not ready.exists():
         if process.returncode is not None or time.monotonic() - started > 30:
