@@ -39,29 +39,12 @@ from server.registry import Registry
 from server.sessions import SessionNameFrom, session_namer
 from server.sts import DEFAULT_SESSION_DURATION
 from server.sts_budget import StsBudget
-from tests.support.kubeapi import pod_object as kube_pod_object
 from tests.support.moto_sts import MotoSts
-from tests.support.objects import namespace_object, pod_object
+from tests.support.objects import namespace_object, pod_object, replica_pod_object
 from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
 TEMPLATE_HASH = "6f8d9c7b5"
-
-
-def _deployment_pod(obj: dict, deployment: str) -> dict:
-    """``obj`` as a Deployment's pod: owned by its ReplicaSet, labelled with the template hash."""
-    meta = obj["metadata"]
-    meta.setdefault("labels", {})["pod-template-hash"] = TEMPLATE_HASH
-    meta["ownerReferences"] = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "name": f"{deployment}-{TEMPLATE_HASH}",
-            "uid": f"rs-{deployment}",
-            "controller": True,
-        }
-    ]
-    return obj
 
 
 def _registry(cache: CredentialCache) -> Registry:
@@ -106,13 +89,15 @@ async def workload_hour(sts: MotoSts, *, pods: int, workloads: int, roles: int, 
         registry = _registry(cache)
         for k in range(pods):
             deployment = f"{prefix}-deploy-{k % workloads}"
-            obj = pod_object(
+            obj = replica_pod_object(
                 NAMESPACE,
-                f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
+                deployment,
+                k,
+                template_hash=TEMPLATE_HASH,
                 ip=pod_ip(k, block=230),
                 role=f"{prefix}-role-{(k % workloads) % roles}",
             )
-            registry.pod_sink.upsert(_deployment_pod(obj, deployment))
+            registry.pod_sink.upsert(obj)
         return (await run_the_hour(sts, prefix, clock)).rounds
 
 
@@ -125,15 +110,17 @@ async def deployment_burst(cluster: LoopbackCluster, *, pods: int, prefix: str):
     objects, targets = [], []
     for k in range(pods):
         ip = pod_ip(k, block=240)
-        obj = kube_pod_object(
+        obj = replica_pod_object(
             NAMESPACE,
-            f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
+            deployment,
+            k,
+            template_hash=TEMPLATE_HASH,
             ip=ip,
             host_ip=NODE,
-            annotations={"iam.amazonaws.com/role": role},
+            role=role,
             node_name="bench-node",
         )
-        objects.append(_deployment_pod(obj, deployment))
+        objects.append(obj)
         targets.append([ip, CREDENTIALS + role, {}])
     start_at = time.time() + 1.5
     spec = {
