@@ -223,12 +223,7 @@ class PodiamAgent:
 
     async def _serve_tokens_when_ready(self, http: HttpListener, sock: socket.socket) -> None:
         await self._listening.wait()  # the metadata port's own wait for a live snapshot
-        http.serve(sock, backlog=LISTEN_BACKLOG)
-        try:
-            listener.steer_new_connections_here(sock)
-            steered = "; new connections come here only"
-        except OSError as error:
-            steered = f"; new connections are shared with it ({error.strerror or error})"
+        steered = _serve_beside(http, sock)
         log.info(
             "serving token-bound credentials on %s:%d%s",
             self.config.host,
@@ -245,12 +240,7 @@ class PodiamAgent:
         await self.streams.synced_once.wait()
         while not self.state.live:  # noqa: ASYNC110 - NodeState.live has no event of its own
             await asyncio.sleep(0.05)
-        http.serve(sock, backlog=LISTEN_BACKLOG)
-        try:
-            listener.steer_new_connections_here(sock)
-            steered = "; new connections come here only"
-        except OSError as error:
-            steered = f"; new connections are shared with it ({error.strerror or error})"
+        steered = _serve_beside(http, sock)
         self._listening.set()
         log.info(
             "snapshot applied; serving the metadata API on %s:%d%s",
@@ -333,6 +323,17 @@ class PodiamAgent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for close in reversed(self._closers):
             await close()
+
+
+def _serve_beside(http: HttpListener, sock: socket.socket) -> str:
+    """Serve on ``sock`` beside the agent already listening on its port (an upgrade) and take
+    every new connection from it; the end of the log line saying whether that worked."""
+    http.serve(sock, backlog=LISTEN_BACKLOG)
+    try:
+        listener.steer_new_connections_here(sock)
+    except OSError as error:
+        return f"; new connections are shared with it ({error.strerror or error})"
+    return "; new connections come here only"
 
 
 def _remove(path: Path) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -34,6 +35,34 @@ CREDENTIALS = "/latest/meta-data/iam/security-credentials/"
 def pod_ip(index: int, *, block: int = 1) -> str:
     """A distinct loopback address per pod; ``block`` separates the sets sections use."""
     return f"127.{block + index // 62500}.{(index // 250) % 250 + 1}.{index % 250 + 1}"
+
+
+async def spawn_agent(
+    log: Path, *, port: int, server_port: int, tls, args: Sequence[str] = ()
+) -> asyncio.subprocess.Process:
+    """podiam-agent as its own process on the served core, serving loopback pods on
+    ``NODE:port`` from the server on ``127.0.0.1:server_port``, with no real metadata service
+    behind it (a closed port) and no metrics listener; ``args`` after those flags; its output
+    appended to ``log``."""
+    files = tls.agent
+    out = open(log, "ab")  # noqa: ASYNC230 - once, at start-up
+    try:
+        return await procs.spawn(
+            [
+                "-m", "agent",
+                "--host", NODE, "--port", str(port),
+                "--server-address", f"127.0.0.1:{server_port}",
+                "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
+                "--metadata-endpoint", "http://127.0.0.1:9",
+                "--prometheus-listen-addr", "",
+                *args,
+            ],
+            core=procs.cpu(procs.SERVED_CPU),
+            stdout=out.fileno(),
+            stderr=out.fileno(),
+        )  # fmt: skip
+    finally:
+        out.close()
 
 
 class LoopbackCluster:
@@ -69,27 +98,12 @@ class LoopbackCluster:
         await self._stack.aclose()
 
     async def _start_agent(self) -> None:
-        files = self.tls.agent
         self.agent_port = procs.free_port()
         self.agent_log = self.work / "agent.log"
-        log = open(self.agent_log, "ab")  # noqa: ASYNC230 - once, at start-up
-        try:
-            self.agent = await procs.spawn(
-                [
-                    "-m", "agent",
-                    "--host", NODE, "--port", str(self.agent_port),
-                    "--server-address", f"127.0.0.1:{self.server.server.port}",
-                    "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
-                    "--metadata-endpoint", "http://127.0.0.1:9",
-                    "--prometheus-listen-addr", "",
-                    "--log-level", "warning",
-                ],
-                core=procs.cpu(procs.SERVED_CPU),
-                stdout=log.fileno(),
-                stderr=log.fileno(),
-            )  # fmt: skip
-        finally:
-            log.close()
+        self.agent = await spawn_agent(
+            self.agent_log, port=self.agent_port, server_port=self.server.server.port,
+            tls=self.tls, args=["--log-level", "warning"],
+        )  # fmt: skip
         self._stack.push_async_callback(procs.stop, self.agent)
         deadline = time.monotonic() + 20
         async with aiohttp.ClientSession() as session:

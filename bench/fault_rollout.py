@@ -12,43 +12,24 @@ open one per request. Rolled out twice. Counts: failed requests and connection e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
+from bench import pod_load
 
-CREDS = "/latest/meta-data/iam/security-credentials/"
 NAMESPACE = "rollout"
 ROLLOUTS = 2
 
 
 async def _spawn_agent(work: Path, name: str, *, port: int, server_port: int, tls):
-    from bench import procs
-    from tests.support.pods import NODE
+    from bench.cluster import spawn_agent
 
-    files = tls.agent
     ready = work / f"{name}.ready"
-    log = open(work / f"{name}.log", "ab")  # noqa: ASYNC230 - once, at start-up
-    try:
-        process = await procs.spawn(
-            [
-                "-m", "agent",
-                "--host", NODE, "--port", str(port),
-                "--server-address", f"127.0.0.1:{server_port}",
-                "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
-                "--metadata-endpoint", "http://127.0.0.1:9",
-                "--prometheus-listen-addr", "",
-                "--ready-file", str(ready),
-                "--log-level", "info",
-            ],
-            core=procs.cpu(procs.SERVED_CPU),
-            stdout=log.fileno(),
-            stderr=log.fileno(),
-        )  # fmt: skip
-    finally:
-        log.close()
+    process = await spawn_agent(
+        work / f"{name}.log", port=port, server_port=server_port, tls=tls,
+        args=["--ready-file", str(ready), "--log-level", "info"],
+    )  # fmt: skip
     started = time.monotonic()
     while not ready.exists():
         if process.returncode is not None or time.monotonic() - started > 30:
@@ -59,7 +40,6 @@ async def _spawn_agent(work: Path, name: str, *, port: int, server_port: int, tl
 
 async def run(section, options) -> None:
     from bench import procs
-    from tests.support.agent import pod_session
     from tests.support.kubeapi import KubeApiServer
     from tests.support.moto_sts import MotoSts
     from tests.support.pods import NODE
@@ -67,12 +47,11 @@ async def run(section, options) -> None:
     from tests.support.tls import make_tls_dirs
 
     pods = [(f"127.0.216.{k + 1}", f"rollout-role-{k % 3}") for k in range(8)]
-    load = options.rollout_load_seconds
+    seconds = options.rollout_load_seconds
     work = Path(tempfile.mkdtemp(prefix="podiam-faults-rollout-"))
     kube, sts = KubeApiServer(), MotoSts()
     await kube.start()
     await asyncio.to_thread(sts.start)
-    statuses: dict[str, int] = {}
     reasons: list[str] = []
     rows = []
     agents = []
@@ -87,56 +66,25 @@ async def run(section, options) -> None:
             start = dict(port=port, server_port=served.server.port, tls=tls)
             current, _ = await _spawn_agent(work, "agent-0", **start)
             agents.append(current)
-            stop = asyncio.Event()
-
-            def count(outcome: str) -> None:
-                statuses[outcome] = statuses.get(outcome, 0) + 1
-
-            async def ask(ip: str, role: str, keepalive: bool) -> None:
-                connector = aiohttp.TCPConnector(local_addr=(ip, 0), force_close=not keepalive)
-                timeout = aiohttp.ClientTimeout(total=5)
-                async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-                    while not stop.is_set():
-                        try:
-                            async with http.get(f"http://{NODE}:{port}{CREDS}{role}") as r:
-                                body = await r.read()
-                            count(str(r.status))
-                            if r.status != 200:
-                                reasons.append(f"{r.status} {body[:120]!r}")
-                        except (aiohttp.ClientError, OSError, TimeoutError) as error:
-                            count(type(error).__name__)
-                        await asyncio.sleep(0.005)
-
             # Every pod served before the load starts (the agent's node stream has them).
-            deadline = time.monotonic() + 30
             for ip, role in pods:
-                async with pod_session(ip) as http:
-                    while True:
-                        with contextlib.suppress(aiohttp.ClientError):
-                            async with http.get(f"http://{NODE}:{port}{CREDS}{role}") as r:
-                                if r.status == 200:
-                                    break
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the first agent did not serve its pods")
-                        await asyncio.sleep(0.05)
-            askers = [
-                asyncio.create_task(ask(ip, role, keepalive=k % 2 == 0))
-                for k, (ip, role) in enumerate(pods)
-            ]
+                if not await pod_load.served(port, ip, role, within=30):
+                    raise RuntimeError("the first agent did not serve its pods")
+            load = pod_load.PodLoad(port, pods, mixed_connections=True)
+            load.start()
             for n in range(1, ROLLOUTS + 1):
-                await asyncio.sleep(load / 3)
-                before = dict(statuses)
+                await asyncio.sleep(seconds / 3)
+                before = dict(load.outcomes)
                 new, ready_after = await _spawn_agent(work, f"agent-{n}", **start)
                 agents.append(new)
                 stopping = time.monotonic()
                 await procs.stop(current)
                 drained = time.monotonic() - stopping
                 current = new
-                await asyncio.sleep(load / 3)
-                during = {s: c - before.get(s, 0) for s, c in statuses.items()}
-                rows.append((n, during, ready_after, drained))
-            stop.set()
-            await asyncio.gather(*askers, return_exceptions=True)
+                await asyncio.sleep(seconds / 3)
+                rows.append((n, load.since(before), ready_after, drained))
+            await load.stop()
+            reasons = load.reasons
             for process in agents:
                 await procs.stop(process)
     finally:
@@ -152,9 +100,9 @@ async def run(section, options) -> None:
     )  # fmt: skip
     failed_total = 0
     for n, during, ready_after, drained in rows:
-        failed = {s: c for s, c in during.items() if s != "200" and c}
-        failed_total += sum(failed.values())
-        shown = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "0"
+        failures = pod_load.failed(during)
+        failed_total += sum(failures.values())
+        shown = ", ".join(f"{k}: {v}" for k, v in sorted(failures.items())) or "0"
         table.add(n, sum(during.values()), shown, round(ready_after, 2), round(drained, 2))
     if reasons:
         shown_reasons = "; ".join(sorted(set(reasons))[:5])

@@ -16,21 +16,22 @@ import tempfile
 import time
 from pathlib import Path
 
-CREDS = "/latest/meta-data/iam/security-credentials/"
+from bench import pod_load
+
 NAMESPACE = "rotate"
 
 
 async def run(section, options) -> None:
     from certs.authority import generate_bundle, generate_ca, write_bundle
     from certs.tls import TlsFiles
-    from tests.support.agent import NODE, pod_session, running_agent
+    from tests.support.agent import NODE, running_agent
     from tests.support.kubeapi import KubeApiServer
     from tests.support.moto_sts import MotoSts
     from tests.support.server import running_server
     from tests.support.tls import TlsDirs
 
     pods = [(f"127.0.214.{k + 1}", f"rotate-role-{k % 3}") for k in range(8)]
-    load = options.rotation_load_seconds
+    seconds = options.rotation_load_seconds
     work = Path(tempfile.mkdtemp(prefix="podiam-faults-rotation-"))
     live = work / "live"
     ca = generate_ca(days=730)
@@ -54,39 +55,19 @@ async def run(section, options) -> None:
                 server_port=served.server.port, tls=tls, metadata="http://127.0.0.1:9"
             ) as agent:
                 await asyncio.wait_for(agent.streams.synced_once.wait(), 15)
-                statuses: dict[int, int] = {}
-                stop = asyncio.Event()
-
-                async def ask(ip: str, role: str) -> None:
-                    async with pod_session(ip) as http:
-                        while not stop.is_set():
-                            url = f"http://{NODE}:{agent.port}{CREDS}{role}"
-                            async with http.get(url) as response:
-                                await response.read()
-                            statuses[response.status] = statuses.get(response.status, 0) + 1
-                            await asyncio.sleep(0.005)
-
-                async def served_ok(ip: str, role: str) -> bool:
-                    async with pod_session(ip) as http:
-                        for _ in range(100):
-                            async with http.get(f"http://{NODE}:{agent.port}{CREDS}{role}") as r:
-                                if r.status == 200:
-                                    return True
-                            await asyncio.sleep(0.1)
-                    return False
-
                 for ip, role in pods:
-                    if not await served_ok(ip, role):
+                    if not await pod_load.served(agent.port, ip, role, within=10):
                         raise RuntimeError(f"pod {ip} not served before the rotation")
-                askers = [asyncio.create_task(ask(ip, role)) for ip, role in pods]
+                load = pod_load.PodLoad(agent.port, pods)
+                load.start()
                 newcomer = 0
                 for what, bundle in (
                     ("new leaf certificates, same CA", lambda: generate_bundle(ca=ca)),
                     ("new CA and leaves, every file at once", generate_bundle),
                 ):
-                    before = dict(statuses)
+                    before = dict(load.outcomes)
                     old_channel = agent.connection.channel
-                    await asyncio.sleep(load / 4)
+                    await asyncio.sleep(seconds / 4)
                     write_bundle(bundle(), live, force=True)
                     changed = time.monotonic()
                     while agent.connection.channel is old_channel:
@@ -98,12 +79,10 @@ async def run(section, options) -> None:
                     ip, role = f"127.0.215.{newcomer}", "rotate-new"
                     kube.add_pod(NAMESPACE, f"new-{newcomer}", ip=ip, host_ip=NODE,
                                  annotations={"iam.amazonaws.com/role": role})  # fmt: skip
-                    new_ok = await served_ok(ip, role)
-                    await asyncio.sleep(max(0.0, load * 3 / 4 - moved))
-                    during = {s: n - before.get(s, 0) for s, n in statuses.items()}
-                    rows.append((what, during, moved, new_ok))
-                stop.set()
-                await asyncio.gather(*askers, return_exceptions=True)
+                    new_ok = await pod_load.served(agent.port, ip, role, within=10)
+                    await asyncio.sleep(max(0.0, seconds * 3 / 4 - moved))
+                    rows.append((what, load.since(before), moved, new_ok))
+                await load.stop()
     finally:
         await asyncio.to_thread(sts.stop)
         await kube.stop()
@@ -115,7 +94,7 @@ async def run(section, options) -> None:
     )  # fmt: skip
     failed_total = 0
     for what, during, moved, new_ok in rows:
-        failed = sum(n for s, n in during.items() if s != 200)
+        failed = sum(pod_load.failed(during).values())
         failed_total += failed
         table.add(what, sum(during.values()), failed, round(moved, 2),
                   "yes" if new_ok else "no")  # fmt: skip

@@ -19,22 +19,18 @@ import asyncio
 import time
 from datetime import timedelta
 
-from bench.cluster import NAMESPACE, pod_ip
-from bench.sts_budget import _gateway, _registry
-from bench.sts_economy import _Clock, _RetimedGateway, _settle
+from bench.simulated_clock import simulated_cache
+from bench.sts_budget import _registry, hold_identities
 from server.credentials import (
     DEFAULT_REFRESH_BEFORE,
     DEFAULT_REFRESH_JITTER,
-    CredentialCache,
     CredentialsUnavailable,
 )
 from server.identity import MIN_REMAINING, RoleIdentity
 from server.sts import DEFAULT_SESSION_DURATION
 from server.sts_budget import StsBudget
 from tests.support.moto_sts import MotoSts
-from tests.support.objects import pod_object
 from tests.support.server import BASE_ARN
-from tests.support.waiting import eventually
 
 OUTAGE_CODE = "ServiceUnavailable"
 
@@ -42,94 +38,81 @@ OUTAGE_CODE = "ServiceUnavailable"
 async def sts_outage(
     sts: MotoSts, *, held: int, minutes: int, step_seconds: float, prefix: str = "so"
 ) -> dict:
-    clock = _Clock()
-    gateway = _gateway(sts)
-    budget = StsBudget()
-    cache = CredentialCache(
-        _RetimedGateway(gateway, clock),
-        clock=clock,
-        max_sleep=0.05,
-        budget=budget,
-        refresh_jitter=DEFAULT_REFRESH_JITTER,
+    simulated = simulated_cache(
+        sts, budget=StsBudget(), max_sleep=0.05, refresh_jitter=DEFAULT_REFRESH_JITTER
     )
-    registry = _registry(cache)
-    for k in range(held):
-        registry.pod_sink.upsert(
-            pod_object(NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=251),
-                       role=f"{prefix}-role-{k}")
-        )  # fmt: skip
-    await _settle(sts, prefix)
-    identities = [registry.lookup(pod_ip(k, block=251)).grant.identity for k in range(held)]
-    await eventually(lambda: all(cache.peek(i) is not None for i in identities), timeout=30)
-    first_keys = {i: cache.peek(i).access_key_id for i in identities}
-    counts = {"answers": 0, "refusals": 0, "expired": 0, "under_30_min": 0}
-    slowest = 0.0
-    stop = asyncio.Event()
+    async with simulated as (clock, cache):
+        registry = _registry(cache)
+        identities = await hold_identities(
+            sts, cache, registry, prefix=prefix, count=held, block=251
+        )
+        first_keys = {i: cache.peek(i).access_key_id for i in identities}
+        counts = {"answers": 0, "refusals": 0, "expired": 0, "under_30_min": 0}
+        slowest = 0.0
+        stop = asyncio.Event()
 
-    async def probe() -> None:
-        nonlocal slowest
-        while not stop.is_set():
-            for identity in identities:
-                started = time.perf_counter()
-                try:
-                    credentials = await cache.get(identity)
-                except CredentialsUnavailable:
-                    counts["refusals"] += 1
-                    continue
-                finally:
-                    slowest = max(slowest, time.perf_counter() - started)
-                counts["answers"] += 1
-                left = credentials.seconds_left(clock())
-                counts["expired"] += left <= 0
-                counts["under_30_min"] += left <= MIN_REMAINING.total_seconds()
-            await asyncio.sleep(0.02)
+        async def probe() -> None:
+            nonlocal slowest
+            while not stop.is_set():
+                for identity in identities:
+                    started = time.perf_counter()
+                    try:
+                        credentials = await cache.get(identity)
+                    except CredentialsUnavailable:
+                        counts["refusals"] += 1
+                        continue
+                    finally:
+                        slowest = max(slowest, time.perf_counter() - started)
+                    counts["answers"] += 1
+                    left = credentials.seconds_left(clock())
+                    counts["expired"] += left <= 0
+                    counts["under_30_min"] += left <= MIN_REMAINING.total_seconds()
+                await asyncio.sleep(0.02)
 
-    before = len(sts.calls())
-    prober = asyncio.create_task(probe())
-    newcomers: list[tuple[float, str]] = []
-    try:
-        sts.set_failing(True, OUTAGE_CODE)
-        # Every held identity's refresh falls due as STS goes away.
-        clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE
-        for minute in range(minutes):
-            await asyncio.sleep(step_seconds)
-            if minute in (0, minutes // 2):
-                # A new pod's identity, nothing held for it: refused, and how fast.
-                newcomer = RoleIdentity(f"{BASE_ARN}{prefix}-new-{minute}", f"{prefix}-new")
-                started = time.perf_counter()
-                try:
-                    await cache.get(newcomer)
-                    outcome = "served"
-                except CredentialsUnavailable as error:
-                    outcome = error.cause.code
-                newcomers.append((time.perf_counter() - started, outcome))
-            clock.now += timedelta(minutes=1)
-        outage_calls = len(sts.calls()) - before
-        sts.set_failing(False)
-        back = time.monotonic()
+        before = len(sts.calls())
+        prober = asyncio.create_task(probe())
+        newcomers: list[tuple[float, str]] = []
+        try:
+            sts.set_failing(True, OUTAGE_CODE)
+            # Every held identity's refresh falls due as STS goes away.
+            clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE
+            for minute in range(minutes):
+                await asyncio.sleep(step_seconds)
+                if minute in (0, minutes // 2):
+                    # A new pod's identity, nothing held for it: refused, and how fast.
+                    newcomer = RoleIdentity(f"{BASE_ARN}{prefix}-new-{minute}", f"{prefix}-new")
+                    started = time.perf_counter()
+                    try:
+                        await cache.get(newcomer)
+                        outcome = "served"
+                    except CredentialsUnavailable as error:
+                        outcome = error.cause.code
+                    newcomers.append((time.perf_counter() - started, outcome))
+                clock.now += timedelta(minutes=1)
+            outage_calls = len(sts.calls()) - before
+            sts.set_failing(False)
+            back = time.monotonic()
 
-        def refreshed() -> bool:
-            return all(
-                (c := cache.peek(i)) is not None and c.access_key_id != first_keys[i]
+            def refreshed() -> bool:
+                return all(
+                    (c := cache.peek(i)) is not None and c.access_key_id != first_keys[i]
+                    for i in identities
+                )
+
+            while not refreshed():
+                if time.monotonic() - back > 180:
+                    raise RuntimeError("not every identity was refreshed 180 s after STS came back")
+                await asyncio.sleep(0.05)
+            recovery = time.monotonic() - back
+            stop.set()
+            await prober
+            fresh = sum(
+                cache.peek(i).seconds_left(clock()) > MIN_REMAINING.total_seconds()
                 for i in identities
             )
-
-        while not refreshed():
-            if time.monotonic() - back > 180:
-                raise RuntimeError("not every identity was refreshed 180 s after STS came back")
-            await asyncio.sleep(0.05)
-        recovery = time.monotonic() - back
-        stop.set()
-        await prober
-        fresh = sum(
-            cache.peek(i).seconds_left(clock()) > MIN_REMAINING.total_seconds() for i in identities
-        )
-    finally:
-        sts.set_failing(False)
-        stop.set()
-        await cache.close()
-        await budget.close()
-        gateway.close()
+        finally:
+            sts.set_failing(False)
+            stop.set()
     return {
         **counts,
         "slowest_ms": round(slowest * 1000, 1),

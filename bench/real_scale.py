@@ -20,10 +20,7 @@ because every simulated agent connects from 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -37,17 +34,15 @@ import aiohttp
 
 from bench import kubeproc, procs
 from bench.report import Section
+from bench.serverproc import ServerProcess
 from certs.authority import generate_bundle, write_bundle
-from certs.tls import TlsFiles
-from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, MotoSts
-from tests.support.server import BASE_ARN
+from tests.support.moto_sts import MotoSts
 
 ROLES = 50
 NAMESPACES = kubeproc.NAMESPACES
 CREATE_CONCURRENCY = 64  # requests in flight while creating objects
 STREAMS_PER_CHANNEL = 10  # the simulated agents' streams share a connection per this many
 TIMEOUT = 3600.0  # seconds for any one phase; a real API server here is slow, not stuck
-_SERVING = re.compile(r"serving gRPC on [^:]+:(\d+)")
 # kwok plays each stage for 4 objects at a time by default: pods would start at tens per second.
 _KWOK_CONFIG = """\
 apiVersion: config.kwok.x-k8s.io/v1alpha1
@@ -359,77 +354,19 @@ class DoubleApi:
 # podiam-server and its simulated agents.
 
 
-class Server:
-    """podiam-server as its own process, its log lines timestamped as they arrive."""
+class Server(ServerProcess):
+    """podiam-server as its own process, with no startup taint to manage and its audit log
+    to a file of its own."""
 
     def __init__(self, kubeconfig: Path, sts: MotoSts, tls: Path) -> None:
-        self.kubeconfig, self.sts, self.tls = kubeconfig, sts, tls
         self.audit_log = tls.parent / f"audit-{procs.free_port()}.log"
-        self.process: asyncio.subprocess.Process | None = None
-        self.metrics_port = procs.free_port()
-        self.port = 0
-        self.marks: dict[str, float] = {}
-        self.log: collections.deque[str] = collections.deque(maxlen=200)
-        self._reader: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        files = TlsFiles.server_in(self.tls)
-        self.marks["spawn"] = time.perf_counter()
-        self.process = await procs.spawn(
-            [
-                "-m", "server", "--bind", "127.0.0.1:0",
-                "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
-                "--kubeconfig", str(self.kubeconfig),
-                "--role-base-arn", BASE_ARN, "--region", "us-east-1",
-                "--sts-endpoint", self.sts.endpoint_url,
-                "--prometheus-listen-addr", f"127.0.0.1:{self.metrics_port}",
-                "--no-node-binding", "--startup-taint", "",
-                # One audit line per pod per stream: to a file, as a pipe this process reads
-                # at its own pace would slow the server down to it.
-                "--audit-log", str(self.audit_log),
-            ],
-            core=procs.cpu(procs.SERVED_CPU),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            extra_env={
-                "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
-                "AWS_EC2_METADATA_DISABLED": "true",
-            },
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
-        deadline = time.perf_counter() + TIMEOUT
-        while "serving" not in self.marks:
-            if self.process.returncode is not None or time.perf_counter() > deadline:
-                raise RuntimeError("podiam-server did not start:\n" + "\n".join(self.log))
-            await asyncio.sleep(0.01)
-
-    async def _read(self) -> None:
-        while line := await self.process.stderr.readline():
-            now, text = time.perf_counter(), line.decode(errors="replace").rstrip()
-            self.log.append(text)
-            if "listing namespaces and pods" in text:
-                self.marks["listing"] = now
-            elif "synced" in text and "pods" in text:
-                self.marks["synced"] = now
-            elif match := _SERVING.search(text):
-                self.port = int(match.group(1))
-                self.marks["serving"] = now
-
-    async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
-        async with session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
-            text = await response.text()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
-
-    async def stop(self) -> None:
-        await procs.stop(self.process)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        args = [
+            "--no-node-binding", "--startup-taint", "",
+            # One audit line per pod per stream: to a file, as a pipe this process reads at its
+            # own pace would slow the server down to it.
+            "--audit-log", str(self.audit_log),
+        ]  # fmt: skip
+        super().__init__(kubeconfig, sts, tls, args=args, start_timeout=TIMEOUT)
 
 
 class Agents:

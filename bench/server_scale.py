@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import signal
 import sys
 import tempfile
@@ -20,16 +19,15 @@ import aiohttp
 
 from bench import procs
 from bench.report import Section
+from bench.serverproc import ServerProcess
 from certs.authority import generate_bundle, write_bundle
 from certs.tls import TlsFiles
 from server.reflector import DEFAULT_PAGE_SIZE
-from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, MotoSts
-from tests.support.server import BASE_ARN
+from tests.support.moto_sts import MotoSts
 
 ROLES = 50
 LOCAL_PODS = 100
 PAGE_SIZE = DEFAULT_PAGE_SIZE  # podiam-server's list page size
-_SERVING = re.compile(r"serving gRPC on [^:]+:(\d+)")
 
 
 class _Kube:
@@ -84,94 +82,39 @@ class _Kube:
         await procs.stop(self.process)
 
 
-class _Server:
-    """podiam-server as an operator runs it, its log lines timestamped as they arrive; from
-    ``tree`` (a checkout of another revision) when given, else from this one."""
+class _Server(ServerProcess):
+    """podiam-server against ``kube``, from ``tree`` (a checkout of another revision) when
+    given, else from this one; with ``profile``, py-spy samples it and the API server over the
+    initial sync."""
 
     def __init__(
-        self, kube: _Kube, sts: MotoSts, tls: Path, work: Path, *, tree: Path | None = None,
+        self, kube: _Kube, sts: MotoSts, tls: Path, *, tree: Path | None = None,
         profile: Path | None = None,
     ) -> None:  # fmt: skip
-        self.kube, self.sts, self.tls, self.work = kube, sts, tls, work
-        self.tree = tree
+        # One process stands in for every node's agent (bench/nodestreams.py).
+        super().__init__(kube.kubeconfig, sts, tls, args=["--no-node-binding"], cwd=tree)
+        self.kube = kube
         self.profile = profile
         self._profilers: list[asyncio.subprocess.Process] = []
-        self.process: asyncio.subprocess.Process | None = None
-        self.metrics_port = procs.free_port()
-        self.port = 0
-        self.marks: dict[str, float] = {}
-        self.log: list[str] = []
-        self._reader: asyncio.Task | None = None
 
     async def start(self) -> None:
-        files = TlsFiles.server_in(self.tls)
-        self.marks["spawn"] = time.perf_counter()
-        self.process = await procs.spawn(
-            [
-                "-m", "server", "--bind", "127.0.0.1:0",
-                "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
-                "--kubeconfig", str(self.kube.kubeconfig),
-                "--role-base-arn", BASE_ARN, "--region", "us-east-1",
-                "--sts-endpoint", self.sts.endpoint_url,
-                "--prometheus-listen-addr", f"127.0.0.1:{self.metrics_port}",
-                # One process stands in for every node's agent (bench/nodestreams.py).
-                "--no-node-binding",
-            ],
-            core=procs.cpu(procs.SERVED_CPU),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            extra_env={
-                "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
-                "AWS_EC2_METADATA_DISABLED": "true",
-            },
-            cwd=self.tree or procs.REPO,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
+        await self.spawn()
         if self.profile is not None:
             await asyncio.sleep(0.2)  # until taskset has become python
             for pid, name in ((self.process.pid, "server"), (self.kube.process.pid, "kubeapi")):
                 self._profilers.append(await _profiler(pid, self.profile.with_name(
                     f"{self.profile.name}-{name}.txt")))  # fmt: skip
-        deadline = time.perf_counter() + 300
-        while "serving" not in self.marks:
-            if self.process.returncode is not None or time.perf_counter() > deadline:
-                raise RuntimeError("podiam-server did not start:\n" + "\n".join(self.log[-20:]))
-            await asyncio.sleep(0.01)
+        await self.serving()
 
-    async def _read(self) -> None:
-        while line := await self.process.stderr.readline():
-            now, text = time.perf_counter(), line.decode(errors="replace").rstrip()
-            self.log.append(text)
-            if "listing namespaces and pods" in text:
-                self.marks["listing"] = now
-                self.marks["listing_cpu"] = procs.cpu_seconds(self.process.pid)
-            elif "synced" in text and "pods" in text:
-                self.marks["synced"] = now
-                self.marks["synced_cpu"] = procs.cpu_seconds(self.process.pid)
-                for profiler in self._profilers:  # the sync only
-                    with contextlib.suppress(ProcessLookupError):
-                        profiler.send_signal(signal.SIGINT)
-            elif match := _SERVING.search(text):
-                self.port = int(match.group(1))
-                self.marks["serving"] = now
-
-    async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
-        async with session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
-            text = await response.text()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
+    def synced(self) -> None:
+        for profiler in self._profilers:  # the sync only
+            with contextlib.suppress(ProcessLookupError):
+                profiler.send_signal(signal.SIGINT)
 
     async def stop(self) -> None:
         for profiler in self._profilers:
             await profiler.wait()
-        await procs.stop(self.process)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await super().stop()
 
 
 async def _profiler(pid: int, out: Path) -> asyncio.subprocess.Process:
@@ -299,7 +242,7 @@ async def run(section: Section, options) -> None:
                 alone = await kube.list_alone() if size else None
                 for label, tree in variants:
                     profile = profiles / f"{size}-{label.replace(' ', '-')}" if profiles else None
-                    server = _Server(kube, sts, tls, work, tree=tree, profile=profile)
+                    server = _Server(kube, sts, tls, tree=tree, profile=profile)
                     try:
                         row = await _measure(
                             server, size, label, alone, base_rss, options, tls, asks, bare,

@@ -25,7 +25,8 @@ from datetime import timedelta
 
 from bench import procs
 from bench.cluster import CREDENTIALS, NAMESPACE, NODE, LoopbackCluster, pod_ip
-from bench.sts_economy import _Clock, _RetimedGateway, _settle, run_the_hour
+from bench.simulated_clock import simulated_cache
+from bench.sts_economy import _settle, run_the_hour
 from server.arn import RoleResolver
 from server.credentials import (
     DEFAULT_REFRESH_BEFORE,
@@ -33,33 +34,17 @@ from server.credentials import (
     CredentialCache,
     CredentialsUnavailable,
 )
+from server.identity import RoleIdentity
 from server.registry import Registry
 from server.sessions import SessionNameFrom, session_namer
-from server.sts import DEFAULT_SESSION_DURATION, StsGateway
+from server.sts import DEFAULT_SESSION_DURATION
 from server.sts_budget import StsBudget
-from tests.support.kubeapi import pod_object as kube_pod_object
-from tests.support.moto_sts import MotoSts, fake_session
-from tests.support.objects import namespace_object, pod_object
+from tests.support.moto_sts import MotoSts
+from tests.support.objects import namespace_object, pod_object, replica_pod_object
 from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
 TEMPLATE_HASH = "6f8d9c7b5"
-
-
-def _deployment_pod(obj: dict, deployment: str) -> dict:
-    """``obj`` as a Deployment's pod: owned by its ReplicaSet, labelled with the template hash."""
-    meta = obj["metadata"]
-    meta.setdefault("labels", {})["pod-template-hash"] = TEMPLATE_HASH
-    meta["ownerReferences"] = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "name": f"{deployment}-{TEMPLATE_HASH}",
-            "uid": f"rs-{deployment}",
-            "controller": True,
-        }
-    ]
-    return obj
 
 
 def _registry(cache: CredentialCache) -> Registry:
@@ -72,35 +57,48 @@ def _registry(cache: CredentialCache) -> Registry:
     return registry
 
 
-def _gateway(sts: MotoSts) -> StsGateway:
-    return StsGateway(
-        region="us-east-1", endpoint_url=sts.endpoint_url, boto_session=fake_session()
-    )
+async def hold_identities(
+    sts: MotoSts,
+    cache: CredentialCache,
+    registry: Registry,
+    *,
+    prefix: str,
+    count: int,
+    block: int,
+) -> list[RoleIdentity]:
+    """``count`` pods with a role each (``<prefix>-role-<k>``) stored in ``registry``, their IPs
+    from ``block``: the identities they hold, once the cache has credentials for every one."""
+    for k in range(count):
+        registry.pod_sink.upsert(
+            pod_object(NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=block),
+                       role=f"{prefix}-role-{k}")
+        )  # fmt: skip
+    await _settle(sts, prefix)
+    identities = [registry.lookup(pod_ip(k, block=block)).grant.identity for k in range(count)]
+    # _settle alone is not enough: on a busy machine the first fetches may not have begun yet
+    # (no call for a few ms reads as settled), and would then be made after the clock moves.
+    await eventually(lambda: all(cache.peek(i) is not None for i in identities), timeout=60)
+    return identities
 
 
 # ---- 1. a simulated hour of Deployments -----------------------------------------------------
 
 
 async def workload_hour(sts: MotoSts, *, pods: int, workloads: int, roles: int, prefix: str):
-    clock = _Clock()
-    gateway = _gateway(sts)
-    cache = CredentialCache(_RetimedGateway(gateway, clock), clock=clock, max_sleep=0.01)
-    registry = _registry(cache)
-    for k in range(pods):
-        deployment = f"{prefix}-deploy-{k % workloads}"
-        obj = pod_object(
-            NAMESPACE,
-            f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
-            ip=pod_ip(k, block=230),
-            role=f"{prefix}-role-{(k % workloads) % roles}",
-        )
-        registry.pod_sink.upsert(_deployment_pod(obj, deployment))
-    try:
-        rounds = (await run_the_hour(sts, prefix, clock)).rounds
-    finally:
-        await cache.close()
-        gateway.close()
-    return rounds
+    async with simulated_cache(sts, max_sleep=0.01) as (clock, cache):
+        registry = _registry(cache)
+        for k in range(pods):
+            deployment = f"{prefix}-deploy-{k % workloads}"
+            obj = replica_pod_object(
+                NAMESPACE,
+                deployment,
+                k,
+                template_hash=TEMPLATE_HASH,
+                ip=pod_ip(k, block=230),
+                role=f"{prefix}-role-{(k % workloads) % roles}",
+            )
+            registry.pod_sink.upsert(obj)
+        return (await run_the_hour(sts, prefix, clock)).rounds
 
 
 # ---- 2. a burst of one new Deployment's pods through agent and server -----------------------
@@ -112,15 +110,17 @@ async def deployment_burst(cluster: LoopbackCluster, *, pods: int, prefix: str):
     objects, targets = [], []
     for k in range(pods):
         ip = pod_ip(k, block=240)
-        obj = kube_pod_object(
+        obj = replica_pod_object(
             NAMESPACE,
-            f"{deployment}-{TEMPLATE_HASH}-{k:05d}",
+            deployment,
+            k,
+            template_hash=TEMPLATE_HASH,
             ip=ip,
             host_ip=NODE,
-            annotations={"iam.amazonaws.com/role": role},
+            role=role,
             node_name="bench-node",
         )
-        objects.append(_deployment_pod(obj, deployment))
+        objects.append(obj)
         targets.append([ip, CREDENTIALS + role, {}])
     start_at = time.time() + 1.5
     spec = {
@@ -166,53 +166,40 @@ async def _probe(cache: CredentialCache, identities, stop: asyncio.Event) -> tup
 
 
 async def flood(sts: MotoSts, *, identities: int, held: int, qps: float, burst: int, prefix: str):
-    clock = _Clock()
-    gateway = _gateway(sts)
-    budget = StsBudget(qps=qps, burst=burst)
-    cache = CredentialCache(
-        _RetimedGateway(gateway, clock),
-        clock=clock,
+    simulated = simulated_cache(
+        sts,
+        budget=StsBudget(qps=qps, burst=burst),
         max_sleep=0.05,
-        budget=budget,
         refresh_jitter=DEFAULT_REFRESH_JITTER,
     )
-    registry = _registry(cache)
-    held_prefix, new_prefix = f"{prefix}h", f"{prefix}n"
-    for k in range(held):
-        registry.pod_sink.upsert(
-            pod_object(NAMESPACE, f"{held_prefix}-{k}", ip=pod_ip(k, block=245),
-                       role=f"{held_prefix}-role-{k}")
-        )  # fmt: skip
-    await _settle(sts, held_prefix)
-    held_identities = [registry.lookup(pod_ip(k, block=245)).grant.identity for k in range(held)]
-    # _settle alone is not enough: on a busy machine the first fetches may not have begun yet
-    # (no call for a few ms reads as settled), and would then be made after the clock moves.
-    await eventually(lambda: all(cache.peek(i) for i in held_identities), timeout=60)
-    stop = asyncio.Event()
-    probe = asyncio.create_task(_probe(cache, held_identities, stop))
-    try:
-        flood_started = time.monotonic()
-        # The new pods arrive, and at the same moment every held identity's refresh falls due.
-        for k in range(identities):
-            registry.pod_sink.upsert(
-                pod_object(NAMESPACE, f"{new_prefix}-{k}", ip=pod_ip(k, block=100),
-                           role=f"{new_prefix}-role-{k}")
-            )  # fmt: skip
-        clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
-        while True:
-            await asyncio.sleep(0.5)
-            calls = [c for c in sts.calls() if c.at >= flood_started]
-            new = sum(c.role_arn.startswith(BASE_ARN + new_prefix) for c in calls)
-            refreshed = sum(c.role_arn.startswith(BASE_ARN + held_prefix) for c in calls)
-            if new >= identities and refreshed >= held:
-                break
-        stop.set()
-        answers, refusals, slowest = await probe
-    finally:
-        stop.set()
-        await cache.close()
-        await budget.close()
-        gateway.close()
+    async with simulated as (clock, cache):
+        registry = _registry(cache)
+        held_prefix, new_prefix = f"{prefix}h", f"{prefix}n"
+        held_identities = await hold_identities(
+            sts, cache, registry, prefix=held_prefix, count=held, block=245
+        )
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_probe(cache, held_identities, stop))
+        try:
+            flood_started = time.monotonic()
+            # The new pods arrive, and at the same moment every held identity's refresh falls due.
+            for k in range(identities):
+                registry.pod_sink.upsert(
+                    pod_object(NAMESPACE, f"{new_prefix}-{k}", ip=pod_ip(k, block=100),
+                               role=f"{new_prefix}-role-{k}")
+                )  # fmt: skip
+            clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
+            while True:
+                await asyncio.sleep(0.5)
+                calls = [c for c in sts.calls() if c.at >= flood_started]
+                new = sum(c.role_arn.startswith(BASE_ARN + new_prefix) for c in calls)
+                refreshed = sum(c.role_arn.startswith(BASE_ARN + held_prefix) for c in calls)
+                if new >= identities and refreshed >= held:
+                    break
+            stop.set()
+            answers, refusals, slowest = await probe
+        finally:
+            stop.set()
     calls = sorted((c for c in sts.calls() if c.at >= flood_started), key=lambda c: c.at)
     per_second = Counter(int(c.at - flood_started) for c in calls)
     # The bucket's own invariant: by time t, at most burst + qps * t calls.
@@ -241,54 +228,43 @@ async def flood(sts: MotoSts, *, identities: int, held: int, qps: float, burst: 
 
 
 async def throttled(sts: MotoSts, *, held: int, seconds: float, prefix: str):
-    clock = _Clock()
-    gateway = _gateway(sts)
-    budget = StsBudget()
-    cache = CredentialCache(
-        _RetimedGateway(gateway, clock),
-        clock=clock,
+    simulated = simulated_cache(
+        sts,
+        budget=StsBudget(),
         max_sleep=0.05,
-        budget=budget,
         refresh_jitter=DEFAULT_REFRESH_JITTER,
         retry_max=2.0,
     )
-    registry = _registry(cache)
-    for k in range(held):
-        registry.pod_sink.upsert(
-            pod_object(
-                NAMESPACE, f"{prefix}-{k}", ip=pod_ip(k, block=250), role=f"{prefix}-role-{k}"
-            )
+    async with simulated as (clock, cache):
+        registry = _registry(cache)
+        identities = await hold_identities(
+            sts, cache, registry, prefix=prefix, count=held, block=250
         )
-    await _settle(sts, prefix)
-    identities = [registry.lookup(pod_ip(k, block=250)).grant.identity for k in range(held)]
-    await eventually(lambda: all(cache.peek(i) for i in identities), timeout=60)
-    before = len(sts.calls())
-    stop = asyncio.Event()
-    probe = asyncio.create_task(_probe(cache, identities, stop))
-    try:
-        sts.set_failing(True, "Throttling")
-        # Refreshes due, then overdue: under 30 minutes left, while STS keeps saying no.
-        clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
-        await asyncio.sleep(seconds / 2)
-        clock.now += timedelta(minutes=10)
-        await asyncio.sleep(seconds / 2)
-        throttled_calls = sum(c.failed_with == "Throttling" for c in sts.calls()[before:])
-        sts.set_failing(False)
-        recovered_at = time.monotonic()
+        before = len(sts.calls())
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_probe(cache, identities, stop))
+        try:
+            sts.set_failing(True, "Throttling")
+            # Refreshes due, then overdue: under 30 minutes left, while STS keeps saying no.
+            clock.now += DEFAULT_SESSION_DURATION - DEFAULT_REFRESH_BEFORE + timedelta(minutes=3)
+            await asyncio.sleep(seconds / 2)
+            clock.now += timedelta(minutes=10)
+            await asyncio.sleep(seconds / 2)
+            throttled_calls = sum(c.failed_with == "Throttling" for c in sts.calls()[before:])
+            sts.set_failing(False)
+            recovered_at = time.monotonic()
 
-        def all_refreshed() -> bool:
-            return len({c.role_arn for c in sts.calls()[before:] if c.failed_with is None}) >= held
+            def all_refreshed() -> bool:
+                answered = {c.role_arn for c in sts.calls()[before:] if c.failed_with is None}
+                return len(answered) >= held
 
-        await eventually(all_refreshed, timeout=120, interval=0.1)
-        recovery = time.monotonic() - recovered_at
-        stop.set()
-        answers, refusals, slowest = await probe
-    finally:
-        sts.set_failing(False)
-        stop.set()
-        await cache.close()
-        await budget.close()
-        gateway.close()
+            await eventually(all_refreshed, timeout=120, interval=0.1)
+            recovery = time.monotonic() - recovered_at
+            stop.set()
+            answers, refusals, slowest = await probe
+        finally:
+            sts.set_failing(False)
+            stop.set()
     return {
         "throttled_answers": throttled_calls,
         "probe_answers": answers,

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import NamedTuple
 
 from prometheus_client import REGISTRY
@@ -21,40 +20,17 @@ from prometheus_client import REGISTRY
 from bench import procs
 from bench.cluster import CREDENTIALS, NAMESPACE, NODE, LoopbackCluster, pod_ip, pod_specs
 from bench.report import Section
+from bench.simulated_clock import Clock, simulated_cache
 from server.arn import RoleResolver
-from server.credentials import DEFAULT_REFRESH_BEFORE, CredentialCache
+from server.credentials import DEFAULT_REFRESH_BEFORE
 from server.registry import Registry
-from server.sts import DEFAULT_SESSION_DURATION, StsGateway, session_name_for
-from tests.support.moto_sts import MotoSts, fake_session
+from server.sts import DEFAULT_SESSION_DURATION, session_name_for
+from tests.support.moto_sts import MotoSts
 from tests.support.objects import namespace_object, pod_object
 from tests.support.server import BASE_ARN
 
 HOUR = timedelta(hours=1)
 STEP = timedelta(minutes=1)
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class _RetimedGateway:
-    """The real gateway (real STS calls to moto), with each answer's lifetime moved onto the
-    simulated clock: moto issues credentials from the real now, which a simulated hour would
-    otherwise leave expired after the first step."""
-
-    def __init__(self, gateway: StsGateway, clock: _Clock) -> None:
-        self._gateway = gateway
-        self._clock = clock
-
-    async def assume_role(self, identity):
-        credentials = await self._gateway.assume_role(identity)
-        lifetime = credentials.expiration - datetime.now(UTC)
-        now = self._clock().replace(microsecond=0)
-        return replace(credentials, expiration=now + lifetime, last_updated=now)
 
 
 async def _settle(sts: MotoSts, prefix: str) -> int:
@@ -70,34 +46,26 @@ async def _settle(sts: MotoSts, prefix: str) -> int:
 
 async def simulated_hour(sts: MotoSts, *, pods: int, roles: int, shared: bool, prefix: str):
     """Calls per refresh round for ``pods`` pods of ``roles`` roles over one simulated hour."""
-    clock = _Clock()
-    gateway = StsGateway(
-        region="us-east-1", endpoint_url=sts.endpoint_url, boto_session=fake_session()
-    )
-    cache = CredentialCache(_RetimedGateway(gateway, clock), clock=clock, max_sleep=0.01)
-    registry = Registry(
-        resolver=RoleResolver(BASE_ARN),
-        session_name=lambda pod: session_name_for("podiam", pod.session_name or pod.name),
-        credentials=cache,
-    )
-    registry.namespace_sink.upsert(namespace_object(NAMESPACE, permitted=".*"))
-    for k in range(pods):
-        annotations = {"iam.amazonaws.com/session-name": f"{prefix}-app-{k % roles}"}
-        registry.pod_sink.upsert(
-            pod_object(
-                NAMESPACE,
-                f"{prefix}-{k}",
-                ip=pod_ip(k, block=200),
-                host_ip=NODE,
-                role=f"{prefix}-role-{k % roles}",
-                annotations=annotations if shared else None,
-            )
+    async with simulated_cache(sts, max_sleep=0.01) as (clock, cache):
+        registry = Registry(
+            resolver=RoleResolver(BASE_ARN),
+            session_name=lambda pod: session_name_for("podiam", pod.session_name or pod.name),
+            credentials=cache,
         )
-    try:
+        registry.namespace_sink.upsert(namespace_object(NAMESPACE, permitted=".*"))
+        for k in range(pods):
+            annotations = {"iam.amazonaws.com/session-name": f"{prefix}-app-{k % roles}"}
+            registry.pod_sink.upsert(
+                pod_object(
+                    NAMESPACE,
+                    f"{prefix}-{k}",
+                    ip=pod_ip(k, block=200),
+                    host_ip=NODE,
+                    role=f"{prefix}-role-{k % roles}",
+                    annotations=annotations if shared else None,
+                )
+            )
         return await run_the_hour(sts, prefix, clock)
-    finally:
-        await cache.close()
-        gateway.close()
 
 
 class Hour(NamedTuple):
@@ -107,7 +75,7 @@ class Hour(NamedTuple):
     per_step: list[int]  # the calls of each step (minute 0 is the first fetch)
 
 
-async def run_the_hour(sts: MotoSts, prefix: str, clock: _Clock) -> Hour:
+async def run_the_hour(sts: MotoSts, prefix: str, clock: Clock) -> Hour:
     """Move ``clock`` through an hour in steps, letting the cache refresh at each, and count
     AssumeRole calls."""
     timeline = [(0, await _settle(sts, prefix))]

@@ -135,21 +135,18 @@ class Registry:
             denial=Denial(Reason.AMBIGUOUS_IP, f"IP {ip} is held by several pods: {names}")
         )
 
-    def by_key(self, key: PodKey) -> tuple[PodRecord | None, Grant | None]:
-        """The pod stored under (namespace, name) and its grant (token-bound credentials find
-        pods by the name their token gives, not by IP)."""
-        pod = self.pods.get(key)
-        return (pod, self._grants.get(key)) if pod is not None else (None, None)
-
     def decide(self, pod: PodRecord) -> Grant:
         """What ``pod`` would be granted now, for a pod read from the API but not (yet) seen
         by the watch."""
         return self._grant(pod)
 
     def pod(self, namespace: str, name: str) -> tuple[PodRecord | None, Grant | None]:
-        """A pod by name with its grant, whether or not it is active (podiam-server explain)."""
+        """The pod stored under (namespace, name), active or not, and its grant; (None, None)
+        when there is none. For those that know a pod by name, not by IP: token-bound
+        credentials (by the name the token gives) and podiam-server explain."""
         key = (namespace, name)
-        return self.pods.get(key), self._grants.get(key)
+        pod = self.pods.get(key)
+        return (pod, self._grants.get(key)) if pod is not None else (None, None)
 
     def pods_with_ip(self, ip: str) -> tuple[PodKey, ...]:
         """The active pods that have ``ip``; more than one is the ambiguous case."""

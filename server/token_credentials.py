@@ -117,13 +117,13 @@ class TokenPods:
         deadline = loop.time() + PENDING_WAIT
         while loop.time() < deadline:
             await asyncio.sleep(_PENDING_POLL)
-            seen, seen_grant = self._registry.by_key(pod.key)
+            seen, seen_grant = self._registry.pod(pod.namespace, pod.name)
             if seen is not None and seen.uid == pod.uid and seen.host_ip:
                 return seen, seen_grant
         return pod, grant
 
     async def _find(self, reviewed: ReviewedToken) -> tuple[PodRecord | None, Grant | None, bool]:
-        pod, grant = self._registry.by_key((reviewed.namespace, reviewed.pod_name))
+        pod, grant = self._registry.pod(reviewed.namespace, reviewed.pod_name)
         if pod is not None and pod.uid == reviewed.pod_uid and pod.host_ip:
             return pod, grant, True
         # Not seen by the watch yet (or not its status): ask the API, once per request.

@@ -15,7 +15,8 @@ from protos import kiam_pb2
 from server.audit import AuditTrail
 from server.identity import RoleIdentity
 from server.pods import pod_from_object
-from tests.support.kubeapi import KubeApiServer, pod_object
+from tests.support.kubeapi import KubeApiServer
+from tests.support.objects import replica_pod_object
 from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
@@ -49,17 +50,9 @@ def add_replicas(kube: KubeApiServer, deployment: str, role: str, count: int) ->
     ips = []
     for n in range(count):
         ip = next(_ips)
-        pod = pod_object(
-            "ledger",
-            f"{deployment}-7c9d5b8f6-{n:05d}",
-            ip=ip,
-            host_ip=NODE,
-            annotations={"iam.amazonaws.com/role": role},
-            labels={"pod-template-hash": "7c9d5b8f6"},
+        pod = replica_pod_object(
+            "ledger", deployment, n, template_hash="7c9d5b8f6", ip=ip, host_ip=NODE, role=role
         )
-        pod["metadata"]["ownerReferences"] = [
-            {"kind": "ReplicaSet", "name": f"{deployment}-7c9d5b8f6", "controller": True}
-        ]
         kube.store.create("pods", pod)
         ips.append(ip)
     return ips

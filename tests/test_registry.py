@@ -174,6 +174,18 @@ def test_node_lists_only_its_own_active_pods(world: World) -> None:
     assert world.registry.state_on_node("10.1.0.5", NODE) == (None, None)
 
 
+def test_pod_is_found_by_name_with_its_grant_whether_or_not_it_has_an_ip(world: World) -> None:
+    world.pod("named", "app-named", ip="10.1.0.6")
+    world.pod("pending", "app-pending", ip="", phase="Pending")
+    pod, grant = world.registry.pod("apps", "named")
+    assert pod.ip == "10.1.0.6" and grant.identity == identity("app-named", "named")
+    pod, grant = world.registry.pod("apps", "pending")
+    assert pod.ip == "" and grant.identity == identity("app-pending", "pending")
+    # Only a stored pod has a grant: a name the registry does not hold has neither.
+    assert world.registry.pod("apps", "nobody") == (None, None)
+    assert world.registry.pod("other", "named") == (None, None)
+
+
 # ---- credentials held in the cache -------------------------------------------------------------
 
 

@@ -13,8 +13,9 @@ from server.identity import RoleIdentity
 from server.pods import pod_from_object
 from server.sessions import sanitised_tag_value, session_tagger
 from server.sts import StsGateway
-from tests.support.kubeapi import KubeApiServer, pod_object
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import fake_session
+from tests.support.objects import replica_pod_object
 from tests.support.server import BASE_ARN
 from tests.support.waiting import eventually
 
@@ -131,17 +132,9 @@ def server_flags() -> list[str]:
 
 def add_replica(kube: KubeApiServer, namespace: str, n: int, role: str) -> str:
     ip = next(_ips)
-    obj = pod_object(
-        namespace,
-        f"api-6b7c8d9f5-{n:05d}",
-        ip=ip,
-        host_ip=NODE,
-        annotations={"iam.amazonaws.com/role": role},
-        labels={"pod-template-hash": "6b7c8d9f5"},
+    obj = replica_pod_object(
+        namespace, "api", n, template_hash="6b7c8d9f5", ip=ip, host_ip=NODE, role=role
     )
-    obj["metadata"]["ownerReferences"] = [
-        {"kind": "ReplicaSet", "name": "api-6b7c8d9f5", "controller": True}
-    ]
     obj["spec"]["serviceAccountName"] = "invoicer"
     kube.store.create("pods", obj)
     return ip

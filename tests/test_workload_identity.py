@@ -13,8 +13,9 @@ import pytest
 from protos import kiam_pb2
 from server.pods import pod_from_object, workload_of
 from server.sessions import SessionNameFrom, session_namer
-from tests.support.kubeapi import KubeApiServer, pod_object
+from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import caller_arn
+from tests.support.objects import replica_pod_object
 from tests.support.server import BASE_ARN, as_aws
 from tests.support.waiting import eventually
 
@@ -119,24 +120,9 @@ def namespaces() -> dict[str, str | None]:
 
 def add_replica(kube: KubeApiServer, deployment: str, n: int, role: str) -> str:
     ip = next(_ips)
-    template_hash = "5f7c9d8b4"
-    pod = pod_object(
-        "shop",
-        f"{deployment}-{template_hash}-{n:05d}",
-        ip=ip,
-        host_ip=NODE,
-        annotations={"iam.amazonaws.com/role": role},
-        labels={"pod-template-hash": template_hash},
+    pod = replica_pod_object(
+        "shop", deployment, n, template_hash="5f7c9d8b4", ip=ip, host_ip=NODE, role=role
     )
-    pod["metadata"]["ownerReferences"] = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "name": f"{deployment}-{template_hash}",
-            "uid": f"rs-{deployment}",
-            "controller": True,
-        }
-    ]
     kube.store.create("pods", pod)
     return ip
 

@@ -2,8 +2,9 @@
 # Builds the real Kubernetes control plane the tests run against (kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl, etcd, kwok) from their Go modules at
 # the versions pinned in tests/controlplane/build/*/go.mod, into a cache directory outside
-# the work tree. The directory is named by a hash of those go.mod and go.sum files, so a
-# version bump builds a new set and an unchanged pin builds nothing.
+# the work tree (tests/support/gocache.sh). The directory is named by a hash of this script and
+# those go.mod and go.sum files, so a version bump builds a new set and an unchanged pin builds
+# nothing.
 #
 #   tests/controlplane/build.sh                 build if missing; print the bin directory
 #   tests/controlplane/build.sh --print-bin-dir print the bin directory, build nothing
@@ -12,74 +13,46 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/../support/gocache.sh"
 modules=(kubernetes etcd kwok)
-cache_root="${PODIAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/podiam}/controlplane"
+pins=()
+for m in "${modules[@]}"; do pins+=("$here/build/$m/go.mod" "$here/build/$m/go.sum"); done
 
-# The recipe is part of the key: changing how the binaries are built builds them again.
-key="$( (cat "$0" && cd "$here/build" && for m in "${modules[@]}"; do cat "$m/go.mod" "$m/go.sum"; done) |
-    sha256sum | cut -c1-16)"
-bin_dir="$cache_root/$key/bin"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
+gocache_name=controlplane
+gocache_entry="$(gocache_hash 16 "${pins[@]}")"
+gocache_binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
 
-if [ "${1:-}" = --print-bin-dir ]; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-complete() {
-    local b
-    for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || return 1; done
+gocache_build() {
+    local staging="$1" m ldflags pkg
+    # A Kubernetes release build stamps its version into the binaries (hack/lib/version.sh);
+    # without it /version says v0.0.0-master and version-aware clients (kubectl, Helm) misjudge
+    # it.
+    local kube_version kube_minor kube_ldflags=""
+    kube_version="$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$here/build/kubernetes/go.mod")"
+    kube_minor="$(echo "$kube_version" | cut -d. -f2)"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        kube_ldflags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1"
+        kube_ldflags+=" -X $pkg.gitMinor=$kube_minor -X $pkg.gitTreeState=clean"
+    done
+    for m in "${modules[@]}"; do
+        echo "controlplane: building $m tools into $staging/bin" >&2
+        ldflags="-s -w"
+        if [ "$m" = kubernetes ]; then ldflags+="$kube_ldflags"; fi
+        # The committed go.sum pins every module; -mod=readonly refuses to drift from it.
+        # Pure Go, stripped and without paths: smaller binaries, same on every machine. No VCS
+        # stamp: these builder modules sit in podiam's work tree, whose state is not theirs.
+        # nice: the build takes minutes of every core, and the machine is shared.
+        (cd "$here/build/$m" &&
+            CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" GOTOOLCHAIN=local \
+                nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
+    done
+    # etcd's main package is its server module, so go names the binary "server".
+    mv "$staging/bin/server" "$staging/bin/etcd"
+    for m in "${modules[@]}"; do
+        awk '/^require / || /^\t[^ ]+ v/ {print}' "$here/build/$m/go.mod" |
+            grep -E 'k8s.io/kubernetes |go.etcd.io/etcd/server/v3 |sigs.k8s.io/kwok ' |
+            sed -E 's/^(require )?\t?//; s| // indirect||'
+    done >"$staging/VERSIONS"
 }
 
-if complete; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-mkdir -p "$cache_root"
-# Two CI jobs (or a developer and a test run) may start at once: one builds, the other waits.
-exec 9>"$cache_root/.lock"
-flock 9
-if complete; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-staging="$cache_root/$key.partial"
-rm -rf "$staging"
-mkdir -p "$staging/bin"
-started=$SECONDS
-# A Kubernetes release build stamps its version into the binaries (hack/lib/version.sh);
-# without it /version says v0.0.0-master and version-aware clients (kubectl, Helm) misjudge it.
-kube_version="$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$here/build/kubernetes/go.mod")"
-kube_minor="$(echo "$kube_version" | cut -d. -f2)"
-kube_ldflags=""
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    kube_ldflags+=" -X $pkg.gitVersion=$kube_version -X $pkg.gitMajor=1"
-    kube_ldflags+=" -X $pkg.gitMinor=$kube_minor -X $pkg.gitTreeState=clean"
-done
-for m in "${modules[@]}"; do
-    echo "controlplane: building $m tools into $staging/bin" >&2
-    ldflags="-s -w"
-    if [ "$m" = kubernetes ]; then ldflags+="$kube_ldflags"; fi
-    # The committed go.sum pins every module; -mod=readonly refuses to drift from it.
-    # Pure Go, stripped and without paths: smaller binaries, same on every machine. No VCS
-    # stamp: these builder modules sit in podiam's work tree, whose state is not theirs.
-    # nice: the build takes minutes of every core, and the machine is shared.
-    (cd "$here/build/$m" &&
-        CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" GOTOOLCHAIN=local \
-            nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
-done
-# etcd's main package is its server module, so go names the binary "server".
-mv "$staging/bin/server" "$staging/bin/etcd"
-for m in "${modules[@]}"; do
-    awk '/^require / || /^\t[^ ]+ v/ {print}' "$here/build/$m/go.mod" |
-        grep -E 'k8s.io/kubernetes |go.etcd.io/etcd/server/v3 |sigs.k8s.io/kwok ' |
-        sed -E 's/^(require )?\t?//; s| // indirect||'
-done >"$staging/VERSIONS"
-echo "built in $((SECONDS - started)) s" >>"$staging/VERSIONS"
-rm -rf "${bin_dir%/bin}"
-mv "$staging" "${bin_dir%/bin}"
-complete
-echo "controlplane: built in $((SECONDS - started)) s" >&2
-echo "$bin_dir"
+gocache_run "$@"

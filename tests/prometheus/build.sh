@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds Prometheus and promtool from the Go module github.com/prometheus/prometheus at the
 # version pinned in tests/prometheus/builder/go.mod (with its go.sum), into a cache directory
-# outside the work tree: ${PODIAM_CACHE:-~/.cache/podiam}/prometheus/<version>-<hash>/bin, the
-# hash being of go.mod, go.sum and this script. Does nothing when both binaries are there.
+# outside the work tree (tests/support/gocache.sh):
+# ${PODIAM_CACHE:-~/.cache/podiam}/prometheus/<version>-<hash>/bin, the hash being of this
+# script, go.mod and go.sum. Does nothing when both binaries are there.
 #
 #   tests/prometheus/build.sh                 build if missing; print the bin directory
 #   tests/prometheus/build.sh --print-bin-dir print the bin directory, build nothing
@@ -12,57 +13,30 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/../support/gocache.sh"
 builder="$here/builder"
-cache_root="${PODIAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/podiam}/prometheus"
 version="$(awk '$1 == "github.com/prometheus/prometheus" {print $2}' "$builder/go.mod")"
-key="$(cat "$0" "$builder/go.mod" "$builder/go.sum" | sha256sum | cut -c1-12)"
-bin_dir="$cache_root/$version-$key/bin"
-binaries=(prometheus promtool)
 
-if [ "${1:-}" = --print-bin-dir ]; then
-    echo "$bin_dir"
-    exit 0
-fi
+gocache_name=prometheus
+gocache_entry="$version-$(gocache_hash 12 "$builder/go.mod" "$builder/go.sum")"
+gocache_binaries=(prometheus promtool)
 
-complete() {
-    local b
-    for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || return 1; done
+gocache_build() {
+    local staging="$1" release ldflags
+    echo "prometheus: building prometheus and promtool $version into $staging/bin" >&2
+    # Prometheus stamps its version through common/version; without it `--version` says
+    # nothing. Its Go module versions spell release 3.16.0 as v0.316.0.
+    release="${version#v0.}"
+    release="${release:0:1}.$((10#${release:1:2})).${release#*.}"
+    ldflags="-s -w -X github.com/prometheus/common/version.Version=$release"
+    ldflags+=" -X github.com/prometheus/common/version.Branch=podiam-build"
+    # The committed go.sum pins every module; -mod=readonly refuses to drift from it. Pure Go,
+    # stripped and without paths. nice: the build takes minutes of every core on a shared
+    # machine.
+    (cd "$builder" &&
+        CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" GOTOOLCHAIN=local \
+            nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
+    echo "github.com/prometheus/prometheus $version" >"$staging/VERSIONS"
 }
 
-if complete; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-mkdir -p "$cache_root"
-# Two runs may start at once: one builds, the other waits and then finds the binaries.
-exec 9>"$cache_root/.lock"
-flock 9
-if complete; then
-    echo "$bin_dir"
-    exit 0
-fi
-
-staging="$cache_root/$version-$key.partial"
-rm -rf "$staging"
-mkdir -p "$staging/bin"
-started=$SECONDS
-echo "prometheus: building prometheus and promtool $version into $staging/bin" >&2
-# Prometheus stamps its version through common/version; without it `--version` says nothing.
-# Its Go module versions spell release 3.16.0 as v0.316.0.
-release="${version#v0.}"
-release="${release:0:1}.$((10#${release:1:2})).${release#*.}"
-ldflags="-s -w -X github.com/prometheus/common/version.Version=$release"
-ldflags+=" -X github.com/prometheus/common/version.Branch=podiam-build"
-# The committed go.sum pins every module; -mod=readonly refuses to drift from it. Pure Go,
-# stripped and without paths. nice: the build takes minutes of every core on a shared machine.
-(cd "$builder" &&
-    CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false" GOTOOLCHAIN=local \
-        nice -n 19 go build -trimpath -ldflags="$ldflags" -o "$staging/bin/" tool)
-echo "github.com/prometheus/prometheus $version" >"$staging/VERSIONS"
-echo "built in $((SECONDS - started)) s" >>"$staging/VERSIONS"
-rm -rf "${bin_dir%/bin}"
-mv "$staging" "${bin_dir%/bin}"
-complete
-echo "prometheus: built in $((SECONDS - started)) s" >&2
-echo "$bin_dir"
+gocache_run "$@"

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.authority import generate_ca
+from tests.support import gocache
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "tests" / "controlplane" / "build.sh"
@@ -94,33 +95,17 @@ class ControlPlaneError(Exception):
 def binaries_dir() -> Path:
     """Where tests/controlplane/build.sh puts (or would put) the binaries of the pinned
     versions; ``PODIAM_CONTROLPLANE_BIN`` overrides it."""
-    override = os.environ.get("PODIAM_CONTROLPLANE_BIN")
-    if override:
-        return Path(override)
-    result = subprocess.run(
-        [str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True
-    )
-    return Path(result.stdout.strip())
+    return gocache.bin_dir(BUILD_SCRIPT, "PODIAM_CONTROLPLANE_BIN")
 
 
 def missing_binaries(directory: Path) -> list[str]:
-    return [name for name in BINARIES if not os.access(directory / name, os.X_OK)]
+    return gocache.missing(directory, BINARIES)
 
 
 def require_binaries() -> Path:
-    """The binaries' directory; outside CI, skip the test when they are not built. Under
-    CI=true a missing binary is a failure: .ci/run builds them first."""
-    directory = binaries_dir()
-    missing = missing_binaries(directory)
-    if missing:
-        message = (
-            f"Kubernetes control plane not built ({', '.join(missing)} missing in {directory});"
-            f" run {BUILD_SCRIPT.relative_to(REPO)}"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return directory
+    """The binaries' directory; outside CI, skip the test when they are not built (under
+    CI=true, fail)."""
+    return gocache.require("Kubernetes control plane", BUILD_SCRIPT, binaries_dir(), BINARIES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,27 @@ def pod_object(
     return {"metadata": metadata, "spec": spec, "status": status}
 
 
+def replica_pod_object(
+    namespace: str, deployment: str, n: int, *, template_hash: str, **pod: Any
+) -> Object:
+    """Replica ``n`` of Deployment ``deployment`` as its ReplicaSet
+    (``<deployment>-<template_hash>``) makes it: named after the ReplicaSet, labelled with the
+    template hash, the ReplicaSet its controller owner; ``pod`` as for pod_object."""
+    replica_set = f"{deployment}-{template_hash}"
+    labels = {**(pod.pop("labels", None) or {}), "pod-template-hash": template_hash}
+    obj = pod_object(namespace, f"{replica_set}-{n:05d}", labels=labels, **pod)
+    obj["metadata"]["ownerReferences"] = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "name": replica_set,
+            "uid": f"rs-{deployment}",
+            "controller": True,
+        }
+    ]
+    return obj
+
+
 def namespace_object(
     name: str,
     permitted: str | None = None,

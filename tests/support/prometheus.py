@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import urllib.parse
@@ -18,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests.support import gocache
 from tests.support.controlplane import free_port
 from tests.support.waiting import eventually
 
@@ -31,29 +29,13 @@ BINARIES = ("prometheus", "promtool")
 def binaries_dir() -> Path:
     """Where the build script puts (or would put) the binaries; ``PODIAM_PROMETHEUS_BIN``
     overrides it."""
-    override = os.environ.get("PODIAM_PROMETHEUS_BIN")
-    if override:
-        return Path(override)
-    result = subprocess.run(
-        [str(BUILD_SCRIPT), "--print-bin-dir"], capture_output=True, text=True, check=True
-    )
-    return Path(result.stdout.strip())
+    return gocache.bin_dir(BUILD_SCRIPT, "PODIAM_PROMETHEUS_BIN")
 
 
 def require_binaries() -> Path:
-    """The binaries' directory; outside CI, skip when they are not built. Under CI=true a
-    missing binary is a failure: .ci/run builds them first."""
-    directory = binaries_dir()
-    missing = [name for name in BINARIES if not os.access(directory / name, os.X_OK)]
-    if missing:
-        message = (
-            f"Prometheus not built ({', '.join(missing)} missing in {directory}); run "
-            f"{BUILD_SCRIPT.relative_to(REPO)}"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return directory
+    """The binaries' directory; outside CI, skip when they are not built (under CI=true,
+    fail)."""
+    return gocache.require("Prometheus", BUILD_SCRIPT, binaries_dir(), BINARIES)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
