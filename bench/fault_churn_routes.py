@@ -83,15 +83,17 @@ async def run(section, options) -> None:
         "sandbox goes (host veth deleted with pyroute2: its /32 route goes with it), its object "
         "is deleted from the API (the Kubernetes API test double), a new pod gets the same IP "
         "behind a new veth (new interface index), starts asking at once, and appears in the "
-        "API. Stale window: from the old veth's deletion returning to the agent no longer "
-        "answering the IP with the old pod's role (its state polled every 0.5 ms). The server "
+        "API. Stale window: from the moment the old veth's deletion was asked of the kernel to "
+        "the agent no longer answering the IP with the old pod's role (its state polled every "
+        "0.5 ms; it includes the kernel's own time to delete the veth). The server "
         f"dropped the old pod {lag['p50']} ms (p50; p99 {lag['p99']}, max {lag['max']}) after "
-        "the veth went; 'agent before server' counts the replacements where the agent had "
+        "the veth's deletion was asked; 'agent before server' counts the replacements where the agent had "
         "stopped answering with the old role before the server dropped the pod. An answer "
         "counts as 'old role after the server saw the deletion' when it names a previous "
         "holder's role and was asked after the server had dropped that holder; 'new pod failed' "
         "counts answers other than its own role to requests asked once the server held the new "
-        f"pod. Refusals before then (the pod not yet in the API): {got['early_refusals']}"
+        f"pod (those: {got['failures'] or 'none'}). Refusals before then (the pod not yet in "
+        f"the API): {got['early_refusals'] or 'none'}"
     )
     for name, key in (
         ("churn-routes: old role served after the deletion reached the server",
@@ -286,6 +288,7 @@ class Tally:
     old_role_after_server: int = 0
     old_role_to_new_pod: int = 0
     new_pod_failures: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # of the new pods, by answer
     early_refusals: dict[str, int] = field(default_factory=dict)
 
     def judge(self, pod: Pod, earlier: list[Pod]) -> None:
@@ -301,6 +304,8 @@ class Tally:
                     self.old_role_after_server += 1
             elif asked >= pod.server_had:
                 self.new_pod_failures += 1
+                key = f"{status} {body[:80]}" if status is not None else "no answer"
+                self.failures[key] = self.failures.get(key, 0) + 1
             else:
                 key = str(status) if status is not None else "no answer"
                 self.early_refusals[key] = self.early_refusals.get(key, 0) + 1
@@ -495,6 +500,7 @@ def _summary(*, replacements, pool, tally, windows, server_lags, agent_first, el
         "old_role_after_server": tally.old_role_after_server,
         "old_role_to_new_pod": tally.old_role_to_new_pod,
         "new_pod_failures": tally.new_pod_failures,
+        "failures": tally.failures,
         "early_refusals": tally.early_refusals,
         "window_ms": spread(windows),
         "server_lag_ms": spread(server_lags),

@@ -10,11 +10,16 @@ counts of wrong answers, never timings.
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 from bench.fault_churn_routes import measure
-from tests.support.netns import requires_tools
+from tests.support.netns import Cluster, requires_tools
 
 pytestmark = requires_tools("ip", "iptables", "conntrack")
 
+REPO = Path(__file__).resolve().parents[1]
 REPLACEMENTS = 200
 IPS = 4
 
@@ -29,3 +34,52 @@ async def test_pods_reusing_ips_behind_new_veths_never_get_the_previous_pods_rol
     assert got["old_role_after_server"] == 0, got
     # Once the server had the new pod, its every answer was its own role.
     assert got["new_pod_failures"] == 0, got
+
+
+# Runs inside a node namespace: the agent's route follower on uvloop, a pod veth made, its IP
+# handed to a new veth, and what the follower reports, read without a turn of the event loop
+# after each kernel call (settle() is what the listener calls on accepting a connection).
+_SETTLE = r"""
+import asyncio, json, subprocess, sys
+import uvloop
+from agent.hostroutes import HostRoutes
+
+def ip(*argv):
+    subprocess.run(["ip", *argv], check=True, capture_output=True)
+
+def veth(name, peer, address):
+    ip("link", "add", name, "type", "veth", "peer", "name", peer)
+    ip("link", "set", name, "up")
+    ip("link", "set", peer, "up")
+    ip("route", "add", f"{address}/32", "dev", name)
+
+async def main():
+    changes = []
+    routes = HostRoutes("eni+", on_change=changes.append)
+    task = asyncio.create_task(routes.run())
+    veth("eniold", "oldpeer", "10.9.0.7")
+    while not (routes.watching and routes.interface("10.9.0.7")):
+        await asyncio.sleep(0.01)
+    old = routes.interface("10.9.0.7")
+    ip("link", "del", "eniold")
+    veth("eninew", "newpeer", "10.9.0.7")
+    before = routes.interface("10.9.0.7")
+    routes.settle()
+    after = routes.interface("10.9.0.7")
+    task.cancel()
+    print(json.dumps({"old": old, "before": before, "after": after, "changes": changes}))
+
+uvloop.run(main())
+"""
+
+
+def test_a_new_veth_for_a_reused_ip_is_known_as_soon_as_the_kernel_has_it() -> None:
+    with Cluster() as cluster:
+        node = cluster.node("settle")
+        done = node.run(sys.executable, "-c", _SETTLE, env={"PYTHONPATH": str(REPO)})
+    got = json.loads(done.stdout)
+    # Before settling, the follower had not read the kernel's messages yet (nothing awaited);
+    # after, it reports the new veth, so the old pod's entry is already dropped.
+    assert got["before"] == got["old"], got
+    assert got["after"] not in (None, got["old"]), got
+    assert got["changes"] == ["10.9.0.7"] * 3, got  # appeared, went, appeared elsewhere
