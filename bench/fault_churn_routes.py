@@ -87,13 +87,13 @@ async def run(section, options) -> None:
         "the agent no longer answering the IP with the old pod's role (its state polled every "
         "0.5 ms; it includes the kernel's own time to delete the veth). The server "
         f"dropped the old pod {lag['p50']} ms (p50; p99 {lag['p99']}, max {lag['max']}) after "
-        "the veth's deletion was asked; 'agent before server' counts the replacements where the agent had "
-        "stopped answering with the old role before the server dropped the pod. An answer "
-        "counts as 'old role after the server saw the deletion' when it names a previous "
-        "holder's role and was asked after the server had dropped that holder; 'new pod failed' "
-        "counts answers other than its own role to requests asked once the server held the new "
-        f"pod (those: {got['failures'] or 'none'}). Refusals before then (the pod not yet in "
-        f"the API): {got['early_refusals'] or 'none'}"
+        "the veth's deletion was asked; 'agent before server' counts the replacements where the "
+        "agent had stopped answering with the old role before the server dropped the pod. An "
+        "answer counts as 'old role after the server saw the deletion' when it names a "
+        "previous holder's role and was asked after the server had dropped that holder; 'new "
+        "pod failed' counts answers other than its own role to requests asked once the server "
+        f"held the new pod (those: {got['failures'] or 'none'}). Refusals before then (the pod "
+        f"not yet in the API): {got['early_refusals'] or 'none'}"
     )
     for name, key in (
         ("churn-routes: old role served after the deletion reached the server",
