@@ -16,9 +16,9 @@ down, the node is partitioned, pod IPs are reused, STS is down for 30 simulated 
 Kubernetes API is down and its watches break, certificates rotate and the agent is rolled out;
 the replica, outage, partition and churn-routes faults need root; ``--faults`` picks some),
 and, only when asked for, ``realscale`` (the server against a real control plane with kwok's
-fake nodes, side by side with the test double; about an hour at full size on two cores). Figures are
-printed, never asserted: the machine may be shared and noisy, so the report compares each figure
-with a baseline measured in the same run, and checks the issue's targets as ratios.
+fake nodes, side by side with the test double; about an hour at full size on two cores).
+Figures are printed, never asserted: the machine may be shared and noisy, so the report compares
+each figure with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
 
 from __future__ import annotations
