@@ -151,7 +151,7 @@ class PodiamAgent:
         )
         # A connection flood must meet the listener's own limits, not the default 1,024 files.
         raise_open_files_limit()
-        http = self.http = HttpListener(routes, limits)
+        http = self.http = HttpListener(routes, limits, on_accepted=self.routes.settle)
         sock = self._bind(config.host, config.port, "metadata API")
         self.port = sock.getsockname()[1]
         if config.prometheus_listen_addr is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import socket
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 _MAIN_TABLE = 254
 _IFF_UP = 0x1
 _RETRY_SECONDS = 1.0
+_RTMGRP_LINK = 0x1
+_RTMGRP_IPV4_ROUTE = 0x40
+_RECEIVE_BUFFER = 4 << 20
+_RECEIVE_BYTES = 1 << 16
+_LINKS, _ROUTES = 1, 2  # the dumps' sequence numbers
 
 
 def interface_matcher(pattern: str) -> Callable[[str], bool]:
@@ -51,15 +56,29 @@ class HostRoutes:
 
     ``on_change(ip)`` is called on the event loop whenever an IP's route appears, vanishes or
     moves, so the node state can stop serving it at once.
+
+    Netlink is read on the event loop itself, from a non-blocking socket, and ``settle()`` reads
+    whatever the kernel has queued so far, at once. That is what makes the evidence exact rather
+    than merely prompt: the kernel queues its messages about a deleted veth before the call that
+    deleted it returns, so before a new pod with the same IP can send its first packet, and
+    before the API (and the server, and the node stream) can hear of that pod. The listener
+    settles once per batch of accepted connections, and the node state before each stream
+    update, so neither a new pod's request nor its confirmation is ever judged by a route view
+    older than the request or the update. (An earlier version followed netlink in a thread and
+    handed changes over to the loop: the view lagged the kernel by milliseconds, seconds on a
+    starved machine, and inside that lag a new pod could be answered from the old pod's entry.)
     """
 
     def __init__(self, pattern: str, *, on_change: Callable[[str], None] | None = None) -> None:
         self._matches = interface_matcher(pattern)
         self._on_change = on_change or (lambda ip: None)
-        self._notify = self._on_change  # how a change reaches the event loop (see run)
         self.routes: dict[str, int] = {}  # ip → ifindex
         self._names: dict[int, str] = {}  # ifindex → name
         self.watching = False  # netlink is followed and the initial dump is in
+        self._sock: socket.socket | None = None
+        self._marshal = None
+        self._broken: asyncio.Event | None = None
+        self._before: dict[str, int] = {}  # the routes known before netlink was lost
 
     def interface(self, ip: str) -> int | None:
         """The interface index of ``ip``'s host route; None without one, or while netlink is
@@ -67,67 +86,120 @@ class HostRoutes:
         return self.routes.get(ip) if self.watching else None
 
     async def run(self) -> None:
-        """Dump the routes, then follow netlink until cancelled. If netlink fails (a full
-        receive buffer loses messages), it starts over with a new dump."""
-        main = asyncio.get_running_loop()
-        if not type(main).__module__.startswith("uvloop"):
-            await self._follow()
-            return
-        # uvloop (the agent's loop) cannot open pyroute2's netlink datagram endpoint: follow
-        # netlink on asyncio's own loop in a thread, and hand each change to the agent's loop.
-        self._notify = lambda ip: main.call_soon_threadsafe(self._on_change, ip)
-        ready = threading.Event()
-        follower: dict[str, object] = {}
-
-        def follow() -> None:
-            loop = asyncio.new_event_loop()
-            task = loop.create_task(self._follow())
-            follower.update(loop=loop, task=task)
-            ready.set()
-            try:
-                loop.run_until_complete(task)
-            except asyncio.CancelledError:
-                pass
-            finally:
-                loop.close()
-
-        thread = threading.Thread(target=follow, name="host-routes", daemon=True)
-        thread.start()
-        await asyncio.to_thread(ready.wait)
+        """Dump the links and routes, then follow netlink until cancelled. If netlink fails (a
+        full receive buffer loses messages), it starts over with a new dump."""
         try:
-            await asyncio.Event().wait()  # until cancelled
-        finally:
-            follower["loop"].call_soon_threadsafe(follower["task"].cancel)
-            await asyncio.to_thread(thread.join, 2.0)
-
-    async def _follow(self) -> None:
-        try:
-            from pyroute2 import AsyncIPRoute
+            from pyroute2.netlink.rtnl.marshal import MarshalRtnl
         except ImportError:  # pragma: no cover - pyroute2 is in the agent extra
             log.warning("pyroute2 is not installed: no route evidence, --stale-grace applies")
             return
+        loop = asyncio.get_running_loop()
         while True:
+            self._broken = asyncio.Event()
             try:
-                async with AsyncIPRoute() as ipr:
-                    await ipr.bind()
-                    async for link in await ipr.get_links():
-                        self._link(link)
-                    async for route in await ipr.get_routes(family=2):
-                        self._route(route, added=True)
-                    self.watching = True
-                    log.info("watching host routes: %d pod route(s)", len(self.routes))
-                    while True:
-                        async for message in ipr.get():
-                            self._message(message)
+                self._open(MarshalRtnl())
+                assert self._sock is not None
+                fd = self._sock.fileno()
+                loop.add_reader(fd, self.settle)
+                try:
+                    await self._broken.wait()
+                finally:
+                    loop.remove_reader(fd)
             except OSError as error:
-                log.warning("lost track of host routes (%s): starting over", error)
+                log.warning("cannot follow host routes (%s): starting over", error)
             finally:
-                self._forget()
+                self._close()
             await asyncio.sleep(_RETRY_SECONDS)
 
-    def _forget(self) -> None:
+    def settle(self) -> None:
+        """Apply every netlink message the kernel has queued (called on the event loop)."""
+        sock = self._sock
+        if sock is None or self._broken is None or self._broken.is_set():
+            return
+        while True:
+            try:
+                data = sock.recv(_RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.warning("lost track of host routes (%s): starting over", error)
+                self._fail()
+                return
+            for message in self._marshal.parse(data):
+                if not self._take(message):
+                    self._fail()
+                    return
+
+    def _open(self, marshal) -> None:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            socket.NETLINK_ROUTE,
+        )  # fmt: skip
+        try:
+            # Room for a burst of pod churn between two turns of the loop; a full buffer loses
+            # messages (ENOBUFS), and then everything is dumped again.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE))
+        except OSError:
+            sock.close()
+            raise
+        self._sock, self._marshal = sock, marshal
+        # Subscribed first, then dumped: a change during the dump is seen twice at worst, and
+        # applying a route or link twice changes nothing. One dump at a time per socket, so
+        # the routes are asked for when the links' dump is done.
+        self._dump(_LINKS)
+
+    def _dump(self, what: int) -> None:
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+        from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_GETROUTE
+        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+        request = ifinfmsg() if what == _LINKS else rtmsg()
+        request["family"] = 0 if what == _LINKS else socket.AF_INET
+        request["header"]["type"] = RTM_GETLINK if what == _LINKS else RTM_GETROUTE
+        request["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+        request["header"]["sequence_number"] = what
+        request.encode()
+        assert self._sock is not None
+        self._sock.send(request.data)
+
+    def _take(self, message) -> bool:
+        """Apply one message; False when netlink refused a dump (start over)."""
+        event = message.get("event")
+        if event == "NLMSG_DONE":
+            sequence = message["header"]["sequence_number"]
+            if sequence == _LINKS:
+                self._dump(_ROUTES)
+            elif sequence == _ROUTES:
+                self._dumped()
+            return True
+        if event == "NLMSG_ERROR":
+            return False
+        self._message(message)
+        return True
+
+    def _dumped(self) -> None:
+        self.watching = True
+        log.info("watching host routes: %d pod route(s)", len(self.routes))
+        # Routes that went while netlink was lost: the dump cannot report an absence.
+        for ip in [ip for ip in self._before if ip not in self.routes]:
+            self._on_change(ip)
+        self._before = {}
+
+    def _fail(self) -> None:
+        # run() closes the socket once it has stopped reading it.
+        if self._broken is not None:
+            self._broken.set()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         # Nothing is vouched for until the next dump; the dump then reports every route as
         # new, and the node state compares each with the one it confirmed.
+        if self.watching:
+            self._before = dict(self.routes)
         self.watching = False
         self.routes = {}
 
@@ -163,12 +235,12 @@ class HostRoutes:
                 return
             if self.routes.get(ip) != index:
                 self.routes[ip] = index
-                self._notify(ip)
+                self._on_change(ip)
         elif self.routes.get(ip) == index:
             del self.routes[ip]
-            self._notify(ip)
+            self._on_change(ip)
 
     def _drop_interface(self, index: int) -> None:
         for ip in [ip for ip, via in self.routes.items() if via == index]:
             del self.routes[ip]
-            self._notify(ip)
+            self._on_change(ip)

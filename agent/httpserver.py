@@ -31,7 +31,7 @@ import logging
 import socket
 import weakref
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import httptools
@@ -69,8 +69,18 @@ class RouteTable(Protocol):
 
 
 class HttpListener:
-    def __init__(self, routes: RouteTable, limits: ListenerLimits, *, name: str = "metadata API"):
+    def __init__(
+        self,
+        routes: RouteTable,
+        limits: ListenerLimits,
+        *,
+        name: str = "metadata API",
+        on_accepted: Callable[[], None] | None = None,
+    ):
         self.routes = routes
+        # Called after each batch of accepted connections, before any of them is read: the
+        # metadata API brings its view of the host routes up to date there (agent/hostroutes.py).
+        self._on_accepted = on_accepted
         self.limits = limits
         self.name = name
         self.draining = False  # every answer from now on closes its connection
@@ -97,18 +107,24 @@ class HttpListener:
         _SERVING.add(self)
 
     def _accept(self) -> None:
+        accepted = self._accept_batch()
+        if accepted and self._on_accepted is not None:
+            self._on_accepted()
+
+    def _accept_batch(self) -> int:
         sock = self._sock
         if sock is None:
-            return
+            return 0
+        accepted = 0
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return accepted
             except OSError as error:
                 if error.errno in _RESOURCE_ERRORS:
                     self._back_off(error)
-                    return
+                    return accepted
                 # ECONNABORTED and the like: that one connection is gone, the next may not be.
                 self.log_once("accept", logging.WARNING, "%s: accept failed: %s", self.name, error)
                 continue
@@ -145,6 +161,8 @@ class HttpListener:
             task = self._loop.create_task(self._adopt(conn, ip))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            accepted += 1
+        return accepted
 
     async def _adopt(self, conn: socket.socket, ip: str) -> None:
         protocol = _Connection(self, ip)

@@ -192,6 +192,11 @@ class NodeState:
         return Mode.STALE if self.pods and self.stale_since is not None else Mode.NONE
 
     def apply(self, update: kiam_pb2.NodeUpdate, *, view: StreamView | None = None) -> None:
+        if self._routes is not None:
+            # Whatever the kernel has said about routes is applied first: a pod the update
+            # confirms is then judged by the routes of now, never by a view from before its
+            # veth was made (nor before its predecessor's went).
+            self._routes.settle()
         view = self._view(view)
         ips: set[str] = set(update.removed_ips)
         identities: set[str] = set(update.removed_identities)

@@ -14,11 +14,11 @@ initial sync, memory, watch events/s, unary calls/s vs a bare grpc.aio servicer)
 (failed requests, extra AssumeRole calls and wrong roles while replicas die, all servers are
 down, the node is partitioned, pod IPs are reused, STS is down for 30 simulated minutes, the
 Kubernetes API is down and its watches break, certificates rotate and the agent is rolled out;
-the replica, outage and partition faults need root; ``--faults`` picks some), and, only when
-asked for, ``realscale`` (the server against a real control plane with kwok's fake nodes, side
-by side with the test double; about an hour at full size on two cores). Figures are
-printed, never asserted: the machine may be shared and noisy, so the report compares each figure
-with a baseline measured in the same run, and checks the issue's targets as ratios.
+the replica, outage, partition and churn-routes faults need root; ``--faults`` picks some),
+and, only when asked for, ``realscale`` (the server against a real control plane with kwok's
+fake nodes, side by side with the test double; about an hour at full size on two cores).
+Figures are printed, never asserted: the machine may be shared and noisy, so the report compares
+each figure with a baseline measured in the same run, and checks the issue's targets as ratios.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from bench.report import Report
 
 SECTIONS = ("hot", "client", "podstart", "sts", "scale", "policy", "faults", "realscale")
 _ON_REQUEST = {"realscale"}  # not in a plain `python -m bench`: it takes an hour
-FAULTS = ("replica", "churn", "sts-outage", "kube", "rotation", "rollout")
+FAULTS = ("replica", "churn", "churn-routes", "sts-outage", "kube", "rotation", "rollout")
 _NEEDS_CLUSTER = {"hot", "podstart", "sts"}
 
 

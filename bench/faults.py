@@ -10,6 +10,8 @@ wall-clock bounds.
 - ``partition``: the agent's node cut from the servers (its LAN link down) as long, then healed.
 - ``churn``: pod IPs handed from pod to pod across namespaces and roles (loopback, in-process
   server and agent, so that the moment the server saw a deletion can be read exactly).
+- ``churn-routes``: the same hand-overs on a node with per-pod veths and host routes, in kubelet
+  order, with the agent's route evidence and real DNAT (bench/fault_churn_routes.py).
 - ``sts-outage``: STS down for 30 minutes on a simulated clock (bench/fault_sts_outage.py).
 - ``kube``: the Kubernetes API down, then watches dropped and expired (410) in bursts
   (bench/fault_kube.py).
@@ -35,7 +37,13 @@ CREDS = "/latest/meta-data/iam/security-credentials/"
 
 
 async def run(section: Section, options) -> None:
-    from bench import fault_kube, fault_rollout, fault_rotation, fault_sts_outage
+    from bench import (
+        fault_churn_routes,
+        fault_kube,
+        fault_rollout,
+        fault_rotation,
+        fault_sts_outage,
+    )
 
     wanted = set(options.faults)
     if "replica" in wanted:
@@ -46,6 +54,8 @@ async def run(section: Section, options) -> None:
             await _replica_and_outage(section, options)
     if "churn" in wanted:
         await _churn(section, options)
+    if "churn-routes" in wanted:
+        await fault_churn_routes.run(section, options)
     if "sts-outage" in wanted:
         await fault_sts_outage.run(section, options)
     if "kube" in wanted:
