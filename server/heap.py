@@ -2,11 +2,11 @@
 
 At 550,000 pods the index is millions of long-lived references (the pods by key, by node and
 by namespace; their grants), and the collector's full collections walk every container the
-process holds: measured in the server scale bench, 0.4 to 1.2 s each, with the event loop stopped
-meanwhile — a gap in every watch and node stream, and at 20,000 watch events a second about a
-third of the server's time. Nothing in the index is ever part of a reference cycle (records are
-immutable structs of strings, freed by reference counting when replaced or deleted), so there is
-nothing there for the collector to find.
+process holds: measured in the server scale bench, 0.4 to 1.2 s each, with the event loop
+stopped meanwhile — a gap in every watch and node stream; one fell in most 10,000-event watch
+bursts, a fifth to a third of the server's time for the burst. Nothing in the index is ever
+part of a reference cycle (records are immutable structs of strings, freed by reference
+counting when replaced or deleted), so there is nothing there for the collector to find.
 
 ``settle`` runs once, when the initial sync is complete: one full collection, then
 ``gc.freeze()``, which moves every object then alive out of the collector's generations. Objects
