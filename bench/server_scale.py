@@ -78,6 +78,25 @@ class _Kube:
         await process.wait()
         return json.loads(line)
 
+    async def watch_alone(self, count: int) -> dict:
+        """The API server's own share of the watch-event rate (bench/kubewatch.py), from the
+        server's core: ``count`` pods added while a bare client watches, then removed."""
+        process = await procs.spawn(
+            ["-m", "bench.kubewatch", "--url", self.url, "--count", str(count)],
+            core=procs.cpu(procs.SERVED_CPU),
+        )
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            if line.strip() != b"watching":
+                raise RuntimeError("the bare watch did not start")
+            await self.add(count)
+            line = await asyncio.wait_for(process.stdout.readline(), 600)
+            await process.wait()
+        finally:
+            await procs.stop(process)
+        await self.remove(count)
+        return json.loads(line)
+
     async def stop(self) -> None:
         await procs.stop(self.process)
 
@@ -192,7 +211,9 @@ async def run(section: Section, options) -> None:
         "footprint.",
         "API list alone: a bare aiohttp client on the server's core listing every page as the "
         f"server does (limit={PAGE_SIZE}, same field selector) and discarding the bodies — the "
-        "API server's own share of the sync, the floor for any client of it.",
+        "API server's own share of the sync, the floor for any client of it. API watch alone: "
+        "the same for the watch-event burst below (`bench/kubewatch.py`: a bare watch from the "
+        "server's core counting the events, decoding none).",
         "initial sync: from the server's `listing namespaces and pods` log line to `synced`; "
         "start to serving: from spawning the process to `serving gRPC` (imports, certificate "
         "checks, sync); sync CPU: the CPU seconds the server process used between those two "
@@ -222,7 +243,8 @@ async def run(section: Section, options) -> None:
         )
     table = section.table(
         "server by cluster size",
-        ["pods", "server", "API list alone s", "initial sync s", "sync CPU s",
+        ["pods", "server", "API list alone s", "API watch alone events/s", "initial sync s",
+         "sync CPU s",
          "start to serving s",
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
          "streams connected s", "KB/stream", "misrouted", "watch events/s",
@@ -240,6 +262,9 @@ async def run(section: Section, options) -> None:
             await kube.start()
             try:
                 alone = await kube.list_alone() if size else None
+                if alone is not None:
+                    watched = await kube.watch_alone(options.watch_events)
+                    alone["watch_events_per_s"] = watched["events"] / watched["seconds"]
                 for label, tree in variants:
                     profile = profiles / f"{size}-{label.replace(' ', '-')}" if profiles else None
                     server = _Server(kube, sts, tls, tree=tree, profile=profile)
@@ -288,7 +313,8 @@ async def _measure(
     row = {"pods": size, "server": label, "sync_s": marks["synced"] - marks["listing"],
            "sync_cpu_s": marks["synced_cpu"] - marks["listing_cpu"],
            "start_s": marks["serving"] - marks["spawn"], "rss_mb": rss,
-           "peak_rss_mb": peak, "api_alone_s": alone["seconds"] if alone else None}  # fmt: skip
+           "peak_rss_mb": peak, "api_alone_s": alone["seconds"] if alone else None,
+           "api_watch_alone_per_s": alone.get("watch_events_per_s") if alone else None}  # fmt: skip
     if size == 0:
         return row
     base = base_rss.get(label)
@@ -404,13 +430,16 @@ async def _line(process, prefix: bytes, seconds: float) -> dict:
 
 def _add_row(table, row: dict) -> None:
     alone = f"{row['api_alone_s']:.1f}" if row.get("api_alone_s") else "—"
+    watch_alone = row.get("api_watch_alone_per_s")
+    watch_alone = f"{watch_alone:,.0f}" if watch_alone else "—"
     if not row["pods"]:
-        table.add(0, row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
-                  row["rss_mb"], row["peak_rss_mb"], *["—"] * 14)  # fmt: skip
+        table.add(0, row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
+                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 13)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
-        row["pods"], row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
+        row["pods"], row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
+        row["start_s"],
         row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",

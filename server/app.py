@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
 from protos import kiam_pb2_grpc
 from runtime.process import StartupError
-from server import metrics
+from server import heap, metrics
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.audit import AuditTrail
 from server.config import ServerConfig
@@ -179,6 +179,8 @@ class PodiamServer:
         # Reflectors retry forever (logging why), so a server that cannot list stays unready.
         await asyncio.gather(*(reflector.synced.wait() for reflector in reflectors))
         log.info("synced %d pods in %d namespaces", len(registry.pods), len(registry.namespaces))
+        heap.settle()  # the index is now most of the heap: out of the collector's way
+        self._closers.append(_as_async(heap.unsettle))
 
     async def _serve(self, registry, cache, messages, fanout, recorder, credentials) -> None:
         config = self.config

@@ -45,6 +45,12 @@ class NodeWatch:
     closed: bool = False
     # The identities the stream's node uses, as it last told the fan-out (see NodeFanout.serve).
     serving: frozenset[RoleIdentity] = frozenset()
+    # The node's identities, each with how many of its IPs name a pod granted it: set by the
+    # stream from the registry once (None until then), then kept by the registry's
+    # ``identity_used`` announcements; and whether an identity has come or gone since the
+    # stream last looked.
+    uses: dict[RoleIdentity, int] | None = None
+    identities_changed: bool = False
 
     def take(self) -> tuple[set[str], set[str]]:
         """The changed IPs and identity keys, emptied for the next round."""
@@ -127,6 +133,22 @@ class NodeFanout:
         for host in hosts:
             for watch in self._by_host.get(host, ()):
                 watch.dirty_ips.add(ip)
+                watch.changed.set()
+
+    def identity_used(self, host_ip: str, identity: RoleIdentity, count: int) -> None:
+        """``count`` more (or fewer) of ``host_ip``'s IPs name a pod granted ``identity`` (the
+        registry): only a first use or a last one changes what the node's agent must hold."""
+        for watch in self._by_host.get(host_ip, ()):
+            uses = watch.uses
+            if uses is None:
+                continue
+            held = uses.get(identity, 0) + count
+            if held > 0:
+                uses[identity] = held
+            else:
+                uses.pop(identity, None)
+            if held <= 0 or held == count:
+                watch.identities_changed = True
                 watch.changed.set()
 
     def credentials_changed(self, identity: RoleIdentity, creds: AwsCredentials | None) -> None:

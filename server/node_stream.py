@@ -30,7 +30,7 @@ class NodePods(Protocol):
     """What one node's agent should hold, as the registry decides it."""
 
     def node_ips(self, host_ip: str) -> Iterable[str]: ...
-    def node_identities(self, host_ip: str) -> set[RoleIdentity]: ...
+    def node_identity_uses(self, host_ip: str) -> dict[RoleIdentity, int]: ...
     def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]: ...
 
 
@@ -70,9 +70,12 @@ class NodeStream:
     def _snapshot(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate:
         update = kiam_pb2.NodeUpdate(reset=True, synced=True)
         for ip in self._pods.node_ips(self.host_ip):
-            state = self._pod_state(ip)
+            state = self._pod_state(ip, *self._pods.state_on_node(ip, self.host_ip))
             if state is not None:
                 update.pods.append(state)
+        # Counted once here; from now on the registry's announcements keep the counts.
+        watch.uses = self._pods.node_identity_uses(self.host_ip)
+        watch.identities_changed = True
         self._sync_credentials(watch, update, refreshed=set())
         self._record_served(update, everyone=True)
         return update
@@ -80,22 +83,28 @@ class NodeStream:
     def _delta(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate | None:
         ips, refreshed = watch.take()
         update = kiam_pb2.NodeUpdate()
+        served: list[tuple[PodRecord, Grant]] = []
         for ip in sorted(ips):
-            state = self._pod_state(ip)
+            pod, grant = self._pods.state_on_node(ip, self.host_ip)
+            state = self._pod_state(ip, pod, grant)
             if state is None:
                 update.removed_ips.append(ip)
             else:
                 update.pods.append(state)
+                if grant is not None and grant.identity is not None:
+                    served.append((pod, grant))
         self._sync_credentials(watch, update, refreshed=refreshed)
-        self._record_served(update, everyone=bool(update.credentials))
+        self._record_served(update, everyone=bool(update.credentials), served=served)
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
             return None
         return update
 
-    def _pod_state(self, ip: str) -> kiam_pb2.PodState | None:
-        pod, grant = self._pods.state_on_node(ip, self.host_ip)
+    def _pod_state(
+        self, ip: str, pod: PodRecord | None, grant: Grant | None
+    ) -> kiam_pb2.PodState | None:
+        """The state of ``ip`` as the registry's ``state_on_node`` gave it (pod, grant)."""
         if pod is None:
             return None
         if grant is None:
@@ -121,16 +130,26 @@ class NodeStream:
             identity=grant.identity.key,
         )  # fmt: skip
 
-    def _record_served(self, update: kiam_pb2.NodeUpdate, *, everyone: bool) -> None:
+    def _record_served(
+        self,
+        update: kiam_pb2.NodeUpdate,
+        *,
+        everyone: bool,
+        served: Iterable[tuple[PodRecord, Grant]] = (),
+    ) -> None:
         """Tell the audit which pods the agent can now serve: those in this update whose
-        identity's credentials it holds, and — when credentials went out — every pod on the
-        node (credentials may reach the agent after the pod did). The audit keeps one record
-        per pod, so repeats cost a dictionary lookup."""
+        identity's credentials it holds (``served``: the update's pods with their grants), and
+        — when credentials went out — every pod on the node (credentials may reach the agent
+        after the pod did). The audit keeps one record per pod, so repeats cost a dictionary
+        lookup."""
         if self._audit is None:
             return
-        ips = self._pods.node_ips(self.host_ip) if everyone else (s.ip for s in update.pods)
-        for ip in list(ips):
-            pod, grant = self._pods.state_on_node(ip, self.host_ip)
+        if everyone:
+            state_on_node = self._pods.state_on_node
+            served = [
+                state_on_node(ip, self.host_ip) for ip in list(self._pods.node_ips(self.host_ip))
+            ]
+        for pod, grant in served:
             if pod is None or grant is None or grant.identity is None:
                 continue
             if grant.identity.key not in self._sent:
@@ -142,10 +161,17 @@ class NodeStream:
     def _sync_credentials(
         self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]
     ) -> None:
-        identities = self._pods.node_identities(self.host_ip)
-        # From here on, every announcement for these identities wakes this stream: any that
-        # came before is in what the fan-out hands out below.
-        self._fanout.serve(watch, identities)
+        changed = watch.identities_changed
+        if not changed and not refreshed:
+            # Neither the node's identities nor any credentials changed: nothing to send (an
+            # identity still without credentials is announced, as refreshed, when it has some).
+            return
+        watch.identities_changed = False
+        identities = watch.uses or {}
+        if changed:
+            # From here on, every announcement for these identities wakes this stream: any
+            # that came before is in what the fan-out hands out below.
+            self._fanout.serve(watch, identities.keys())
         wanted = {identity.key: identity for identity in identities}
         for key in sorted(self._sent - wanted.keys()):
             self._sent.discard(key)

@@ -57,6 +57,9 @@ class PodChanges(Protocol):
     @property
     def watching(self) -> bool: ...
     def ip_changed(self, ip: str, hosts: Iterable[str]) -> None: ...
+    def identity_used(self, host_ip: str, identity: RoleIdentity, count: int) -> None:
+        """``count`` more (or, negative, fewer) IPs on ``host_ip`` now name a pod granted
+        ``identity``: the node's agent needs the identity while any does."""
 
 
 class DenialRecorder(Protocol):
@@ -160,12 +163,18 @@ class Registry:
 
     def node_identities(self, host_ip: str) -> set[RoleIdentity]:
         """Identities that pods on this node are granted: what its agent should hold."""
-        found = set()
+        return set(self.node_identity_uses(host_ip))
+
+    def node_identity_uses(self, host_ip: str) -> dict[RoleIdentity, int]:
+        """``node_identities`` with, for each, how many of the node's IPs name a pod granted
+        it: a node stream starts from these counts and keeps them up to date from the
+        ``identity_used`` announcements, instead of walking the node's pods on every change."""
+        found: dict[RoleIdentity, int] = {}
         sole_holder = self._index.sole_holder
         for key in self._index.on_node(host_ip):
             identity = self._grants[key].identity
             if identity is not None and sole_holder(self.pods[key].ip) is not None:
-                found.add(identity)
+                found[identity] = found.get(identity, 0) + 1
         return found
 
     def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]:
@@ -217,6 +226,10 @@ class Registry:
         old = self._index.get(key)
         if new == old and not regrant:
             return
+        changes = self._changes
+        # The IPs whose answer may change, and what each gave its node before (see _publish).
+        ips = _ips(old, new) if changes is not None and changes.watching else ()
+        uses = [self._use(ip) for ip in ips]
         old_grant = self._grants.get(key)
         grant = self._grant(new) if new is not None else None
         self._move_identity(old, old_grant, new, grant)
@@ -234,7 +247,7 @@ class Registry:
                 and (old is None or not old.active)
             ):
                 self._on_pod_active(new)
-        self._publish(old, new)
+        self._publish(old, new, ips, uses)
         self._report_denial(old, old_grant, new, grant)
         if count:
             metrics.PODS_INDEXED.set(len(self._index))
@@ -297,15 +310,39 @@ class Registry:
         if old is not None:
             self._credentials.release(old)
 
-    def _publish(self, old: PodRecord | None, new: PodRecord | None) -> None:
+    def _use(self, ip: str) -> tuple[str, RoleIdentity] | None:
+        """What ``ip`` puts in its node's agent: (node, identity) when exactly one active pod
+        has it and that pod is granted an identity; None otherwise."""
+        key = self._index.sole_holder(ip)
+        if key is None:
+            return None
+        identity = self._grants[key].identity
+        return None if identity is None else (self.pods[key].host_ip, identity)
+
+    def _publish(
+        self,
+        old: PodRecord | None,
+        new: PodRecord | None,
+        ips: Sequence[str],
+        uses: Sequence[tuple[str, RoleIdentity] | None],
+    ) -> None:
+        """Tell the fan-out which IPs changed on which nodes, and which identity each IP gave
+        its node before and gives it now, where that changed (``ips`` and ``uses`` as they
+        were before the change)."""
         changes = self._changes
-        if changes is None or not changes.watching:
+        if not ips or changes is None:
             return
-        for ip in {pod.ip for pod in (old, new) if pod is not None and pod.ip}:
+        for ip, before in zip(ips, uses, strict=True):
             # Every node with a pod on this IP may see its answer change (ambiguity too).
             hosts = {pod.host_ip for pod in (old, new) if pod is not None}
             hosts.update(self.pods[key].host_ip for key in self._index.holders(ip))
             changes.ip_changed(ip, hosts)
+            after = self._use(ip)
+            if after != before:
+                if before is not None:
+                    changes.identity_used(before[0], before[1], -1)
+                if after is not None:
+                    changes.identity_used(after[0], after[1], 1)
 
     # ---- namespaces -------------------------------------------------------------------------
 
@@ -345,6 +382,15 @@ class Registry:
         self._grant_memo.pop(name, None)  # decided under the namespace as it was
         for key in self._index.in_namespace(name):
             self._store_pod(key, self.pods[key], regrant=True)
+
+
+def _ips(old: PodRecord | None, new: PodRecord | None) -> tuple[str, ...]:
+    """The IPs a change of a pod from ``old`` to ``new`` may concern, each once."""
+    first = old.ip if old is not None else ""
+    second = new.ip if new is not None else ""
+    if first == second or not second:
+        return (first,) if first else ()
+    return (first, second) if first else (second,)
 
 
 def _held(pod: PodRecord | None, grant: Grant | None) -> RoleIdentity | None:

@@ -53,9 +53,16 @@ class Changes:
     def __init__(self, watching: bool = True) -> None:
         self.watching = watching
         self.published: list[tuple[str, frozenset[str]]] = []
+        self.uses: Counter[tuple[str, RoleIdentity]] = Counter()  # summed announcements
 
     def ip_changed(self, ip: str, hosts) -> None:
         self.published.append((ip, frozenset(hosts)))
+
+    def identity_used(self, host_ip: str, identity: RoleIdentity, count: int) -> None:
+        self.uses[(host_ip, identity)] += count
+
+    def uses_on(self, host_ip: str) -> dict[RoleIdentity, int]:
+        return {i: n for (host, i), n in self.uses.items() if host == host_ip and n}
 
     def take(self) -> dict[str, frozenset[str]]:
         found: dict[str, frozenset[str]] = {}
@@ -273,6 +280,39 @@ def test_pod_moving_to_a_new_ip_publishes_both(world: World) -> None:
     obj["status"]["podIP"] = "10.1.3.3"
     world.registry.pod_sink.upsert(obj)
     assert world.changes.take() == {"10.1.3.2": {NODE}, "10.1.3.3": {NODE}}
+
+
+def test_identity_uses_announced_add_up_to_what_each_nodes_pods_are_granted(
+    world: World,
+) -> None:
+    def agree() -> None:
+        for host in (NODE, OTHER_NODE):
+            assert world.changes.uses_on(host) == world.registry.node_identity_uses(host)
+
+    shared = {"iam.amazonaws.com/session-name": "workers"}
+    first = world.pod("worker-1", "app-work", ip="10.1.4.1", annotations=shared)
+    world.pod("worker-2", "app-work", ip="10.1.4.2", annotations=shared)
+    agree()
+    assert world.changes.uses_on(NODE) == {identity("app-work", "workers"): 2}
+    # A pod elsewhere on worker-1's IP makes it ambiguous: it names no identity on either node.
+    intruder = world.pod("intruder", "app-x", ip="10.1.4.1", host_ip=OTHER_NODE)
+    agree()
+    assert world.changes.uses_on(NODE) == {identity("app-work", "workers"): 1}
+    world.delete(intruder)
+    agree()
+    first["status"]["podIP"] = "10.1.4.3"  # moves to another IP
+    world.registry.pod_sink.upsert(first)
+    agree()
+    first["metadata"]["annotations"]["iam.amazonaws.com/role"] = "app-other"
+    world.registry.pod_sink.upsert(first)
+    agree()
+    world.namespace("apps", permitted="app-work")  # app-other is no longer permitted
+    agree()
+    assert world.changes.uses_on(NODE) == {identity("app-work", "workers"): 1}
+    world.pod("daemon", "app-work", ip=NODE, host_network=True)
+    world.delete(first)
+    agree()
+    assert world.changes.uses_on(OTHER_NODE) == {}
 
 
 def test_nothing_is_worked_out_for_the_fan_out_while_no_stream_watches() -> None:
