@@ -34,7 +34,7 @@ _SERVING = re.compile(r"serving gRPC on [^:]+:(\d+)")
 # (server/credentials.py MIN_REFRESH_INTERVAL).
 REFRESH_SESSION, REFRESH_BEFORE = "31m", "30m"
 REFRESH_WAIT = 150.0  # seconds: over two refresh rounds
-REFRESH_QUIET = 5.0  # seconds without a new credential set: between two rounds
+REFRESH_QUIET = 20.0  # seconds without a new credential set (and its deliveries): between rounds
 # The simulated agents' processes (all on the load core): a few, so that no one process holds
 # thousands of connections.
 AGENT_PROCESSES = 4
