@@ -271,7 +271,8 @@ async def run(section: Section, options) -> None:
         f"{AGENT_PROCESSES} processes on the other core, one WatchNode stream per node, each over "
         "a TCP connection of its own as real agents hold them; the server runs with "
         "`--no-node-binding` so that one process may stand in for many nodes); connected: "
-        "until every stream has its snapshot, all opened at once (a connect storm); failed: "
+        "until every stream has its snapshot, all opened at once (a connect storm), a try that "
+        "fails before its snapshot retried with the agent's backoff (connect retries); failed: "
         "streams that ended instead; KB/stream: the server's RSS growth over them (connection "
         "included).",
         f"refresh delivery: the server runs with `--session-duration {REFRESH_SESSION} "
@@ -304,7 +305,7 @@ async def run(section: Section, options) -> None:
         ["pods", "server", "API list alone s", "initial sync s", "sync CPU s",
          "start to serving s",
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
-         "streams failed", "streams connected s", "KB/stream", "refresh p50 ms",
+         "streams failed", "connect retries", "streams connected s", "KB/stream", "refresh p50 ms",
          "refresh p99 ms", "refresh max ms", "refresh all nodes s", "misrouted",
          "watch events/s",
          "events per server CPU s",
@@ -485,12 +486,23 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         "streams": streams,
         "streams_connect_s": connected,
         "streams_failed": failed,
+        # Tries that failed before their stream's first snapshot, retried (by gRPC status).
+        "streams_retries": sum(r.get("retries", 0) for r in readies),
+        "streams_retry_causes": _summed(r.get("retry_causes", {}) for r in readies),
         "stream_bytes": (after - before) * 1024 * 1024 / streams,
         "refresh": refresh,
         "watch_events_per_s": count / seconds,
         "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
         "fanout": watched,
     }
+
+
+def _summed(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 async def _tell(clients, command: str) -> None:
@@ -570,13 +582,14 @@ def _add_row(table, row: dict) -> None:
     alone = f"{row['api_alone_s']:.1f}" if row.get("api_alone_s") else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
-                  row["rss_mb"], row["peak_rss_mb"], *["—"] * 19)  # fmt: skip
+                  row["rss_mb"], row["peak_rss_mb"], *["—"] * 20)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
         row["pods"], row["server"], alone, row["sync_s"], row["sync_cpu_s"], row["start_s"],
         row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
-        row.get("streams_failed", "—"), row.get("streams_connect_s", "—"),
+        row.get("streams_failed", "—"), row.get("streams_retries", "—"),
+        row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
         *_refresh_cells(row.get("refresh")),
         row["fanout"]["misrouted"] if "fanout" in row else "—",
