@@ -10,8 +10,8 @@ from certs.tls import TlsFiles, expiry_times
 from server.request_metrics import RequestMetrics
 
 # Counted without locks (server/request_metrics.py): prometheus_client's Counter and Histogram
-# were a tenth of the server's own work per GetPodCredentials. ``count`` for unary RPCs (timed),
-# ``tally`` for node streams.
+# were the largest part of podiam's own work per GetPodCredentials. ``count`` for unary RPCs
+# (timed), ``tally`` for node streams.
 REQUESTS = RequestMetrics(
     "podiam_server_requests",
     "gRPC requests answered, by RPC and outcome (gRPC status code name).",

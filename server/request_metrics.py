@@ -1,13 +1,14 @@
 """The server's request counter and its duration histogram, kept as plain numbers: every unary
 RPC counts into them.
 
-prometheus_client's Counter and Histogram take a lock and make several calls per update, which
-was a tenth of the server's own work per GetPodCredentials. The server counts on its event
-loop's thread alone, so there is one writer, and a scrape (on prometheus_client's thread) only
-reads numbers that the GIL keeps whole. The collector exposes them exactly as a Counter
-``<name>_total{first,second}`` and a Histogram ``<seconds>{first}`` would be: same names,
-help, labels, buckets and ``_created`` samples. (The agent keeps its own, agent/metrics.py:
-runtime/ may import only what the base install brings, and prometheus_client is not among it.)
+prometheus_client's Counter and Histogram take a lock and make several calls per update: four
+lock acquisitions per GetPodCredentials, the largest part of podiam's own work in it. The
+server counts on its event loop's thread alone, so there is one writer, and a scrape (on
+prometheus_client's thread) only reads numbers that the GIL keeps whole. The collector exposes
+them exactly as a Counter ``<name>_total{first,second}`` and a Histogram ``<seconds>{first}``
+would be: same names, help, labels, buckets and ``_created`` samples. (The agent keeps its own,
+agent/metrics.py: runtime/ may import only what the base install brings, and prometheus_client
+is not among it.)
 """
 
 from __future__ import annotations

@@ -320,8 +320,8 @@ class _answering:
 
     A class rather than an ``asynccontextmanager``: every call of the unary RPCs passes through
     it, and a generator-based manager costs an async generator per call, registered with the
-    event loop and forgotten again, which was a tenth of podiam's own work per
-    GetPodCredentials."""
+    event loop and forgotten again. With the lock-free request metrics, the handler of
+    GetPodCredentials went from 11 to 5 µs per call (alone in a loop; README, Performance)."""
 
     __slots__ = ("_context", "_ip", "_rpc", "_started")
 
