@@ -10,7 +10,7 @@ from certs.tls import TlsFiles, expiry_times
 from server.request_metrics import RequestMetrics
 
 # Counted without locks (server/request_metrics.py): prometheus_client's Counter and Histogram
-# were the largest part of podiam's own work per GetPodCredentials. ``count`` for unary RPCs
+# were a fifth of podiam's own work per GetPodCredentials. ``count`` for unary RPCs
 # (timed), ``tally`` for node streams.
 REQUESTS = RequestMetrics(
     "podiam_server_requests",

@@ -2,7 +2,7 @@
 RPC counts into them.
 
 prometheus_client's Counter and Histogram take a lock and make several calls per update: four
-lock acquisitions per GetPodCredentials, the largest part of podiam's own work in it. The
+lock acquisitions per GetPodCredentials, a fifth of podiam's own work in it (cProfile). The
 server counts on its event loop's thread alone, so there is one writer, and a scrape (on
 prometheus_client's thread) only reads numbers that the GIL keeps whole. The collector exposes
 them exactly as a Counter ``<name>_total{first,second}`` and a Histogram ``<seconds>{first}``
