@@ -86,8 +86,10 @@ class NodeStream:
                 update.removed_ips.append(ip)
             else:
                 update.pods.append(state)
-        self._sync_credentials(watch, update, refreshed=refreshed)
-        self._record_served(update, everyone=bool(update.credentials))
+        first_sent = self._sync_credentials(watch, update, refreshed=refreshed)
+        # A refresh alone changes no pod's identity: its pods were recorded when the identity's
+        # credentials first went out, so only a first sending looks at every pod again.
+        self._record_served(update, everyone=first_sent)
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
@@ -141,12 +143,16 @@ class NodeStream:
 
     def _sync_credentials(
         self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]
-    ) -> None:
+    ) -> bool:
+        """Add to ``update`` the credentials the agent lacks or that were refreshed, and the
+        identities it should drop; whether any identity's credentials go out for the first
+        time."""
         identities = self._pods.node_identities(self.host_ip)
         # From here on, every announcement for these identities wakes this stream: any that
         # came before is in what the fan-out hands out below.
         self._fanout.serve(watch, identities)
         wanted = {identity.key: identity for identity in identities}
+        first_sent = False
         for key in sorted(self._sent - wanted.keys()):
             self._sent.discard(key)
             update.removed_identities.append(key)
@@ -159,7 +165,10 @@ class NodeStream:
                     self._sent.discard(key)
                     update.removed_identities.append(key)
                 continue
-            self._sent.add(key)
+            if key not in self._sent:
+                first_sent = True
+                self._sent.add(key)
             update.credentials.append(
                 kiam_pb2.IdentityCredentials(identity=key, credentials=message)
             )
+        return first_sent
