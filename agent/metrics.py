@@ -4,96 +4,23 @@ from __future__ import annotations
 
 import time
 import weakref
-from bisect import bisect_left
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
-from prometheus_client import metrics as metrics_module
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import INF, floatToGoString
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from certs.tls import TlsFiles, expiry_times
+from runtime.request_metrics import RequestMetrics
 
-
-class RequestMetrics:
-    """``podiam_agent_requests_total{route,status}`` and
-    ``podiam_agent_request_duration_seconds{route}``, counted on the hot path without locks.
-
-    prometheus_client's Counter and Histogram take a lock and make several calls per update;
-    on a request answered from memory that was a third of podiam's own time per request. Every
-    request is counted on the event loop's thread, and ``/metrics`` is rendered on it too, so
-    plain numbers are enough. This collector exposes them exactly as those two metrics would:
-    same names, help, labels, buckets and ``_created`` samples.
-    """
-
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self._counts: dict[tuple[str, int], _Count] = {}
-        self._durations: dict[str, _Durations] = {}
-        registry.register(self)
-
-    def count(self, route: str, status: int, seconds: float) -> None:
-        count = self._counts.get((route, status))
-        if count is None:
-            count = self._counts[(route, status)] = _Count(time.time())
-        count.value += 1
-        durations = self._durations.get(route)
-        if durations is None:
-            durations = self._durations[route] = _Durations(time.time())
-        # The first bucket whose bound is at least ``seconds`` (the last is +Inf).
-        durations.buckets[bisect_left(_BOUNDS, seconds)] += 1
-        durations.sum += seconds
-
-    def describe(self) -> list[Metric]:
-        return [
-            CounterMetricFamily(_REQUESTS, _REQUESTS_HELP, labels=["route", "status"]),
-            Metric(_SECONDS, _SECONDS_HELP, "histogram"),
-        ]
-
-    def collect(self) -> list[Metric]:
-        created = metrics_module._use_created
-        requests = CounterMetricFamily(_REQUESTS, _REQUESTS_HELP, labels=["route", "status"])
-        for (route, status), count in self._counts.items():
-            requests.add_metric(
-                [route, str(status)], count.value, created=count.created if created else None
-            )
-        seconds = Metric(_SECONDS, _SECONDS_HELP, "histogram")
-        for route, durations in self._durations.items():
-            cumulative = 0
-            for bound, hits in zip(_BOUND_LABELS, durations.buckets, strict=True):
-                cumulative += hits
-                seconds.add_sample(
-                    _SECONDS + "_bucket", {"route": route, "le": bound}, float(cumulative)
-                )
-            seconds.add_sample(_SECONDS + "_count", {"route": route}, float(cumulative))
-            seconds.add_sample(_SECONDS + "_sum", {"route": route}, durations.sum)
-            if created:
-                seconds.add_sample(_SECONDS + "_created", {"route": route}, durations.created)
-        return [requests, seconds]
-
-
-@dataclass(slots=True)
-class _Count:
-    created: float
-    value: int = 0
-
-
-@dataclass(slots=True)
-class _Durations:
-    created: float
-    buckets: list[int] = field(default_factory=lambda: [0] * len(_BOUNDS))
-    sum: float = 0.0
-
-
-_REQUESTS = "podiam_agent_requests"
-_REQUESTS_HELP = "Metadata API requests answered, by route and HTTP status."
-_SECONDS = "podiam_agent_request_duration_seconds"
-_SECONDS_HELP = "Time to answer a metadata API request, by route."
-_BOUNDS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, INF)
-_BOUND_LABELS = tuple(floatToGoString(bound) for bound in _BOUNDS)
-
-REQUESTS = RequestMetrics()
+REQUESTS = RequestMetrics(
+    "podiam_agent_requests_total",
+    "Metadata API requests answered, by route and HTTP status.",
+    "podiam_agent_request_duration_seconds",
+    "Time to answer a metadata API request, by route.",
+    labels=("route", "status"),
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 REFUSALS = Counter(
     "podiam_agent_refusals_total",
     "Requests refused, by reason (unknown-pod, denied, wrong-role, blocked-path, bad-token, ...).",

@@ -1,10 +1,15 @@
-"""Simulated agents: one WatchNode stream per node, all from one process, as 5,000 agents would
-hold them (the server runs with --no-node-binding, so one process may stand in for every node).
+"""Simulated agents: one WatchNode stream per node, each over a channel (a TCP connection) of its
+own, as real agents hold them (the server runs with --no-node-binding, so one process may stand
+in for many nodes; the bench spreads the nodes over a few such processes).
 
     python -m bench.nodestreams        # a JSON spec on stdin's first line, then commands
 
-Spec: ``{"target", "tls", "hosts": [host_ip, ...], "channels", "cpu"}``. Prints
-``ready {"seconds"}`` once every stream has its snapshot, then takes commands, one a line:
+Spec: ``{"target", "tls", "hosts": [host_ip, ...], "channels", "cpu"}`` (``channels``: how many
+connections the streams share, one per host when absent). Prints ``ready {"seconds", "failed",
+"first_failures", "retries", "retry_causes"}`` once every stream has its snapshot or has ended
+(a stream whose call fails before its first snapshot is tried again, with the agent's backoff,
+for up to ``CONNECT_FOR`` seconds: ``retries`` counts those failed tries, by status), then takes
+commands, one a line:
 
     watch <first> <count> <nodes>   pods first..first+count-1 of bench/kubeproc.py are about
                                     to be added: print ``watching``, wait until each has
@@ -12,6 +17,13 @@ Spec: ``{"target", "tls", "hosts": [host_ip, ...], "channels", "cpu"}``. Prints
                                     {"seconds", "delivered", "misrouted", "updates"}`` —
                                     misrouted counts pod states that reached another node's
                                     stream (there must be none)
+    refresh <seconds> <path>        note which credentials each stream holds now, and wait up to
+                                    <seconds> until every stream has been sent new credentials
+                                    for each identity it held; write to <path> ``{host: [[
+                                    access_key_id, arrival], ...]}`` (arrival: time.time() when
+                                    the new set reached the stream) and print ``refreshed
+                                    {"streams", "waiting"}`` — waiting: the streams still
+                                    missing some when the time ran out
     quit
 
 The time runs from reading the command to the last pod's arrival, so it includes the API
@@ -22,16 +34,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
 from bench import kubeproc
-from bench.procs import pin
+from bench.procs import pin, raise_open_files_limit
 from certs.tls import TlsFiles, channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
+
+# How long a stream is retried until its first snapshot; the agent's own backoff between tries.
+CONNECT_FOR = 600.0
+_BACKOFF_INITIAL, _BACKOFF_MAX = 0.5, 30.0
+
+
+# The agent's channel reconnects so (agent/client.py); gRPC's own default waits up to 2 minutes.
+_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000))
+
+
+def _backoff(failures: int) -> float:
+    if failures == 0:
+        return random.uniform(0, _BACKOFF_INITIAL)
+    ceiling = min(_BACKOFF_MAX, _BACKOFF_INITIAL * 2**failures)
+    return random.uniform(ceiling / 2, ceiling)
 
 
 class Streams:
@@ -39,6 +68,9 @@ class Streams:
         self.hosts = hosts
         self.snapshots = 0
         self.failed: list[str] = []  # streams that ended with an error, and why
+        self.retries = 0  # attempts that failed before their stream's first snapshot
+        self.retry_causes: Counter[str] = Counter()
+        self.give_up_at = time.perf_counter() + CONNECT_FOR
         self.live: set[str] = set()  # hosts whose stream has its snapshot and goes on
         self.all_snapshots = asyncio.Event()
         # While a watch command runs: the IPs expected, on which host, and what arrived.
@@ -47,14 +79,31 @@ class Streams:
         self.misrouted = 0
         self.updates = 0
         self.done = asyncio.Event()
+        # Each stream's credentials (identity key → AccessKeyId), and while a refresh command
+        # runs: what each still waits for, and what arrived when.
+        self.held: dict[str, dict[str, str]] = {}
+        self.awaited: dict[str, dict[str, str]] = {}
+        self.arrivals: dict[str, list[tuple[str, float]]] = {}
+        self.refreshed = asyncio.Event()
 
     async def follow(self, stub: kiam_pb2_grpc.KiamServiceStub, host: str) -> None:
-        try:
-            await self._follow(stub, host)
-        except grpc.aio.AioRpcError as error:
-            self.failed.append(f"{host}: {error.code().name} {error.details()}")
-        else:
-            self.failed.append(f"{host}: the stream ended")
+        failures = 0
+        while True:
+            try:
+                await self._follow(stub, host)
+            except grpc.aio.AioRpcError as error:
+                # Until its first snapshot, a stream is retried as the agent retries it (its
+                # backoff, agent/client.py): a connect storm costs time, not nodes.
+                if host not in self.live and time.perf_counter() < self.give_up_at:
+                    self.retries += 1
+                    self.retry_causes[error.code().name] += 1
+                    await asyncio.sleep(_backoff(failures))
+                    failures += 1
+                    continue
+                self.failed.append(f"{host}: {error.code().name} {error.details()}")
+            else:
+                self.failed.append(f"{host}: the stream ended")
+            break
         self.live.discard(host)
         if self.snapshots + len(self.failed) >= len(self.hosts):
             self.all_snapshots.set()
@@ -62,7 +111,10 @@ class Streams:
     async def _follow(self, stub: kiam_pb2_grpc.KiamServiceStub, host: str) -> None:
         call = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=host))
         first = True
+        held = self.held.setdefault(host, {})
         async for update in call:
+            if update.credentials or update.removed_identities:
+                self._credentials(host, held, update)
             if first:
                 first = False
                 self.snapshots += 1
@@ -81,14 +133,44 @@ class Streams:
             if self.expected == {} and self.delivered:
                 self.done.set()
 
+    def _credentials(self, host: str, held: dict[str, str], update) -> None:
+        for key in update.removed_identities:
+            held.pop(key, None)
+        awaited = self.awaited.get(host)
+        for sent in update.credentials:
+            access_key = sent.credentials.access_key_id
+            held[sent.identity] = access_key
+            if awaited and awaited.get(sent.identity) not in (None, access_key):
+                del awaited[sent.identity]
+                self.arrivals[host].append((access_key, time.time()))
+                if not awaited:
+                    del self.awaited[host]
+                    if not self.awaited:
+                        self.refreshed.set()
+
+    async def refresh(self, seconds: float) -> dict:
+        """Until every live stream has new credentials for each identity it holds now."""
+        self.awaited = {host: dict(self.held[host]) for host in self.live if self.held.get(host)}
+        self.arrivals = {host: [] for host in self.awaited}
+        self.refreshed.clear()
+        streams = len(self.awaited)
+        if self.awaited:
+            try:
+                await asyncio.wait_for(self.refreshed.wait(), seconds)
+            except TimeoutError:
+                pass  # reported as streams still waiting
+        return {"streams": streams, "waiting": len(self.awaited)}
+
 
 async def run(spec: dict) -> None:
     credentials = channel_credentials(TlsFiles.agent_in(Path(spec["tls"])))
     hosts: list[str] = spec["hosts"]
     # Each channel its own connection (distinct arguments: gRPC would share one otherwise).
     channels = [
-        grpc.aio.secure_channel(spec["target"], credentials, options=[("podiam.bench.agent", n)])
-        for n in range(max(1, int(spec.get("channels", 10))))
+        grpc.aio.secure_channel(
+            spec["target"], credentials, options=[("podiam.bench.agent", n), *_RECONNECT]
+        )
+        for n in range(max(1, int(spec.get("channels") or len(hosts))))
     ]
     streams = Streams(hosts)
     started = time.perf_counter()
@@ -101,6 +183,7 @@ async def run(spec: dict) -> None:
     await streams.all_snapshots.wait()
     ready = {"seconds": time.perf_counter() - started, "failed": len(streams.failed)}
     ready["first_failures"] = streams.failed[:3]
+    ready["retries"], ready["retry_causes"] = streams.retries, dict(streams.retry_causes)
     print("ready " + json.dumps(ready), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -129,6 +212,10 @@ async def run(spec: dict) -> None:
                 "updates": streams.updates,
             }
             print("watched " + json.dumps(result), flush=True)
+        elif command[:1] == ["refresh"]:
+            result = await streams.refresh(float(command[1]))
+            await asyncio.to_thread(Path(command[2]).write_text, json.dumps(streams.arrivals))
+            print("refreshed " + json.dumps(result), flush=True)
         elif command[:1] == ["quit"]:
             break
     for task in tasks:
@@ -141,6 +228,7 @@ async def run(spec: dict) -> None:
 def main() -> None:
     spec = json.loads(sys.stdin.readline())
     pin(spec.get("cpu"))
+    raise_open_files_limit()
     asyncio.run(run(spec))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -28,6 +29,15 @@ from tests.support.moto_sts import MotoSts
 ROLES = 50
 LOCAL_PODS = 100
 PAGE_SIZE = DEFAULT_PAGE_SIZE  # podiam-server's list page size
+# 31-minute sessions refreshed with 30 minutes left: the cache renews each identity once a minute
+# (server/credentials.py MIN_REFRESH_INTERVAL).
+REFRESH_SESSION, REFRESH_BEFORE = "31m", "30m"
+REFRESH_WAIT = 150.0  # seconds: over two refresh rounds
+REFRESH_QUIET = 20.0  # seconds without a new credential set (and its deliveries): between rounds
+# The simulated agents' processes (all on the load core): a few, so that no one process holds
+# thousands of connections.
+AGENT_PROCESSES = 4
+_OBTAINED = re.compile(r"^(\S+ \S+) .*audit: credentials obtained: .*access_key_id=(\S+)")
 
 
 class _Kube:
@@ -111,10 +121,20 @@ class _Server(ServerProcess):
         profile: Path | None = None,
     ) -> None:  # fmt: skip
         # One process stands in for every node's agent (bench/nodestreams.py).
-        super().__init__(kube.kubeconfig, sts, tls, args=["--no-node-binding"], cwd=tree)
+        super().__init__(
+            kube.kubeconfig, sts, tls, cwd=tree,
+            args=[
+                "--no-node-binding",
+                # Sessions that the cache renews a minute after fetching them, so that the
+                # node streams see a refresh of every identity within the run.
+                "--session-duration", REFRESH_SESSION, "--session-refresh", REFRESH_BEFORE,
+            ],
+        )  # fmt: skip
         self.kube = kube
         self.profile = profile
         self._profilers: list[asyncio.subprocess.Process] = []
+        # AccessKeyId → when the server obtained it (time.time()), from its audit log lines.
+        self.obtained: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.spawn()
@@ -124,6 +144,10 @@ class _Server(ServerProcess):
                 self._profilers.append(await _profiler(pid, self.profile.with_name(
                     f"{self.profile.name}-{name}.txt")))  # fmt: skip
         await self.serving()
+
+    def logged(self, text: str) -> None:
+        if match := _OBTAINED.match(text):
+            self.obtained[match.group(2)] = _log_time(match.group(1))
 
     def synced(self) -> None:
         for profiler in self._profilers:  # the sync only
@@ -219,10 +243,21 @@ async def run(section: Section, options) -> None:
         "checks, sync); sync CPU: the CPU seconds the server process used between those two "
         "lines (what the sync costs, whatever else the shared machine was running). RSS and "
         "peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
-        f"node streams: {options.scale_streams:,} simulated agents (`bench/nodestreams.py`, one "
-        "process on the other core, one WatchNode stream per node; the server runs with "
-        "`--no-node-binding` so that one process may stand in for every node); connected: "
-        "until every stream has its snapshot; KB/stream: the server's RSS growth over them.",
+        f"node streams: {options.scale_streams:,} simulated agents (`bench/nodestreams.py`, "
+        f"{AGENT_PROCESSES} processes on the other core, one WatchNode stream per node, each over "
+        "a TCP connection of its own as real agents hold them; the server runs with "
+        "`--no-node-binding` so that one process may stand in for many nodes); connected: "
+        "until every stream has its snapshot, all opened at once (a connect storm), a try that "
+        "fails before its snapshot retried with the agent's backoff (connect retries); failed: "
+        "streams that ended instead; KB/stream: the server's RSS growth over them (connection "
+        "included).",
+        f"refresh delivery: the server runs with `--session-duration {REFRESH_SESSION} "
+        f"--session-refresh {REFRESH_BEFORE}`, so the cache renews every identity a minute after "
+        "fetching it; once every stream is connected, from the server's log line for each new "
+        "credential set (`audit: credentials obtained`, millisecond timestamps) to the moment "
+        "the simulated agent received it on each stream that holds a pod of that identity; per "
+        "node the last of its identities, p50/p99/max over nodes, and all nodes: from the "
+        "round's first new set to the last node having all of its own.",
         f"watch events/s: {options.watch_events} pods added to the API server at once (spread "
         "over the nodes), until each has reached its own node's stream (with streams) or the "
         "server's `podiam_pods_indexed` shows them all (without); the API server's own "
@@ -247,7 +282,9 @@ async def run(section: Section, options) -> None:
          "sync CPU s",
          "start to serving s",
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
-         "streams connected s", "KB/stream", "misrouted", "watch events/s",
+         "streams failed", "connect retries", "streams connected s", "KB/stream", "refresh p50 ms",
+         "refresh p99 ms", "refresh max ms", "refresh all nodes s", "misrouted",
+         "watch events/s",
          "events per server CPU s",
          "unary calls/s", "bare calls/s", "ratio", "unary p99 ms", "bare p99 ms",
          "server CPU"],
@@ -293,6 +330,13 @@ async def run(section: Section, options) -> None:
         section.check("watch events/s (largest size)", "≥ 20,000",
                       f"{largest['watch_events_per_s']:,.0f}",
                       largest["watch_events_per_s"] >= 20000)  # fmt: skip
+    if largest is not None and "streams" in largest:
+        failed, refresh = largest["streams_failed"], largest["refresh"]
+        section.check(f"node streams connected at once ({largest['streams']:,})", "0 failed",
+                      f"{failed:,} failed", failed == 0)  # fmt: skip
+        section.check("credentials refresh reaching every node that needs it", "measured",
+                      f"{refresh['nodes']:,} nodes, {refresh['waiting']:,} still waiting",
+                      refresh["waiting"] == 0 and refresh["nodes"] > 0)  # fmt: skip
     measured = [r for r in mine if "unary_ratio" in r]
     if measured:
         worst = min(r["unary_ratio"] for r in measured)
@@ -351,50 +395,60 @@ async def _measure(
 
 
 async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
-    """One WatchNode stream per node from a simulated-agents process (bench/nodestreams.py):
-    what the streams cost the server in memory, how long until every one has its snapshot,
-    and the watch-event rate with every event fanned out to its node's stream."""
+    """One WatchNode stream per node, each over its own connection, from a few simulated-agents
+    processes (bench/nodestreams.py): what the streams cost the server in memory, how long
+    until every one has its snapshot, how long a credentials refresh takes to reach every node
+    that needs it, and the watch-event rate with every event fanned out to its node's stream."""
     from bench import kubeproc
 
     nodes = options.scale_nodes
     streams = min(options.scale_streams, nodes)
-    spec = {
-        "target": f"localhost:{server.port}",
-        "tls": str(tls),
-        "hosts": [kubeproc.node_ip(n) for n in range(streams)],
-        "channels": max(1, streams // 100),
-        "cpu": procs.cpu(procs.LOAD_CPU),
-    }
+    hosts = [kubeproc.node_ip(n) for n in range(streams)]
+    share = -(-streams // AGENT_PROCESSES)
+    slices = [hosts[k : k + share] for k in range(0, streams, share)]
     before, _ = procs.rss_mb(server.process.pid)
-    client = await procs.spawn(
-        ["-m", "bench.nodestreams"], core=procs.cpu(procs.LOAD_CPU), stdin=asyncio.subprocess.PIPE
-    )
+    clients = []
     try:
-        client.stdin.write(json.dumps(spec).encode() + b"\n")
-        await client.stdin.drain()
-        ready = await _line(client, b"ready", 900)
-        if ready["failed"]:
-            print(f"bench: node streams failed: {ready}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        for part in slices:
+            spec = {"target": f"localhost:{server.port}", "tls": str(tls), "hosts": part,
+                    "cpu": procs.cpu(procs.LOAD_CPU)}  # fmt: skip
+            client = await procs.spawn(
+                ["-m", "bench.nodestreams"], core=procs.cpu(procs.LOAD_CPU),
+                stdin=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            clients.append(client)
+            client.stdin.write(json.dumps(spec).encode() + b"\n")
+            await client.stdin.drain()
+        readies = await asyncio.gather(*(_line(c, b"ready", 900) for c in clients))
+        connected = time.perf_counter() - started
+        failed = sum(r["failed"] for r in readies)
+        if failed:
+            print(f"bench: node streams failed: {readies}", file=sys.stderr, flush=True)
         await asyncio.sleep(1.0)
         after, _ = procs.rss_mb(server.process.pid)
+        refresh = await _refresh_delivery(server, clients)
         # Pods added on nodes that have streams only: node k % nodes for k from size on.
         count = options.watch_events
-        client.stdin.write(f"watch {size} {count} {nodes}\n".encode())
-        await client.stdin.drain()
-        await _line(client, b"watching", 60)
+        await _tell(clients, f"watch {size} {count} {nodes}")
+        await asyncio.gather(*(_line(c, b"watching", 60) for c in clients))
         profilers = []
-        if server.profile is not None:  # the watch phase, on all three sides
-            for pid, name in ((server.process.pid, "server"), (server.kube.process.pid, "kubeapi"),
-                              (client.pid, "agents")):  # fmt: skip
+        if server.profile is not None:  # the watch phase, on all sides
+            sides = [(server.process.pid, "server"), (server.kube.process.pid, "kubeapi"),
+                     *((c.pid, f"agents{k}") for k, c in enumerate(clients))]  # fmt: skip
+            for pid, name in sides:
                 out = server.profile.with_name(f"{server.profile.name}-watch-{name}.txt")
                 profilers.append(await _profiler(pid, out))
             await asyncio.sleep(0.5)
         started = time.perf_counter()
         cpu_started = procs.cpu_seconds(server.process.pid)
         await server.kube.add(count)
-        watched = await _line(client, b"watched", 600)
+        results = await asyncio.gather(*(_line(c, b"watched", 600) for c in clients))
         seconds = time.perf_counter() - started
         cpu = procs.cpu_seconds(server.process.pid) - cpu_started
+        watched = {key: sum(r[key] for r in results) for key in ("delivered", "misrouted",
+                                                                  "updates")}  # fmt: skip
+        watched["seconds"] = max(r["seconds"] for r in results)
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -405,19 +459,90 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
                 if time.perf_counter() > deadline:
                     raise RuntimeError("the server did not drop the removed pods")
                 await asyncio.sleep(0.1)
-        client.stdin.write(b"quit\n")
-        await client.stdin.drain()
+        await _tell(clients, "quit")
     finally:
-        await procs.stop(client)
+        for client in clients:
+            await procs.stop(client)
     return {
         "streams": streams,
-        "streams_connect_s": ready["seconds"],
-        "streams_failed": ready["failed"],
+        "streams_connect_s": connected,
+        "streams_failed": failed,
+        # Tries that failed before their stream's first snapshot, retried (by gRPC status).
+        "streams_retries": sum(r.get("retries", 0) for r in readies),
+        "streams_retry_causes": _summed(r.get("retry_causes", {}) for r in readies),
         "stream_bytes": (after - before) * 1024 * 1024 / streams,
+        "refresh": refresh,
         "watch_events_per_s": count / seconds,
         "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
         "fanout": watched,
     }
+
+
+def _summed(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+async def _tell(clients, command: str) -> None:
+    for client in clients:
+        client.stdin.write(command.encode() + b"\n")
+        await client.stdin.drain()
+
+
+async def _refresh_delivery(server: _Server, clients) -> dict:
+    """The next round of refreshes, from each new set's announcement in the server's log to its
+    arrival on every stream that holds its identity (see the note on refresh delivery)."""
+    work = Path(tempfile.mkdtemp(prefix="podiam-bench-refresh-"))
+    # Armed between rounds (a round spreads over the STS budget's seconds), so that every
+    # stream waits for the same round.
+    deadline = time.perf_counter() + REFRESH_WAIT
+    while time.perf_counter() < deadline:
+        latest = max(server.obtained.values(), default=0.0)
+        if time.time() - latest > REFRESH_QUIET:
+            break
+        await asyncio.sleep(0.5)
+    paths = [work / f"arrivals-{k}.json" for k in range(len(clients))]
+    for client, path in zip(clients, paths, strict=True):
+        client.stdin.write(f"refresh {REFRESH_WAIT} {path}\n".encode())
+        await client.stdin.drain()
+    answers = await asyncio.gather(*(_line(c, b"refreshed", REFRESH_WAIT + 60) for c in clients))
+    announced = dict(server.obtained)
+    per_node, firsts, lasts, unknown = [], [], [], 0
+    for path in paths:
+        found = json.loads(await asyncio.to_thread(path.read_text))
+        for arrivals in found.values():
+            if not arrivals:
+                continue
+            delays = []
+            for access_key, arrived in arrivals:
+                if access_key not in announced:
+                    unknown += 1
+                    continue
+                delays.append(arrived - announced[access_key])
+                firsts.append(announced[access_key])
+                lasts.append(arrived)
+            if delays:
+                per_node.append(max(delays))
+    per_node.sort()
+    return {
+        "streams": sum(a["streams"] for a in answers),
+        "waiting": sum(a["waiting"] for a in answers),
+        "unannounced": unknown,
+        "nodes": len(per_node),
+        "p50_ms": procs.percentile(per_node, 0.5) * 1000,
+        "p99_ms": procs.percentile(per_node, 0.99) * 1000,
+        "max_ms": per_node[-1] * 1000 if per_node else 0.0,
+        "all_nodes_s": max(lasts) - min(firsts) if lasts else 0.0,
+    }
+
+
+def _log_time(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 async def _line(process, prefix: bytes, seconds: float) -> dict:
@@ -434,20 +559,28 @@ def _add_row(table, row: dict) -> None:
     watch_alone = f"{watch_alone:,.0f}" if watch_alone else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
-                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 13)  # fmt: skip
+                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 19)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
         row["pods"], row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
         row["start_s"],
         row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
+        row.get("streams_failed", "—"), row.get("streams_retries", "—"),
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
+        *_refresh_cells(row.get("refresh")),
         row["fanout"]["misrouted"] if "fanout" in row else "—",
         row["watch_events_per_s"], row.get("watch_events_per_cpu_s", "—"), unary["cps"],
         bare["cps"], f"{row['unary_ratio']:.2f}x", unary["p99_ms"], bare["p99_ms"],
         f"{unary['served_cpu']:.2f}",
     )  # fmt: skip
+
+
+def _refresh_cells(refresh: dict | None) -> list:
+    if not refresh or not refresh["nodes"]:
+        return ["—"] * 4
+    return [refresh["p50_ms"], refresh["p99_ms"], refresh["max_ms"], refresh["all_nodes_s"]]
 
 
 async def _start_bare(tls: Path, answer: Path):

@@ -86,10 +86,14 @@ class ServerProcess:
     def synced(self) -> None:
         """Called as the server logs its initial sync done, for a subclass to act on."""
 
+    def logged(self, text: str) -> None:
+        """Called with every log line (``log`` keeps only the last ones), for a subclass."""
+
     async def _read(self) -> None:
         while line := await self.process.stderr.readline():
             now, text = time.perf_counter(), line.decode(errors="replace").rstrip()
             self.log.append(text)
+            self.logged(text)
             if "listing namespaces and pods" in text:
                 self.marks["listing"] = now
                 self.marks["listing_cpu"] = procs.cpu_seconds(self.process.pid)

@@ -45,6 +45,22 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "kiam.KiamService"
 
+# gRPC's core keeps the calls that have arrived but that grpc.aio has not yet taken (it takes
+# them one at a time, on the event loop that also builds every node stream's snapshot) in a
+# queue, and by default refuses calls at random once 1,000 wait and all of them at 3,000: a
+# fleet of agents reconnecting at once (a server restart, a replica replacement) saw thousands
+# of WatchNode calls end CANCELLED before their snapshot, each agent getting in only on a
+# later retry. A queue as deep as the largest cluster has nodes (twice over: a stream and a
+# unary call each) paces them instead: each waits its turn for the loop, and gets in. Calls
+# still waiting after UNREQUESTED_SECONDS are refused as before.
+MAX_PENDING_CALLS = 16_384
+UNREQUESTED_SECONDS = 120
+CONNECT_STORM_OPTIONS = (
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+    ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_SECONDS),
+)
+
 
 class PodiamServer:
     def __init__(self, config: ServerConfig, *, boto_session: boto3.Session | None = None) -> None:
@@ -197,6 +213,7 @@ class PodiamServer:
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.max_connection_age_ms", age_ms),
                 ("grpc.max_connection_age_grace_ms", 30_000),
+                *CONNECT_STORM_OPTIONS,
             ]
         )
         service = KiamService(

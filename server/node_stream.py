@@ -93,8 +93,10 @@ class NodeStream:
                 update.pods.append(state)
                 if grant is not None and grant.identity is not None:
                     served.append((pod, grant))
-        self._sync_credentials(watch, update, refreshed=refreshed)
-        self._record_served(update, everyone=bool(update.credentials), served=served)
+        first_sent = self._sync_credentials(watch, update, refreshed=refreshed)
+        # A refresh alone changes no pod's identity: its pods were recorded when the identity's
+        # credentials first went out, so only a first sending looks at every pod again.
+        self._record_served(update, everyone=first_sent, served=served)
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
@@ -160,12 +162,15 @@ class NodeStream:
 
     def _sync_credentials(
         self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]
-    ) -> None:
+    ) -> bool:
+        """Add to ``update`` the credentials the agent lacks or that were refreshed, and the
+        identities it should drop; whether any identity's credentials go out for the first
+        time."""
         changed = watch.identities_changed
         if not changed and not refreshed:
             # Neither the node's identities nor any credentials changed: nothing to send (an
             # identity still without credentials is announced, as refreshed, when it has some).
-            return
+            return False
         watch.identities_changed = False
         identities = watch.uses or {}
         if changed:
@@ -173,6 +178,7 @@ class NodeStream:
             # that came before is in what the fan-out hands out below.
             self._fanout.serve(watch, identities.keys())
         wanted = {identity.key: identity for identity in identities}
+        first_sent = False
         for key in sorted(self._sent - wanted.keys()):
             self._sent.discard(key)
             update.removed_identities.append(key)
@@ -185,7 +191,10 @@ class NodeStream:
                     self._sent.discard(key)
                     update.removed_identities.append(key)
                 continue
-            self._sent.add(key)
+            if key not in self._sent:
+                first_sent = True
+                self._sent.add(key)
             update.credentials.append(
                 kiam_pb2.IdentityCredentials(identity=key, credentials=message)
             )
+        return first_sent

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -122,14 +121,14 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         caller = peer_ip(context.peer())
         host_ip = request.host_ip or caller or ""
         if self._node_binding and host_ip != caller:
-            metrics.REQUESTS.labels(rpc="WatchNode", outcome="PERMISSION_DENIED").inc()
+            metrics.REQUESTS.tally("WatchNode", "PERMISSION_DENIED")
             log.warning("node stream refused: caller %s asked for node %s", caller, host_ip)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"caller {caller} may only watch its own node, not {host_ip}",
             )
         log.info("node stream opened for %s", host_ip)
-        metrics.REQUESTS.labels(rpc="WatchNode", outcome="OK").inc()
+        metrics.REQUESTS.tally("WatchNode", "OK")
         stream = NodeStream(
             pods=self._registry, fanout=self._fanout, host_ip=host_ip, audit=self._audit
         )
@@ -316,36 +315,47 @@ _REPORT_CODES = {
 }
 
 
-@asynccontextmanager
-async def _answering(rpc: str, context, ip: str):
-    """Counts, times and logs one unary RPC, and turns a Refusal into its gRPC status."""
-    started = time.perf_counter()
-    outcome = "OK"
-    try:
-        yield
-    except Refusal as refusal:
+class _answering:
+    """Counts, times and logs one unary RPC, and turns a Refusal into its gRPC status.
+
+    A class rather than an ``asynccontextmanager``: every call of the unary RPCs passes through
+    it, and a generator-based manager costs an async generator per call, registered with the
+    event loop and forgotten again. With the lock-free request metrics, the handler of
+    GetPodCredentials went from 11 to 5 µs per call (alone in a loop; README, Performance)."""
+
+    __slots__ = ("_context", "_ip", "_rpc", "_started")
+
+    def __init__(self, rpc: str, context, ip: str) -> None:
+        self._rpc = rpc
+        self._context = context
+        self._ip = ip
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind, error, traceback) -> bool:
+        if kind is None:
+            self._count("OK")
+            return False
+        ip = self._ip or "-"
+        if not isinstance(error, Refusal):
+            if isinstance(error, Exception):
+                log.exception("%s for %s failed", self._rpc, ip, exc_info=error)
+                self._count("INTERNAL")
+            else:  # cancelled: counted as before, under the status gRPC gives it
+                self._count("OK")
+            return False
+        refusal = error
         outcome = refusal.code.name
         if refusal.reason is not None:
             metrics.DENIALS.labels(reason=refusal.reason.value).inc()
-        log.info("%s for %s refused (%s): %s", rpc, ip or "-", outcome, refusal.message)
+        log.info("%s for %s refused (%s): %s", self._rpc, ip, outcome, refusal.message)
+        self._count(outcome)
         # kiam agents read the status alone; podiam's agent also labels its refusal by rule.
         trailer = () if refusal.reason is None else ((REASON_METADATA, refusal.reason.value),)
-        await context.abort(refusal.code, refusal.message, trailing_metadata=trailer)
-    except Exception:
-        outcome = "INTERNAL"
-        log.exception("%s for %s failed", rpc, ip or "-")
-        raise
-    finally:
-        counted, timed = _metric_children(rpc, outcome)
-        counted.inc()
-        timed.observe(time.perf_counter() - started)
+        await self._context.abort(refusal.code, refusal.message, trailing_metadata=trailer)
+        return False
 
-
-@functools.cache
-def _metric_children(rpc: str, outcome: str):
-    # Looking metric children up by label on every call cost more than the lookup of the pod;
-    # the few (rpc, outcome) pairs are bound once.
-    return (
-        metrics.REQUESTS.labels(rpc=rpc, outcome=outcome),
-        metrics.REQUEST_SECONDS.labels(rpc=rpc),
-    )
+    def _count(self, outcome: str) -> None:
+        metrics.REQUESTS.count(self._rpc, outcome, time.perf_counter() - self._started)
