@@ -37,7 +37,9 @@ async def run_to_exit(*argv: str, env: dict[str, str] | None = None) -> tuple[in
 
 
 def one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    """The one line a failure is reported in: progress lines logged at INFO before it (the host
+    routes watched, say) may precede it, but nothing else — no traceback, no second error."""
+    lines = [line for line in stderr.splitlines() if line.strip() and " INFO " not in line]
     assert len(lines) == 1, stderr
     return lines[0]
 
