@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import grpc
@@ -50,6 +51,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
+# A channel that was READY this recently and is CONNECTING now is taken to be reconnecting, not
+# cut off: a server recycling its connections (--max-connection-age: GOAWAY, and the connection
+# closes) leaves the channel CONNECTING for the few milliseconds of a new handshake. After a
+# partition the attempts hang in CONNECTING, so past this bound it counts as unreachable again;
+# within it a new pod's role question is still bounded by the short alone timeout
+# (agent/lookup.py), so a real partition is refused well inside a second either way.
+RECONNECT_GRACE = 1.0
 
 
 def _main_target(addresses: list[tuple[str, int]]) -> str:
@@ -102,7 +110,9 @@ class ServerConnection:
         self.stub = kiam_pb2_grpc.KiamServiceStub(self.channel)
         self._rotation_events: list[asyncio.Event] = []
         self.rotated = self.subscribe_rotation()
+        self._channel_moved = self.subscribe_rotation()
         self._retired: set[asyncio.Task] = set()
+        self._ready_at: float | None = None  # monotonic time the channel was last seen READY
 
     def subscribe_rotation(self) -> asyncio.Event:
         """An event set on every certificate rotation (each stream clears its own)."""
@@ -120,10 +130,33 @@ class ServerConnection:
         fail); an idle channel starts connecting. Lets a request refuse at once, with a reason,
         when no node stream is live either."""
         state = self.channel.get_state(try_to_connect=True)
-        return state in (
-            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            grpc.ChannelConnectivity.CONNECTING,
-        )
+        if state is grpc.ChannelConnectivity.CONNECTING:
+            return not self.ready_within(RECONNECT_GRACE)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    def ready_within(self, seconds: float) -> bool:
+        """Whether the shared channel was READY at some moment in the last ``seconds``."""
+        if self.channel.get_state() is grpc.ChannelConnectivity.READY:
+            return True
+        return self._ready_at is not None and time.monotonic() - self._ready_at <= seconds
+
+    async def watch_state(self) -> None:
+        """Notes when the shared channel was last READY (see ``unreachable``); follows the
+        new channel after a certificate rotation."""
+        ready = grpc.ChannelConnectivity.READY
+        while True:
+            self._channel_moved.clear()
+            channel = self.channel
+            state = channel.get_state()
+            change = asyncio.ensure_future(channel.wait_for_state_change(state))
+            moved = asyncio.ensure_future(self._channel_moved.wait())
+            try:
+                await asyncio.wait({change, moved}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                change.cancel()
+                moved.cancel()
+            if state is ready:
+                self._ready_at = time.monotonic()  # it was READY until just now
 
     async def watch_files(self) -> None:
         while True:
