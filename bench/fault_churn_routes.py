@@ -51,6 +51,10 @@ _REQUEST = (
 ).encode()
 _CLONE_NEWNET = 0x40000000
 _NEVER = float("inf")
+# The server recycles every connection this often (--max-connection-age; the node stream is cut
+# 30 s of grace later), so that a run meets many recycles on purpose: a new pod asking while
+# the agent's only stream reconnects must be answered, not refused (issue 9).
+MAX_CONNECTION_AGE = "30s"
 
 
 # ---- the bench side -----------------------------------------------------------------------
@@ -93,7 +97,10 @@ async def run(section, options) -> None:
         "previous holder's role and was asked after the server had dropped that holder; 'new "
         "pod failed' counts answers other than its own role to requests asked once the server "
         f"held the new pod (those: {got['failures'] or 'none'}). Refusals before then (the pod "
-        f"not yet in the API): {got['early_refusals'] or 'none'}"
+        f"not yet in the API): {got['early_refusals'] or 'none'}. The server runs with "
+        f"--max-connection-age {MAX_CONNECTION_AGE}: the agent's node stream was cut and "
+        f"reconnected {got['stream_reconnects']} times during the run, and new pods asking "
+        "meanwhile count in 'new pod failed' like any other"
     )
     for name, key in (
         ("churn-routes: old role served after the deletion reached the server",
@@ -341,8 +348,8 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
         write_bundle(generate_bundle(server_names=[*DEFAULT_SERVER_NAMES, node_ip]), good)
         server_files, agent_files = TlsFiles.server_in(good), TlsFiles.agent_in(good)
         tls = TlsDirs(good, good, server_files, agent_files, agent_files, server_files)
-        bind = ["--bind", f"{node_ip}:0"]
-        async with running_server(kube, sts, tls, work, extra=bind) as served:
+        flags = ["--bind", f"{node_ip}:0", "--max-connection-age", MAX_CONNECTION_AGE]
+        async with running_server(kube, sts, tls, work, extra=flags) as served:
             registry = served.server.registry
             extra = ["--host", node_ip, "--port", str(AGENT_PORT), "--iptables",
                      "--host-interface", "eni+",
@@ -438,6 +445,7 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                 started = time.monotonic()
                 await asyncio.gather(*(one_ip(i, n) for i, n in enumerate(per_ip)))
                 elapsed = time.monotonic() - started
+                reconnects = _stream_reconnects()
     finally:
         for pod in pods:
             for task in pod.askers:
@@ -451,7 +459,16 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
     return _summary(
         replacements=sum(per_ip), pool=pool, tally=tally, windows=windows,
         server_lags=server_lags, agent_first=agent_first, elapsed=elapsed,
+        reconnects=reconnects,
     )  # fmt: skip
+
+
+def _stream_reconnects() -> int:
+    # The agent runs in this process: its metric counts the node streams that ended (here,
+    # every one of them cut by the server's connection recycling).
+    from prometheus_client import REGISTRY
+
+    return int(REGISTRY.get_sample_value("podiam_agent_node_stream_reconnects_total") or 0)
 
 
 async def _drops(pod: Pod, ip: str, role_at, server_uid) -> tuple[float, float]:
@@ -484,7 +501,9 @@ def _print_tasks() -> None:
         task.print_stack(limit=4, file=sys.stderr)
 
 
-def _summary(*, replacements, pool, tally, windows, server_lags, agent_first, elapsed) -> dict:
+def _summary(
+    *, replacements, pool, tally, windows, server_lags, agent_first, elapsed, reconnects
+) -> dict:
     def spread(values: list[float]) -> dict[str, float]:
         values = sorted(values)
         return {
@@ -506,6 +525,7 @@ def _summary(*, replacements, pool, tally, windows, server_lags, agent_first, el
         "server_lag_ms": spread(server_lags),
         "agent_before_server": agent_first,
         "seconds": round(elapsed, 1),
+        "stream_reconnects": reconnects,
     }
 
 
