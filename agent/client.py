@@ -113,6 +113,9 @@ class ServerConnection:
         self._channel_moved = self.subscribe_rotation()
         self._retired: set[asyncio.Task] = set()
         self._ready_at: float | None = None  # monotonic time the channel was last seen READY
+        # The state watch_state waits to change: READY here means the watcher has not yet run
+        # since the channel left READY (its wake-up may come after a caller's question).
+        self._watched: grpc.ChannelConnectivity | None = None
 
     def subscribe_rotation(self) -> asyncio.Event:
         """An event set on every certificate rotation (each stream clears its own)."""
@@ -134,9 +137,16 @@ class ServerConnection:
             return not self.ready_within(RECONNECT_GRACE)
         return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
+    def reconnecting(self) -> bool:
+        """Whether the shared channel is between connections after a recent READY (a server
+        recycled it): a call made now waits for the new handshake."""
+        state = self.channel.get_state()
+        return state is not grpc.ChannelConnectivity.READY and self.ready_within(RECONNECT_GRACE)
+
     def ready_within(self, seconds: float) -> bool:
         """Whether the shared channel was READY at some moment in the last ``seconds``."""
-        if self.channel.get_state() is grpc.ChannelConnectivity.READY:
+        ready = grpc.ChannelConnectivity.READY
+        if self._watched is ready or self.channel.get_state() is ready:
             return True
         return self._ready_at is not None and time.monotonic() - self._ready_at <= seconds
 
@@ -147,7 +157,7 @@ class ServerConnection:
         while True:
             self._channel_moved.clear()
             channel = self.channel
-            state = channel.get_state()
+            state = self._watched = channel.get_state()
             change = asyncio.ensure_future(channel.wait_for_state_change(state))
             moved = asyncio.ensure_future(self._channel_moved.wait())
             try:
@@ -208,6 +218,9 @@ class ServerClient:
 
     def unreachable(self) -> bool:
         return self._live_stub() is None and self._connection.unreachable()
+
+    def reconnecting(self) -> bool:
+        return self._live_stub() is None and self._connection.reconnecting()
 
     async def pod_role(self, ip: str, *, seconds: float) -> str:
         request = kiam_pb2.GetPodRoleRequest(ip=ip)

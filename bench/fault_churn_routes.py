@@ -100,7 +100,8 @@ async def run(section, options) -> None:
         f"not yet in the API): {got['early_refusals'] or 'none'}. The server runs with "
         f"--max-connection-age {MAX_CONNECTION_AGE}: the agent's node stream was cut and "
         f"reconnected {got['stream_reconnects']} times during the run, and new pods asking "
-        "meanwhile count in 'new pod failed' like any other"
+        "meanwhile count in 'new pod failed' like any other (the agent's unary GetPodRole "
+        f"calls, made when no stream could answer, by outcome: {got['role_calls'] or 'none'})"
     )
     for name, key in (
         ("churn-routes: old role served after the deletion reached the server",
@@ -446,6 +447,7 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                 await asyncio.gather(*(one_ip(i, n) for i, n in enumerate(per_ip)))
                 elapsed = time.monotonic() - started
                 reconnects = _stream_reconnects()
+                role_calls = _role_calls()
     finally:
         for pod in pods:
             for task in pod.askers:
@@ -459,7 +461,7 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
     return _summary(
         replacements=sum(per_ip), pool=pool, tally=tally, windows=windows,
         server_lags=server_lags, agent_first=agent_first, elapsed=elapsed,
-        reconnects=reconnects,
+        reconnects=reconnects, role_calls=role_calls,
     )  # fmt: skip
 
 
@@ -469,6 +471,19 @@ def _stream_reconnects() -> int:
     from prometheus_client import REGISTRY
 
     return int(REGISTRY.get_sample_value("podiam_agent_node_stream_reconnects_total") or 0)
+
+
+def _role_calls() -> dict[str, int]:
+    # The agent's unary GetPodRole calls (made while no stream could answer), by outcome.
+    from prometheus_client import REGISTRY
+
+    return {
+        sample.labels["outcome"]: int(sample.value)
+        for metric in REGISTRY.collect()
+        if metric.name == "podiam_agent_fallback_calls"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("rpc") == "GetPodRole"
+    }
 
 
 async def _drops(pod: Pod, ip: str, role_at, server_uid) -> tuple[float, float]:
@@ -502,7 +517,16 @@ def _print_tasks() -> None:
 
 
 def _summary(
-    *, replacements, pool, tally, windows, server_lags, agent_first, elapsed, reconnects
+    *,
+    replacements,
+    pool,
+    tally,
+    windows,
+    server_lags,
+    agent_first,
+    elapsed,
+    reconnects,
+    role_calls,
 ) -> dict:
     def spread(values: list[float]) -> dict[str, float]:
         values = sorted(values)
@@ -526,6 +550,7 @@ def _summary(
         "agent_before_server": agent_first,
         "seconds": round(elapsed, 1),
         "stream_reconnects": reconnects,
+        "role_calls": role_calls,
     }
 
 
