@@ -51,13 +51,15 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
-# A channel that was READY this recently and is CONNECTING now is taken to be reconnecting, not
-# cut off: a server recycling its connections (--max-connection-age: GOAWAY, and the connection
-# closes) leaves the channel CONNECTING for the few milliseconds of a new handshake. After a
-# partition the attempts hang in CONNECTING, so past this bound it counts as unreachable again;
-# within it a new pod's role question is still bounded by the short alone timeout
-# (agent/lookup.py), so a real partition is refused well inside a second either way.
-RECONNECT_GRACE = 1.0
+# A channel CONNECTING for less than this, straight from READY or IDLE (no failed attempt in
+# between), is taken to be opening a connection, not cut off: a server recycling its
+# connections (--max-connection-age: GOAWAY, and the connection closes) leaves the channel
+# reconnecting, or IDLE until the next call wakes it, for the few milliseconds of a handshake.
+# After a partition the attempts hang in CONNECTING, so past this bound it counts as
+# unreachable again; within it a new pod's role question is still bounded by the short alone
+# timeout (agent/lookup.py), so a partition is refused well inside a second either way.
+CONNECTING_GRACE = 1.0
+_SETTLED = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
 
 
 def _main_target(addresses: list[tuple[str, int]]) -> str:
@@ -112,9 +114,10 @@ class ServerConnection:
         self.rotated = self.subscribe_rotation()
         self._channel_moved = self.subscribe_rotation()
         self._retired: set[asyncio.Task] = set()
-        self._ready_at: float | None = None  # monotonic time the channel was last seen READY
-        # The state watch_state waits to change: READY here means the watcher has not yet run
-        # since the channel left READY (its wake-up may come after a caller's question).
+        # When the channel was last seen READY or IDLE (monotonic), and the state watch_state
+        # waits to change: READY or IDLE there means the watcher has not yet run since the
+        # channel left it (its wake-up may come after a caller's question).
+        self._settled_at: float | None = None
         self._watched: grpc.ChannelConnectivity | None = None
 
     def subscribe_rotation(self) -> asyncio.Event:
@@ -134,26 +137,19 @@ class ServerConnection:
         when no node stream is live either."""
         state = self.channel.get_state(try_to_connect=True)
         if state is grpc.ChannelConnectivity.CONNECTING:
-            return not self.ready_within(RECONNECT_GRACE)
+            return not self.settled_within(CONNECTING_GRACE)
         return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
-    def reconnecting(self) -> bool:
-        """Whether the shared channel is between connections after a recent READY (a server
-        recycled it): a call made now waits for the new handshake."""
-        state = self.channel.get_state()
-        return state is not grpc.ChannelConnectivity.READY and self.ready_within(RECONNECT_GRACE)
-
-    def ready_within(self, seconds: float) -> bool:
-        """Whether the shared channel was READY at some moment in the last ``seconds``."""
-        ready = grpc.ChannelConnectivity.READY
-        if self._watched is ready or self.channel.get_state() is ready:
+    def settled_within(self, seconds: float) -> bool:
+        """Whether the shared channel was READY or IDLE at some moment in the last
+        ``seconds`` (so it has not failed an attempt since then)."""
+        if self._watched in _SETTLED or self.channel.get_state() in _SETTLED:
             return True
-        return self._ready_at is not None and time.monotonic() - self._ready_at <= seconds
+        return self._settled_at is not None and time.monotonic() - self._settled_at <= seconds
 
     async def watch_state(self) -> None:
-        """Notes when the shared channel was last READY (see ``unreachable``); follows the
-        new channel after a certificate rotation."""
-        ready = grpc.ChannelConnectivity.READY
+        """Notes when the shared channel was last READY or IDLE (see ``unreachable``);
+        follows the new channel after a certificate rotation."""
         while True:
             self._channel_moved.clear()
             channel = self.channel
@@ -165,8 +161,8 @@ class ServerConnection:
             finally:
                 change.cancel()
                 moved.cancel()
-            if state is ready:
-                self._ready_at = time.monotonic()  # it was READY until just now
+            if state in _SETTLED:
+                self._settled_at = time.monotonic()  # it was settled until just now
 
     async def watch_files(self) -> None:
         while True:
@@ -218,9 +214,6 @@ class ServerClient:
 
     def unreachable(self) -> bool:
         return self._live_stub() is None and self._connection.unreachable()
-
-    def reconnecting(self) -> bool:
-        return self._live_stub() is None and self._connection.reconnecting()
 
     async def pod_role(self, ip: str, *, seconds: float) -> str:
         request = kiam_pb2.GetPodRoleRequest(ip=ip)

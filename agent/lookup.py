@@ -129,11 +129,8 @@ class PodLookup:
         # Without a live stream a connected channel may still be one to a server that has
         # gone silent (a partition not yet noticed): the role is a small question, so a short
         # wait for it tells, and the pod hears why well inside its SDK's second.
-        # A channel reconnecting after a server's recycle (READY a moment ago) is no sign of
-        # silence: the call waits for the new handshake, which on a busy node may outlast the
-        # short wait, so it gets the request's whole budget (--pod-wait, under a second).
         seconds = budget.unary_timeout()
-        if alone and not self._client.reconnecting():
+        if alone:
             seconds = min(seconds, _ALONE_ROLE_TIMEOUT)
         try:
             role = await self._client.pod_role(ip, seconds=seconds)
