@@ -51,10 +51,11 @@ _REQUEST = (
 ).encode()
 _CLONE_NEWNET = 0x40000000
 _NEVER = float("inf")
-# The server recycles every connection this often (--max-connection-age; the node stream is cut
-# 30 s of grace later), so that a run meets many recycles on purpose: a new pod asking while
-# the agent's only stream reconnects must be answered, not refused (issue 9).
-MAX_CONNECTION_AGE = "30s"
+# The server recycles every connection this often (--max-connection-age), so that a run meets
+# recycles on purpose: the shared channel's every 10 s, the node stream's every 40 s or so (it
+# is cut 30 s of grace after its GOAWAY). A new pod asking while the agent's only stream
+# reconnects must be answered, not refused (issue 9).
+MAX_CONNECTION_AGE = "10s"
 
 
 # ---- the bench side -----------------------------------------------------------------------
