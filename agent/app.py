@@ -125,6 +125,7 @@ class PodiamAgent:
         self._tasks.append(asyncio.create_task(self.routes.run(), name="host-routes"))
         self._tasks.append(asyncio.create_task(streams.run(), name="node-streams"))
         self._tasks.append(asyncio.create_task(connection.watch_files(), name="tls-files"))
+        self._tasks.append(asyncio.create_task(connection.watch_state(), name="channel-state"))
         proxy = MetadataProxy(config.metadata_endpoint, allow=config.allow_route_regexp)
         self._closers.append(proxy.close)
 

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import grpc
@@ -50,6 +51,15 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
+# A channel CONNECTING for less than this, straight from READY or IDLE (no failed attempt in
+# between), is taken to be opening a connection, not cut off: a server recycling its
+# connections (--max-connection-age: GOAWAY, and the connection closes) leaves the channel
+# reconnecting, or IDLE until the next call wakes it, for the few milliseconds of a handshake.
+# After a partition the attempts hang in CONNECTING, so past this bound it counts as
+# unreachable again; within it a new pod's role question is still bounded by the short alone
+# timeout (agent/lookup.py), so a partition is refused well inside a second either way.
+CONNECTING_GRACE = 1.0
+_SETTLED = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
 
 
 def _main_target(addresses: list[tuple[str, int]]) -> str:
@@ -102,7 +112,13 @@ class ServerConnection:
         self.stub = kiam_pb2_grpc.KiamServiceStub(self.channel)
         self._rotation_events: list[asyncio.Event] = []
         self.rotated = self.subscribe_rotation()
+        self._channel_moved = self.subscribe_rotation()
         self._retired: set[asyncio.Task] = set()
+        # When the channel was last seen READY or IDLE (monotonic), and the state watch_state
+        # waits to change: READY or IDLE there means the watcher has not yet run since the
+        # channel left it (its wake-up may come after a caller's question).
+        self._settled_at: float | None = None
+        self._watched: grpc.ChannelConnectivity | None = None
 
     def subscribe_rotation(self) -> asyncio.Event:
         """An event set on every certificate rotation (each stream clears its own)."""
@@ -120,10 +136,33 @@ class ServerConnection:
         fail); an idle channel starts connecting. Lets a request refuse at once, with a reason,
         when no node stream is live either."""
         state = self.channel.get_state(try_to_connect=True)
-        return state in (
-            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            grpc.ChannelConnectivity.CONNECTING,
-        )
+        if state is grpc.ChannelConnectivity.CONNECTING:
+            return not self.settled_within(CONNECTING_GRACE)
+        return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    def settled_within(self, seconds: float) -> bool:
+        """Whether the shared channel was READY or IDLE at some moment in the last
+        ``seconds`` (so it has not failed an attempt since then)."""
+        if self._watched in _SETTLED or self.channel.get_state() in _SETTLED:
+            return True
+        return self._settled_at is not None and time.monotonic() - self._settled_at <= seconds
+
+    async def watch_state(self) -> None:
+        """Notes when the shared channel was last READY or IDLE (see ``unreachable``);
+        follows the new channel after a certificate rotation."""
+        while True:
+            self._channel_moved.clear()
+            channel = self.channel
+            state = self._watched = channel.get_state()
+            change = asyncio.ensure_future(channel.wait_for_state_change(state))
+            moved = asyncio.ensure_future(self._channel_moved.wait())
+            try:
+                await asyncio.wait({change, moved}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                change.cancel()
+                moved.cancel()
+            if state in _SETTLED:
+                self._settled_at = time.monotonic()  # it was settled until just now
 
     async def watch_files(self) -> None:
         while True:

@@ -51,6 +51,11 @@ _REQUEST = (
 ).encode()
 _CLONE_NEWNET = 0x40000000
 _NEVER = float("inf")
+# The server recycles every connection this often (--max-connection-age), so that a run meets
+# recycles on purpose: the shared channel's every 10 s, the node stream's every 40 s or so (it
+# is cut 30 s of grace after its GOAWAY). A new pod asking while the agent's only stream
+# reconnects must be answered, not refused (issue 9).
+MAX_CONNECTION_AGE = "10s"
 
 
 # ---- the bench side -----------------------------------------------------------------------
@@ -93,7 +98,11 @@ async def run(section, options) -> None:
         "previous holder's role and was asked after the server had dropped that holder; 'new "
         "pod failed' counts answers other than its own role to requests asked once the server "
         f"held the new pod (those: {got['failures'] or 'none'}). Refusals before then (the pod "
-        f"not yet in the API): {got['early_refusals'] or 'none'}"
+        f"not yet in the API): {got['early_refusals'] or 'none'}. The server runs with "
+        f"--max-connection-age {MAX_CONNECTION_AGE}: the agent's node stream was cut and "
+        f"reconnected {got['stream_reconnects']} times during the run, and new pods asking "
+        "meanwhile count in 'new pod failed' like any other (the agent's unary GetPodRole "
+        f"calls, made when no stream could answer, by outcome: {got['role_calls'] or 'none'})"
     )
     for name, key in (
         ("churn-routes: old role served after the deletion reached the server",
@@ -341,8 +350,8 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
         write_bundle(generate_bundle(server_names=[*DEFAULT_SERVER_NAMES, node_ip]), good)
         server_files, agent_files = TlsFiles.server_in(good), TlsFiles.agent_in(good)
         tls = TlsDirs(good, good, server_files, agent_files, agent_files, server_files)
-        bind = ["--bind", f"{node_ip}:0"]
-        async with running_server(kube, sts, tls, work, extra=bind) as served:
+        flags = ["--bind", f"{node_ip}:0", "--max-connection-age", MAX_CONNECTION_AGE]
+        async with running_server(kube, sts, tls, work, extra=flags) as served:
             registry = served.server.registry
             extra = ["--host", node_ip, "--port", str(AGENT_PORT), "--iptables",
                      "--host-interface", "eni+",
@@ -438,6 +447,8 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                 started = time.monotonic()
                 await asyncio.gather(*(one_ip(i, n) for i, n in enumerate(per_ip)))
                 elapsed = time.monotonic() - started
+                reconnects = _stream_reconnects()
+                role_calls = _role_calls()
     finally:
         for pod in pods:
             for task in pod.askers:
@@ -451,7 +462,29 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
     return _summary(
         replacements=sum(per_ip), pool=pool, tally=tally, windows=windows,
         server_lags=server_lags, agent_first=agent_first, elapsed=elapsed,
+        reconnects=reconnects, role_calls=role_calls,
     )  # fmt: skip
+
+
+def _stream_reconnects() -> int:
+    # The agent runs in this process: its metric counts the node streams that ended (here,
+    # every one of them cut by the server's connection recycling).
+    from prometheus_client import REGISTRY
+
+    return int(REGISTRY.get_sample_value("podiam_agent_node_stream_reconnects_total") or 0)
+
+
+def _role_calls() -> dict[str, int]:
+    # The agent's unary GetPodRole calls (made while no stream could answer), by outcome.
+    from prometheus_client import REGISTRY
+
+    return {
+        sample.labels["outcome"]: int(sample.value)
+        for metric in REGISTRY.collect()
+        if metric.name == "podiam_agent_fallback_calls"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("rpc") == "GetPodRole"
+    }
 
 
 async def _drops(pod: Pod, ip: str, role_at, server_uid) -> tuple[float, float]:
@@ -484,7 +517,18 @@ def _print_tasks() -> None:
         task.print_stack(limit=4, file=sys.stderr)
 
 
-def _summary(*, replacements, pool, tally, windows, server_lags, agent_first, elapsed) -> dict:
+def _summary(
+    *,
+    replacements,
+    pool,
+    tally,
+    windows,
+    server_lags,
+    agent_first,
+    elapsed,
+    reconnects,
+    role_calls,
+) -> dict:
     def spread(values: list[float]) -> dict[str, float]:
         values = sorted(values)
         return {
@@ -506,6 +550,8 @@ def _summary(*, replacements, pool, tally, windows, server_lags, agent_first, el
         "server_lag_ms": spread(server_lags),
         "agent_before_server": agent_first,
         "seconds": round(elapsed, 1),
+        "stream_reconnects": reconnects,
+        "role_calls": role_calls,
     }
 
 
