@@ -394,21 +394,24 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                         task.cancel()
                     await asyncio.gather(*pod.askers, return_exceptions=True)
 
+                async def confirmed(holder: Pod, ip: str) -> None:
+                    """Until the server holds the new pod, then until the agent serves it."""
+                    await _until(
+                        lambda: server_uid(ip) == holder.uid, f"{ip}: {holder.name} at the server"
+                    )
+                    holder.server_had = time.monotonic()
+                    await _until(
+                        lambda: role_at(ip) == holder.role,
+                        f"{ip}: {holder.name} served by the agent",
+                    )
+
                 async def one_ip(index: int, count: int) -> None:
                     nonlocal agent_first, done
                     ip = f"{pod_prefix}.{index + 1}"
                     earlier: list[Pod] = []
                     k = index
                     holder = await start_pod(k, ip, None)
-                    await _until(
-                        lambda pod=holder: server_uid(ip) == pod.uid,
-                        f"{ip}: {holder.name} at the server",
-                    )
-                    holder.server_had = time.monotonic()
-                    await _until(
-                        lambda pod=holder: role_at(ip) == pod.role,
-                        f"{ip}: {holder.name} served by the agent",
-                    )
+                    await confirmed(holder, ip)
                     for _ in range(count):
                         await asyncio.sleep(HOLD_SECONDS)
                         old = holder
@@ -425,15 +428,7 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                         windows.append(agent_dropped - gone)
                         server_lags.append(old.server_dropped - gone)
                         agent_first += agent_dropped < old.server_dropped
-                        await _until(
-                            lambda pod=holder: server_uid(ip) == pod.uid,
-                            f"{ip}: {holder.name} at the server",
-                        )
-                        holder.server_had = time.monotonic()
-                        await _until(
-                            lambda pod=holder: role_at(ip) == pod.role,
-                            f"{ip}: {holder.name} served by the agent",
-                        )
+                        await confirmed(holder, ip)
                         tally.judge(old, earlier)
                         earlier = [*earlier[-3:], old]
                         done += 1
