@@ -56,6 +56,7 @@ class NodeStreams(ReplicaChooser):
                 connection=connection,
                 chooser=self,
                 alone=lambda: not state.live,
+                spare=state.view(),
                 **extra,
             )
             for _ in range(count)
