@@ -450,6 +450,10 @@ class StreamFollower:
                         current.task.result()  # the stream's end, or its error
                         return
                     # Cut before its successor was synced: the successor is the reconnect.
+                    error = current.task.exception()
+                    log.warning("node stream from %s lost (%s) while its successor connects",
+                                endpoint, _why(error))  # fmt: skip
+                    metrics.STREAM_RECONNECTS.inc()
                     await self._retire(current)
                     current, successor = successor, None
                     continue
