@@ -261,7 +261,9 @@ class _NoReplica(Exception):
 class ReplicaChooser:
     """Picks the replica a pinned stream follows next (agent/streams.py implements it)."""
 
-    async def choose(self, follower: StreamFollower) -> Endpoint | None:  # pragma: no cover
+    async def choose(  # pragma: no cover
+        self, follower: StreamFollower, *, succeeding: bool = False
+    ) -> Endpoint | None:
         raise NotImplementedError
 
     def failed(self, endpoint: Endpoint) -> None:  # pragma: no cover
@@ -272,7 +274,8 @@ class _Leg:
     """One WatchNode call, applying to one view of the state; over a channel of its own when
     the stream is pinned (``channel``), which it closes."""
 
-    def __init__(self, follower: StreamFollower, view, stream, stub, channel) -> None:
+    def __init__(self, follower: StreamFollower, view, stream, stub, channel, endpoint) -> None:
+        self.endpoint = endpoint
         self.view = view
         self.stream = stream
         self.stub = stub  # for unary calls once synced (None: the shared channel)
@@ -350,6 +353,7 @@ class StreamFollower:
         self.synced_once = asyncio.Event()
         self._received = False  # whether the current stream brought anything
         self.endpoint: Endpoint | None = None  # the replica followed now (pinned streams)
+        self.next_endpoint: Endpoint | None = None  # the one a hand-over is opening
         self.stub: kiam_pb2_grpc.KiamServiceStub | None = None  # its channel, while synced
         self._idle_logged = False
         self._changed = asyncio.Event()  # something a handover waits on happened
@@ -415,7 +419,8 @@ class StreamFollower:
             self.endpoint = endpoint
             current = self._open(endpoint, self._views[0])
         else:
-            current = _Leg(self, self._views[0], self._client.watch_node(self._host_ip), None, None)
+            stream = self._client.watch_node(self._host_ip)
+            current = _Leg(self, self._views[0], stream, None, None, None)
         successor: _Leg | None = None  # opened at the GOAWAY, not synced yet
         retiring: _Leg | None = None  # replaced, still live until the overlap ends
         retire_at = 0.0
@@ -432,19 +437,23 @@ class StreamFollower:
                     retiring = None
                 if successor is not None and successor.synced:
                     retiring, current, successor = current, successor, None
+                    self.endpoint, self.next_endpoint = current.endpoint, None
                     retire_at = loop.time() + self.HANDOVER_OVERLAP
                     loop.call_later(self.HANDOVER_OVERLAP, self._changed.set)
                     metrics.STREAM_HANDOVERS.inc()
-                    log.info("node stream from %s moved to a new connection (the server is "
-                             "recycling the old one)", endpoint)  # fmt: skip
+                    log.info("node stream moved from %s to a new connection to %s (the "
+                             "server is recycling the old one)",
+                             retiring.endpoint, current.endpoint)  # fmt: skip
                 elif successor is not None and successor.task.done():
                     # It failed before its snapshot: the old stream runs on until the server
                     # cuts it, and is then reconnected as any lost stream.
                     error = successor.task.exception()
                     log.warning("cannot open a second node stream from %s ahead of the "
-                                "recycle (%s)", endpoint, _why(error))  # fmt: skip
+                                "recycle (%s)", successor.endpoint, _why(error))  # fmt: skip
+                    if self._chooser is not None and successor.endpoint != current.endpoint:
+                        self._chooser.failed(successor.endpoint)
                     await self._retire(successor)
-                    successor = None
+                    successor, self.next_endpoint = None, None
                 if current.task.done():
                     if successor is None:
                         current.task.result()  # the stream's end, or its error
@@ -452,10 +461,11 @@ class StreamFollower:
                     # Cut before its successor was synced: the successor is the reconnect.
                     error = current.task.exception()
                     log.warning("node stream from %s lost (%s) while its successor connects",
-                                endpoint, _why(error))  # fmt: skip
+                                current.endpoint, _why(error))  # fmt: skip
                     metrics.STREAM_RECONNECTS.inc()
                     await self._retire(current)
                     current, successor = successor, None
+                    self.endpoint, self.next_endpoint = current.endpoint, None
                     continue
                 if (
                     endpoint is not None
@@ -475,10 +485,14 @@ class StreamFollower:
                     and retiring is None
                 ):
                     current.succeeded = True
-                    successor = self._open(endpoint, self._spare_of(current))
+                    assert self._chooser is not None
+                    chosen = await self._chooser.choose(self, succeeding=True)
+                    successor = self._open(chosen or current.endpoint, self._spare_of(current))
+                    continue  # the choice took a moment: look at everything again
                 await self._changed.wait()
         finally:
             self.stub = None
+            self.next_endpoint = None
             rotation.cancel()
             for leg in (successor, retiring):
                 if leg is not None:
@@ -490,7 +504,7 @@ class StreamFollower:
         channel = self._connection.pinned(endpoint)
         stub = kiam_pb2_grpc.KiamServiceStub(channel)
         stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=self._host_ip))
-        return _Leg(self, view, stream, stub, channel)
+        return _Leg(self, view, stream, stub, channel, endpoint)
 
     def _spare_of(self, leg: _Leg):
         return next(view for view in self._views if view is not leg.view)
