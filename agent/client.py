@@ -261,11 +261,48 @@ class _NoReplica(Exception):
 class ReplicaChooser:
     """Picks the replica a pinned stream follows next (agent/streams.py implements it)."""
 
-    async def choose(self, follower: StreamFollower) -> Endpoint | None:  # pragma: no cover
+    async def choose(  # pragma: no cover
+        self, follower: StreamFollower, *, succeeding: bool = False
+    ) -> Endpoint | None:
         raise NotImplementedError
 
     def failed(self, endpoint: Endpoint) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+class _Leg:
+    """One WatchNode call, applying to one view of the state; over a channel of its own when
+    the stream is pinned (``channel``), which it closes."""
+
+    def __init__(self, follower: StreamFollower, view, stream, stub, channel, endpoint) -> None:
+        self.endpoint = endpoint
+        self.view = view
+        self.stream = stream
+        self.stub = stub  # for unary calls once synced (None: the shared channel)
+        self.channel = channel
+        self.synced = False
+        self.task = asyncio.ensure_future(follower._apply_all(self))
+        self.task.add_done_callback(lambda _: follower._changed.set())
+        # Watches its channel once synced (pinned streams); done at the GOAWAY.
+        self.drained: asyncio.Future | None = None
+        self.succeeded = False  # whether a successor was opened for it (one per leg)
+
+    async def close(self) -> None:
+        for future in (self.task, self.drained):
+            if future is not None and not future.done():
+                future.cancel()
+        self.stream.cancel()  # a no-op when the call has already ended
+        await asyncio.gather(self.task, return_exceptions=True)
+        if self.channel is not None:
+            await self.channel.close(grace=None)
+
+
+async def _left_ready(channel: grpc.aio.Channel) -> None:
+    # A pinned channel leaves READY when its connection goes: the server's GOAWAY (its
+    # --max-connection-age; the calls already open run on until its grace ends) or a broken
+    # connection (then the stream ends too).
+    while channel.get_state() is grpc.ChannelConnectivity.READY:
+        await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)
 
 
 class StreamFollower:
@@ -273,7 +310,14 @@ class StreamFollower:
 
     Without a ``chooser`` the stream goes over the client's shared channel (any replica);
     with one, each attempt is pinned to the replica it picks, over a channel of its own.
+    With a ``spare`` view as well, a stream whose connection the server recycles is handed
+    over, make-before-break: when its channel leaves READY (the GOAWAY) a second stream is
+    opened to the same replica into the spare view, and the old one is closed once the new
+    one has been synced for ``HANDOVER_OVERLAP`` (or when the server cuts it), so the node
+    is never without a live stream for a recycle.
     """
+
+    HANDOVER_OVERLAP = 2.0
 
     def __init__(
         self,
@@ -289,11 +333,15 @@ class StreamFollower:
         chooser: ReplicaChooser | None = None,
         idle_seconds: float = 5.0,
         alone: Callable[[], bool] | None = None,
+        spare=None,
     ) -> None:
         self._client = client
         self._on_synced = on_synced
         self._first_update_seconds = first_update_seconds
         self._state = state  # a NodeState or one StreamView of it: has apply() and lost()
+        # The views the follower's streams apply to: the second one, if any, is for the
+        # stream that takes over during a handover (both views are live for the overlap).
+        self._views = [state] if spare is None else [state, spare]
         self._host_ip = host_ip
         self._server = server
         self._rotated = rotated or asyncio.Event()
@@ -305,12 +353,14 @@ class StreamFollower:
         self.synced_once = asyncio.Event()
         self._received = False  # whether the current stream brought anything
         self.endpoint: Endpoint | None = None  # the replica followed now (pinned streams)
+        self.next_endpoint: Endpoint | None = None  # the one a hand-over is opening
         self.stub: kiam_pb2_grpc.KiamServiceStub | None = None  # its channel, while synced
         self._idle_logged = False
+        self._changed = asyncio.Event()  # something a handover waits on happened
 
     @property
     def live(self) -> bool:
-        return bool(getattr(self._state, "live", False)) and self.stub is not None
+        return any(getattr(view, "live", False) for view in self._views) and self.stub is not None
 
     async def run(self) -> None:
         failures = 0
@@ -339,7 +389,8 @@ class StreamFollower:
             self.endpoint = None
             # This stream's word ends here; NodeState decides what of it still holds (the
             # other stream's, or the stale rules when no stream is live).
-            self._state.lost()
+            for view in self._views:
+                view.lost()
             metrics.STREAM_RECONNECTS.inc()
             delay = _backoff(failures, _BACKOFF_MAX_ALONE if self._alone() else _BACKOFF_MAX)
             if self._received:
@@ -359,51 +410,127 @@ class StreamFollower:
     async def _follow(self) -> None:
         self._rotated.clear()
         self._received = False
-        channel = None
+        endpoint = None
         if self._chooser is not None and self._connection is not None:
             endpoint = await self._chooser.choose(self)
             if endpoint is None:
                 raise _NoReplica
             self._idle_logged = False
             self.endpoint = endpoint
-            channel = self._connection.pinned(endpoint)
-            stub = kiam_pb2_grpc.KiamServiceStub(channel)
-            stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=self._host_ip))
+            current = self._open(endpoint, self._views[0])
         else:
-            stub = None
             stream = self._client.watch_node(self._host_ip)
-        updates = asyncio.ensure_future(self._apply_all(stream, stub))
+            current = _Leg(self, self._views[0], stream, None, None, None)
+        successor: _Leg | None = None  # opened at the GOAWAY, not synced yet
+        retiring: _Leg | None = None  # replaced, still live until the overlap ends
+        retire_at = 0.0
+        loop = asyncio.get_running_loop()
         rotation = asyncio.ensure_future(self._rotated.wait())
+        rotation.add_done_callback(lambda _: self._changed.set())
         try:
-            await asyncio.wait({updates, rotation}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                self._changed.clear()
+                if rotation.done():
+                    raise _Rotated
+                if retiring is not None and (retiring.task.done() or loop.time() >= retire_at):
+                    await self._retire(retiring)
+                    retiring = None
+                if successor is not None and successor.synced:
+                    retiring, current, successor = current, successor, None
+                    self.endpoint, self.next_endpoint = current.endpoint, None
+                    retire_at = loop.time() + self.HANDOVER_OVERLAP
+                    loop.call_later(self.HANDOVER_OVERLAP, self._changed.set)
+                    metrics.STREAM_HANDOVERS.inc()
+                    log.info("node stream moved from %s to a new connection to %s (the "
+                             "server is recycling the old one)",
+                             retiring.endpoint, current.endpoint)  # fmt: skip
+                elif successor is not None and successor.task.done():
+                    # It failed before its snapshot: the old stream runs on until the server
+                    # cuts it, and is then reconnected as any lost stream.
+                    error = successor.task.exception()
+                    log.warning("cannot open a second node stream from %s ahead of the "
+                                "recycle (%s)", successor.endpoint, _why(error))  # fmt: skip
+                    if self._chooser is not None and successor.endpoint != current.endpoint:
+                        self._chooser.failed(successor.endpoint)
+                    await self._retire(successor)
+                    successor, self.next_endpoint = None, None
+                if current.task.done():
+                    if successor is None:
+                        current.task.result()  # the stream's end, or its error
+                        return
+                    # Cut before its successor was synced: the successor is the reconnect.
+                    error = current.task.exception()
+                    log.warning("node stream from %s lost (%s) while its successor connects",
+                                current.endpoint, _why(error))  # fmt: skip
+                    metrics.STREAM_RECONNECTS.inc()
+                    await self._retire(current)
+                    current, successor = successor, None
+                    self.endpoint, self.next_endpoint = current.endpoint, None
+                    continue
+                if (
+                    endpoint is not None
+                    and len(self._views) > 1
+                    and current.synced
+                    and current.drained is None
+                    and successor is None
+                    and retiring is None
+                ):
+                    current.drained = asyncio.ensure_future(_left_ready(current.channel))
+                    current.drained.add_done_callback(lambda _: self._changed.set())
+                if (
+                    current.drained is not None
+                    and current.drained.done()
+                    and not current.succeeded
+                    and successor is None
+                    and retiring is None
+                ):
+                    current.succeeded = True
+                    assert self._chooser is not None
+                    chosen = await self._chooser.choose(self, succeeding=True)
+                    successor = self._open(chosen or current.endpoint, self._spare_of(current))
+                    continue  # the choice took a moment: look at everything again
+                await self._changed.wait()
         finally:
             self.stub = None
+            self.next_endpoint = None
             rotation.cancel()
-            stream.cancel()  # a no-op when the call has already ended
-            if not updates.done():
-                updates.cancel()
-                await asyncio.gather(updates, return_exceptions=True)
-            if channel is not None:
-                await channel.close(grace=None)
-        if updates.cancelled():
-            raise _Rotated
-        updates.result()  # the stream's end, or its error
+            for leg in (successor, retiring):
+                if leg is not None:
+                    await self._retire(leg)
+            await current.close()
 
-    async def _apply_all(self, stream, stub) -> None:
+    def _open(self, endpoint: Endpoint, view) -> _Leg:
+        assert self._connection is not None
+        channel = self._connection.pinned(endpoint)
+        stub = kiam_pb2_grpc.KiamServiceStub(channel)
+        stream = stub.WatchNode(kiam_pb2.WatchNodeRequest(host_ip=self._host_ip))
+        return _Leg(self, view, stream, stub, channel, endpoint)
+
+    def _spare_of(self, leg: _Leg):
+        return next(view for view in self._views if view is not leg.view)
+
+    async def _retire(self, leg: _Leg) -> None:
+        if self.stub is leg.stub:
+            self.stub = None
+        await leg.close()
+        leg.view.lost()
+
+    async def _apply_all(self, leg: _Leg) -> None:
         # The snapshot comes at once from a server that is up; a call stuck connecting (a
         # black-holed address) would otherwise wait silently, so give up and say so.
+        stream = leg.stream
         try:
             update = await asyncio.wait_for(stream.read(), self._first_update_seconds)
         except TimeoutError:
             raise _Stalled(f"no snapshot within {self._first_update_seconds:g}s") from None
-        synced = False
         while update is not grpc.aio.EOF:
             self._received = True
-            self._state.apply(update)
-            if update.synced and not synced:
+            leg.view.apply(update)
+            if update.synced and not leg.synced:
                 # Once per stream: the snapshot is applied, the state answers for the node.
-                synced = True
-                self.stub = stub
+                leg.synced = True
+                self.stub = leg.stub
+                self._changed.set()
                 if not self.synced_once.is_set():
                     where = self.endpoint if self.endpoint is not None else self._server
                     log.info("node stream from %s synced", where)
@@ -411,6 +538,12 @@ class StreamFollower:
                 if self._on_synced is not None:
                     self._on_synced()
             update = await stream.read()
+
+
+def _why(error: BaseException | None) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) if error is not None else "it ended"
 
 
 def _backoff(failures: int, most: float = _BACKOFF_MAX) -> float:

@@ -34,6 +34,10 @@ STREAM_RECONNECTS = Counter(
     "podiam_agent_node_stream_reconnects_total",
     "Node stream connection attempts that failed or ended.",
 )
+STREAM_HANDOVERS = Counter(
+    "podiam_agent_node_stream_handovers_total",
+    "Node streams moved to a new connection before the server closed the old one.",
+)
 PODS_KNOWN = Gauge(
     "podiam_agent_pods_known",
     "Pod IPs of this node known from the node stream.",

@@ -56,6 +56,7 @@ class NodeStreams(ReplicaChooser):
                 connection=connection,
                 chooser=self,
                 alone=lambda: not state.live,
+                spare=state.view(),
                 **extra,
             )
             for _ in range(count)
@@ -72,18 +73,32 @@ class NodeStreams(ReplicaChooser):
         """The replicas followed now."""
         return [f.endpoint for f in self.followers if f.endpoint is not None and f.live]
 
-    async def choose(self, follower: StreamFollower) -> Endpoint | None:
+    async def choose(
+        self, follower: StreamFollower, *, succeeding: bool = False
+    ) -> Endpoint | None:
+        """The replica ``follower`` follows next; ``succeeding``: for the stream that takes over
+        from its current one at a recycle (which may be the same replica: the choice is made
+        again so that recycles still spread agents over replicas)."""
         endpoints = await resolve(self._connection.addresses)
-        taken = {f.endpoint for f in self.followers if f is not follower}
+        taken = {
+            endpoint
+            for f in self.followers
+            if f is not follower
+            for endpoint in (f.endpoint, f.next_endpoint)
+        }
         candidates = [endpoint for endpoint in endpoints if endpoint not in taken]
         if not candidates:
             return None
         now = time.monotonic()
         healthy = [e for e in candidates if now - self._failed.get(e, -1e9) >= _AVOID_SECONDS]
+        chosen = random.choice(healthy or candidates)
         # Claimed before returning, so that the other stream, choosing at the same moment,
         # sees it taken.
-        follower.endpoint = random.choice(healthy or candidates)
-        return follower.endpoint
+        if succeeding:
+            follower.next_endpoint = chosen
+        else:
+            follower.endpoint = chosen
+        return chosen
 
     def failed(self, endpoint: Endpoint) -> None:
         self._failed[endpoint] = time.monotonic()

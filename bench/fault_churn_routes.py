@@ -52,9 +52,9 @@ _REQUEST = (
 _CLONE_NEWNET = 0x40000000
 _NEVER = float("inf")
 # The server recycles every connection this often (--max-connection-age), so that a run meets
-# recycles on purpose: the shared channel's every 10 s, the node stream's every 40 s or so (it
-# is cut 30 s of grace after its GOAWAY). A new pod asking while the agent's only stream
-# reconnects must be answered, not refused (issue 9).
+# recycles on purpose: the shared channel's and the node stream's every 10 s or so (the agent
+# moves its stream to a new connection at the GOAWAY, before the old one is cut 30 s later). A
+# new pod asking meanwhile must be answered, not refused (issue 9).
 MAX_CONNECTION_AGE = "10s"
 
 
@@ -99,8 +99,9 @@ async def run(section, options) -> None:
         "pod failed' counts answers other than its own role to requests asked once the server "
         f"held the new pod (those: {got['failures'] or 'none'}). Refusals before then (the pod "
         f"not yet in the API): {got['early_refusals'] or 'none'}. The server runs with "
-        f"--max-connection-age {MAX_CONNECTION_AGE}: the agent's node stream was cut and "
-        f"reconnected {got['stream_reconnects']} times during the run, and new pods asking "
+        f"--max-connection-age {MAX_CONNECTION_AGE}: the agent moved its node stream to a new "
+        f"connection {got['stream_handovers']} times during the run (at the server's GOAWAY, "
+        f"before the cut) and lost it {got['stream_reconnects']} times; new pods asking "
         "meanwhile count in 'new pod failed' like any other (the agent's unary GetPodRole "
         f"calls, made when no stream could answer, by outcome: {got['role_calls'] or 'none'})"
     )
@@ -442,7 +443,8 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
                 started = time.monotonic()
                 await asyncio.gather(*(one_ip(i, n) for i, n in enumerate(per_ip)))
                 elapsed = time.monotonic() - started
-                reconnects = _stream_reconnects()
+                reconnects = _counter("podiam_agent_node_stream_reconnects_total")
+                handovers = _counter("podiam_agent_node_stream_handovers_total")
                 role_calls = _role_calls()
     finally:
         for pod in pods:
@@ -457,16 +459,16 @@ async def churn(*, replacements: int, pool: int, node_ip: str, pod_prefix: str) 
     return _summary(
         replacements=sum(per_ip), pool=pool, tally=tally, windows=windows,
         server_lags=server_lags, agent_first=agent_first, elapsed=elapsed,
-        reconnects=reconnects, role_calls=role_calls,
+        reconnects=reconnects, handovers=handovers, role_calls=role_calls,
     )  # fmt: skip
 
 
-def _stream_reconnects() -> int:
-    # The agent runs in this process: its metric counts the node streams that ended (here,
-    # every one of them cut by the server's connection recycling).
+def _counter(name: str) -> int:
+    # The agent runs in this process: its metrics count the node streams that ended, and those
+    # moved to a new connection ahead of the server's cut.
     from prometheus_client import REGISTRY
 
-    return int(REGISTRY.get_sample_value("podiam_agent_node_stream_reconnects_total") or 0)
+    return int(REGISTRY.get_sample_value(name) or 0)
 
 
 def _role_calls() -> dict[str, int]:
@@ -522,6 +524,7 @@ def _summary(
     agent_first,
     elapsed,
     reconnects,
+    handovers,
     role_calls,
 ) -> dict:
     def spread(values: list[float]) -> dict[str, float]:
@@ -546,6 +549,7 @@ def _summary(
         "agent_before_server": agent_first,
         "seconds": round(elapsed, 1),
         "stream_reconnects": reconnects,
+        "stream_handovers": handovers,
         "role_calls": role_calls,
     }
 

@@ -201,6 +201,7 @@ class PodiamServer:
     async def _serve(self, registry, cache, messages, fanout, recorder, credentials) -> None:
         config = self.config
         age_ms = int(config.max_connection_age.total_seconds() * 1000)
+        grace_ms = int(config.max_connection_age_grace.total_seconds() * 1000)
         server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
@@ -212,7 +213,7 @@ class PodiamServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.max_connection_age_ms", age_ms),
-                ("grpc.max_connection_age_grace_ms", 30_000),
+                ("grpc.max_connection_age_grace_ms", grace_ms),
                 *CONNECT_STORM_OPTIONS,
             ]
         )

@@ -74,6 +74,7 @@ class ServerConfig:
     webhook_token_expiration: timedelta
     log_level: str
     json_log: bool
+    max_connection_age_grace: timedelta = timedelta(seconds=30)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
@@ -212,6 +213,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         type=duration,
         default="10m",
         help="agents reconnect after this long, so they spread across server replicas",
+    )
+    flag(
+        "--max-connection-age-grace",
+        env="PODIAM_MAX_CONNECTION_AGE_GRACE",
+        type=duration,
+        default="30s",
+        help="after --max-connection-age, calls still open on the old connection (an agent's "
+        "node stream, until the agent has moved it to a new one) are cut after this long",
     )
     flag(
         "--session-tags",
@@ -449,6 +458,7 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         startup_taint=startup_taint,
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
         audit_log=args.audit_log.strip() or "-",
         session_tags=args.session_tags,
         transitive_session_tags=args.transitive_session_tags,

@@ -129,3 +129,12 @@ def test_certificates_are_required(capsys):
 def test_bad_environment_value_names_the_variable(capsys):
     err = refused(capsys, *REQUIRED, *BASE, environ={"PODIAM_SESSION_DURATION": "soon"})
     assert "PODIAM_SESSION_DURATION" in err
+
+
+def test_connection_age_grace_defaults_to_30s_and_has_an_env_twin():
+    assert parse(*BASE).max_connection_age_grace == timedelta(seconds=30)
+    environ = {"PODIAM_MAX_CONNECTION_AGE_GRACE": "2s"}
+    assert parse(*BASE, environ=environ).max_connection_age_grace == timedelta(seconds=2)
+    assert parse(*BASE, "--max-connection-age-grace", "1m").max_connection_age_grace == timedelta(
+        minutes=1
+    )
