@@ -17,7 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
-from protos import kiam_pb2_grpc
 from runtime.process import StartupError
 from server import heap, metrics
 from server.arn import ArnError, RoleResolver, detect_base_arn
@@ -32,7 +31,7 @@ from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_cli
 from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
 from server.registry import Registry
-from server.service import KiamService
+from server.service import KiamService, add_to_server
 from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway
@@ -228,7 +227,7 @@ class PodiamServer:
             token_pods=self.token_pods,
             allowed_accounts=config.allowed_accounts,
         )
-        kiam_pb2_grpc.add_KiamServiceServicer_to_server(service, server)
+        add_to_server(service, server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host, port = config.bind
