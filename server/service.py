@@ -10,7 +10,6 @@ import functools
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -131,7 +130,11 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
 
     # ---- podiam's node stream ---------------------------------------------------------------
 
-    async def WatchNode(self, request, context) -> AsyncIterator[kiam_pb2.NodeUpdate]:
+    async def WatchNode(self, request, context) -> None:
+        """Written with ``context.write`` rather than yielded: a handler that yields each update
+        leaves the last one bound (here and in grpc.aio's loop over the generator) while the
+        stream waits for the next change — the node's whole snapshot, for most streams most of
+        the time, about a quarter of what a stream cost the server (bench, server scale)."""
         caller = peer_ip(context.peer())
         host_ip = request.host_ip or caller or ""
         if self._node_binding and host_ip != caller:
@@ -148,7 +151,8 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         )
         try:
             async for update in stream.updates():
-                yield update
+                await context.write(update)
+                del update  # sent: not held while the stream waits
         finally:
             log.info("node stream closed for %s", host_ip)
 
