@@ -341,9 +341,12 @@ async def run(section: Section, options) -> None:
                       f"{failed:,} failed", failed == 0)  # fmt: skip
         dropped = largest.get("streams_dropped_causes", {})
         pings = sum(n for cause, n in dropped.items() if "too_many_pings" in cause.lower())
+        causes = "; ".join(f"{n:,} {cause}" for cause, n in sorted(
+            dropped.items(), key=lambda item: -item[1])[:3])  # fmt: skip
         section.check("node streams ended after connecting (keepalive pings every 5 s)",
                       "0 (none for too_many_pings)",
-                      f"{sum(dropped.values()):,} ({pings:,} too_many_pings)",
+                      f"{sum(dropped.values()):,} ({pings:,} too_many_pings)"
+                      + (f": {causes}" if causes else ""),
                       not dropped)  # fmt: skip
         section.check("credentials refresh reaching every node that needs it", "measured",
                       f"{refresh['nodes']:,} nodes, {refresh['waiting']:,} still waiting",
