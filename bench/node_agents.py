@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.nodestreams import AGENT_CHANNEL_OPTIONS
 from bench.procs import pin
 from certs.tls import TlsFiles, channel_credentials
 from protos import kiam_pb2, kiam_pb2_grpc
@@ -32,8 +33,11 @@ from protos import kiam_pb2, kiam_pb2_grpc
 async def run(spec: dict) -> None:
     credentials = channel_credentials(TlsFiles.agent_in(Path(spec["tls"])))
     channels = [
+        # The real agent's channel options (keepalive pings every 5 s), as bench/nodestreams.py.
         grpc.aio.secure_channel(
-            spec["target"], credentials, options=[("grpc.use_local_subchannel_pool", 1)]
+            spec["target"],
+            credentials,
+            options=[("grpc.use_local_subchannel_pool", 1), *AGENT_CHANNEL_OPTIONS],
         )
         for _ in range(max(1, int(spec["channels"])))
     ]

@@ -1,5 +1,6 @@
 """Simulated agents: one WatchNode stream per node, each over a channel (a TCP connection) of its
-own, as real agents hold them (the server runs with --no-node-binding, so one process may stand
+own with the real agent's channel options (keepalive pings every 5 s), as real agents hold them
+(the server runs with --no-node-binding, so one process may stand
 in for many nodes; the bench spreads the nodes over a few such processes).
 
     python -m bench.nodestreams        # a JSON spec on stdin's first line, then commands
@@ -16,14 +17,19 @@ commands, one a line:
                                     reached its own node's stream, and print ``watched
                                     {"seconds", "delivered", "misrouted", "updates"}`` —
                                     misrouted counts pod states that reached another node's
-                                    stream (there must be none)
+                                    stream (there must be none), and ``dropped``/
+                                    ``dropped_causes``: the streams that have ended since
+                                    their snapshot, by gRPC status and details (there must be
+                                    none; "too_many_pings" would be the server's keepalive
+                                    enforcement refusing the agent's pings)
     refresh <seconds> <path>        note which credentials each stream holds now, and wait up to
                                     <seconds> until every stream has been sent new credentials
                                     for each identity it held; write to <path> ``{host: [[
                                     access_key_id, arrival], ...]}`` (arrival: time.time() when
                                     the new set reached the stream) and print ``refreshed
                                     {"streams", "waiting"}`` — waiting: the streams still
-                                    missing some when the time ran out
+                                    missing some when the time ran out (and ``dropped``/
+                                    ``dropped_causes`` as for watch)
     quit
 
 The time runs from reading the command to the last pod's arrival, so it includes the API
@@ -42,6 +48,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.client import _CHANNEL_OPTIONS
 from bench import kubeproc
 from bench.procs import pin, raise_open_files_limit
 from certs.tls import TlsFiles, channel_credentials
@@ -52,8 +59,11 @@ CONNECT_FOR = 600.0
 _BACKOFF_INITIAL, _BACKOFF_MAX = 0.5, 30.0
 
 
-# The agent's channel reconnects so (agent/client.py); gRPC's own default waits up to 2 minutes.
-_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000))
+# The agent's own channel options (agent/client.py): its keepalive pings every 5 s, so that the
+# server's keepalive enforcement (server/app.py: pings at least 4 s apart, or the connection is
+# closed with "too_many_pings") is exercised by every simulated stream, and its reconnect
+# backoff (gRPC's own default waits up to 2 minutes).
+AGENT_CHANNEL_OPTIONS = tuple(_CHANNEL_OPTIONS)
 
 
 def _backoff(failures: int) -> float:
@@ -68,6 +78,9 @@ class Streams:
         self.hosts = hosts
         self.snapshots = 0
         self.failed: list[str] = []  # streams that ended with an error, and why
+        # Streams that ended after their snapshot (a real agent would reconnect; here they are
+        # counted, by status and details: "too_many_pings" is the server's keepalive policy).
+        self.dropped: Counter[str] = Counter()
         self.retries = 0  # attempts that failed before their stream's first snapshot
         self.retry_causes: Counter[str] = Counter()
         self.give_up_at = time.perf_counter() + CONNECT_FOR
@@ -101,8 +114,12 @@ class Streams:
                     failures += 1
                     continue
                 self.failed.append(f"{host}: {error.code().name} {error.details()}")
+                if host in self.live:
+                    self.dropped[f"{error.code().name} {error.details()}"] += 1
             else:
                 self.failed.append(f"{host}: the stream ended")
+                if host in self.live:
+                    self.dropped["ended"] += 1
             break
         self.live.discard(host)
         if self.snapshots + len(self.failed) >= len(self.hosts):
@@ -159,7 +176,11 @@ class Streams:
                 await asyncio.wait_for(self.refreshed.wait(), seconds)
             except TimeoutError:
                 pass  # reported as streams still waiting
-        return {"streams": streams, "waiting": len(self.awaited)}
+        return {"streams": streams, "waiting": len(self.awaited), **self.ended()}
+
+    def ended(self) -> dict:
+        """The streams that have ended since their snapshot, and why."""
+        return {"dropped": sum(self.dropped.values()), "dropped_causes": dict(self.dropped)}
 
 
 async def run(spec: dict) -> None:
@@ -168,7 +189,9 @@ async def run(spec: dict) -> None:
     # Each channel its own connection (distinct arguments: gRPC would share one otherwise).
     channels = [
         grpc.aio.secure_channel(
-            spec["target"], credentials, options=[("podiam.bench.agent", n), *_RECONNECT]
+            spec["target"],
+            credentials,
+            options=[("podiam.bench.agent", n), *AGENT_CHANNEL_OPTIONS],
         )
         for n in range(max(1, int(spec.get("channels") or len(hosts))))
     ]
@@ -210,6 +233,7 @@ async def run(spec: dict) -> None:
                 "delivered": streams.delivered,
                 "misrouted": streams.misrouted,
                 "updates": streams.updates,
+                **streams.ended(),
             }
             print("watched " + json.dumps(result), flush=True)
         elif command[:1] == ["refresh"]:

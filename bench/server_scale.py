@@ -245,11 +245,15 @@ async def run(section: Section, options) -> None:
         "peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
         f"node streams: {options.scale_streams:,} simulated agents (`bench/nodestreams.py`, "
         f"{AGENT_PROCESSES} processes on the other core, one WatchNode stream per node, each over "
-        "a TCP connection of its own as real agents hold them; the server runs with "
+        "a TCP connection of its own as real agents hold them, with the real agent's channel "
+        "options — keepalive pings every 5 s, which the server's keepalive enforcement "
+        "accepts 4 s apart and more; the server runs with "
         "`--no-node-binding` so that one process may stand in for many nodes); connected: "
         "until every stream has its snapshot, all opened at once (a connect storm), a try that "
         "fails before its snapshot retried with the agent's backoff (connect retries); failed: "
-        "streams that ended instead; KB/stream: the server's RSS growth over them (connection "
+        "streams that ended instead; dropped: streams that ended after their snapshot, by the "
+        "end of the run (a `too_many_pings` among them would be the server refusing the "
+        "agents' keepalive); KB/stream: the server's RSS growth over them (connection "
         "included).",
         f"refresh delivery: the server runs with `--session-duration {REFRESH_SESSION} "
         f"--session-refresh {REFRESH_BEFORE}`, so the cache renews every identity a minute after "
@@ -282,12 +286,13 @@ async def run(section: Section, options) -> None:
          "sync CPU s",
          "start to serving s",
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
-         "streams failed", "connect retries", "streams connected s", "KB/stream", "refresh p50 ms",
+         "streams failed", "streams dropped", "connect retries", "streams connected s",
+         "KB/stream", "refresh p50 ms",
          "refresh p99 ms", "refresh max ms", "refresh all nodes s", "misrouted",
          "watch events/s",
          "events per server CPU s",
-         "unary calls/s", "bare calls/s", "ratio", "unary p99 ms", "bare p99 ms",
-         "server CPU"],
+         "unary calls/s", "bare calls/s", "ratio", "ratio per round", "unary p99 ms",
+         "bare p99 ms", "server CPU", "CPU µs/call", "bare CPU µs/call"],
     )  # fmt: skip
     rows = []
     bare: dict = {"answer": work / "answer.bin"}  # the bare servicer, started once
@@ -334,6 +339,15 @@ async def run(section: Section, options) -> None:
         failed, refresh = largest["streams_failed"], largest["refresh"]
         section.check(f"node streams connected at once ({largest['streams']:,})", "0 failed",
                       f"{failed:,} failed", failed == 0)  # fmt: skip
+        dropped = largest.get("streams_dropped_causes", {})
+        pings = sum(n for cause, n in dropped.items() if "too_many_pings" in cause.lower())
+        causes = "; ".join(f"{n:,} {cause}" for cause, n in sorted(
+            dropped.items(), key=lambda item: -item[1])[:3])  # fmt: skip
+        section.check("node streams ended after connecting (keepalive pings every 5 s)",
+                      "0 (none for too_many_pings)",
+                      f"{sum(dropped.values()):,} ({pings:,} too_many_pings)"
+                      + (f": {causes}" if causes else ""),
+                      not dropped)  # fmt: skip
         section.check("credentials refresh reaching every node that needs it", "measured",
                       f"{refresh['nodes']:,} nodes, {refresh['waiting']:,} still waiting",
                       refresh["waiting"] == 0 and refresh["nodes"] > 0)  # fmt: skip
@@ -370,15 +384,30 @@ async def _measure(
         bare["process"], bare["port"] = await _start_bare(tls, bare["answer"])
     bare_process, bare_port = bare["process"], bare["port"]
     mine, theirs = [], []
-    for _ in range(max(1, options.repeat)):
+    for round_ in range(max(1, options.repeat)):
+        profiler = None
+        if server.profile is not None and round_ == 0:  # the first round of unary calls
+            out = server.profile.with_name(f"{server.profile.name}-unary-server.txt")
+            profiler = await _profiler(server.process.pid, out)
+            await asyncio.sleep(0.5)
         mine.append(await _unary(target, tls, asks, options, pid=server.process.pid))
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await profiler.wait()
         theirs.append(
             await _unary(f"localhost:{bare_port}", tls, asks, options, pid=bare_process.pid)
         )
     unary = max(mine, key=lambda r: r["cps"])
     bare_best = max(theirs, key=lambda r: r["cps"])
     ratio = unary["cps"] / bare_best["cps"] if bare_best["cps"] else 0.0
-    row.update(unary=unary, bare=bare_best, unary_ratio=ratio)
+    # Each round's ratio too (its podiam run over the bare run that followed it), and the
+    # server CPU per call: a loaded machine moves the best-of ratio, the CPU per call less.
+    rounds = [
+        {"ratio": m["cps"] / t["cps"] if t["cps"] else 0.0,
+         "cpu_us": _cpu_per_call_us(m), "bare_cpu_us": _cpu_per_call_us(t)}
+        for m, t in zip(mine, theirs, strict=True)
+    ]  # fmt: skip
+    row.update(unary=unary, bare=bare_best, unary_ratio=ratio, unary_rounds=rounds)
     if options.scale_streams:
         try:
             row.update(await _node_streams(server, size, tls, options))
@@ -449,6 +478,8 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         watched = {key: sum(r[key] for r in results) for key in ("delivered", "misrouted",
                                                                   "updates")}  # fmt: skip
         watched["seconds"] = max(r["seconds"] for r in results)
+        # Streams that ended after their snapshot, over the whole run (the watch comes last).
+        dropped = _summed(r.get("dropped_causes", {}) for r in results)
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -471,11 +502,20 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         "streams_retries": sum(r.get("retries", 0) for r in readies),
         "streams_retry_causes": _summed(r.get("retry_causes", {}) for r in readies),
         "stream_bytes": (after - before) * 1024 * 1024 / streams,
+        "streams_dropped": sum(dropped.values()),
+        "streams_dropped_causes": dropped,
         "refresh": refresh,
         "watch_events_per_s": count / seconds,
         "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
         "fanout": watched,
     }
+
+
+def _cpu_per_call_us(result: dict) -> float:
+    """The served process's CPU µs per call over a unary run (procs.generate's served_cpu is
+    CPU seconds per second)."""
+    cps = result.get("cps") or 0.0
+    return result.get("served_cpu", 0.0) / cps * 1e6 if cps else 0.0
 
 
 def _summed(counts) -> dict[str, int]:
@@ -559,22 +599,33 @@ def _add_row(table, row: dict) -> None:
     watch_alone = f"{watch_alone:,.0f}" if watch_alone else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
-                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 19)  # fmt: skip
+                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 23)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
         row["pods"], row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
         row["start_s"],
         row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
-        row.get("streams_failed", "—"), row.get("streams_retries", "—"),
+        row.get("streams_failed", "—"), row.get("streams_dropped", "—"),
+        row.get("streams_retries", "—"),
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
         *_refresh_cells(row.get("refresh")),
         row["fanout"]["misrouted"] if "fanout" in row else "—",
         row["watch_events_per_s"], row.get("watch_events_per_cpu_s", "—"), unary["cps"],
-        bare["cps"], f"{row['unary_ratio']:.2f}x", unary["p99_ms"], bare["p99_ms"],
-        f"{unary['served_cpu']:.2f}",
+        bare["cps"], f"{row['unary_ratio']:.2f}x",
+        " ".join(f"{r['ratio']:.2f}" for r in row.get("unary_rounds", ())),
+        unary["p99_ms"], bare["p99_ms"], f"{unary['served_cpu']:.2f}",
+        *_cpu_cells(row.get("unary_rounds")),
     )  # fmt: skip
+
+
+def _cpu_cells(rounds: list[dict] | None) -> list:
+    """The median over the rounds of the server's and the bare servicer's CPU µs per call."""
+    if not rounds:
+        return ["—", "—"]
+    return [procs.percentile(sorted(r[key] for r in rounds), 0.5)
+            for key in ("cpu_us", "bare_cpu_us")]  # fmt: skip
 
 
 def _refresh_cells(refresh: dict | None) -> list:

@@ -3,9 +3,12 @@ once per set of credentials and forgotten with them.
 
 Every agent asking for the same identity gets the same credentials until the next refresh, and
 formatting two timestamps per call was most of the unary RPC's own work, so each message is
-built once. ``CredentialMessages`` is fed by what the credentials cache announces (through the
-node fan-out, server/fanout.py): new credentials replace the identity's message, and "none" —
-the identity was released, or its credentials expired — drops it. So it holds exactly the
+built once — and serialized once, for the unary RPC, which answers with those bytes as they are
+(server/service.py: its handler is registered without a response serializer).
+
+``CredentialMessages`` is fed by what the credentials cache announces (through the node fan-out,
+server/fanout.py): new credentials replace the identity's message and bytes, and "none" — the
+identity was released, or its credentials expired — drops both. So it holds exactly the
 credentials the cache holds, and no secret outlives its place in the cache.
 """
 
@@ -34,11 +37,17 @@ def build_message(creds: AwsCredentials) -> kiam_pb2.Credentials:
 class _Held:
     creds: AwsCredentials
     built: kiam_pb2.Credentials | None = None
+    wire: bytes | None = None  # ``built`` serialized, for the unary RPC
 
     def message(self) -> kiam_pb2.Credentials:
         if self.built is None:
             self.built = build_message(self.creds)
         return self.built
+
+    def serialized(self) -> bytes:
+        if self.wire is None:
+            self.wire = self.message().SerializeToString()
+        return self.wire
 
 
 class CredentialMessages:
@@ -74,6 +83,15 @@ class CredentialMessages:
         if held is not None and held.creds is creds:
             return held.message()
         return build_message(creds)
+
+    def serialized(self, identity: RoleIdentity, creds: AwsCredentials) -> bytes:
+        """``message(identity, creds)`` serialized: the bytes the unary RPC answers with, kept
+        with the message (and forgotten with it) when ``creds`` are the held credentials, so
+        a call for held credentials serializes nothing."""
+        held = self._held.get(identity)
+        if held is not None and held.creds is creds:
+            return held.serialized()
+        return build_message(creds).SerializeToString()
 
     def clear(self) -> None:
         self._held.clear()

@@ -64,6 +64,7 @@ class NodeStream:
                 update = self._delta(watch)
                 if update is not None:
                     yield update
+                del update  # sent by now (see KiamService.WatchNode): not held while waiting
         finally:
             self._fanout.unsubscribe(watch)
 

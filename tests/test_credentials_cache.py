@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
+from protos import kiam_pb2
 from server.credentials import MIN_REMAINING, CredentialCache, CredentialsUnavailable
 from server.credentials_proto import CredentialMessages
 from server.fanout import NodeFanout
@@ -434,6 +435,49 @@ async def test_wire_message_is_dropped_when_credentials_expire_or_are_released(
 
     cache.release(BILLING)
     assert BILLING not in messages
+
+    sts.set_failing(True, "Throttling")  # no refresh: the credentials run out
+    clock.advance(timedelta(hours=2))
+    await eventually(lambda: cache.peek(ORDERS) is None and ORDERS not in messages)
+    assert len(messages) == 0
+
+
+async def test_fresh_is_what_get_returns_at_once_and_nothing_with_30_minutes_or_less_left(
+    cache: CredentialCache, sts: MotoSts, clock: FakeClock
+) -> None:
+    assert cache.fresh(ORDERS) is None  # nothing held: get would fetch
+    cache.acquire(ORDERS)
+    await eventually(lambda: cache.peek(ORDERS) is not None)
+    held = cache.peek(ORDERS)
+    assert cache.fresh(ORDERS) is held and await cache.get(ORDERS) is held
+
+    sts.set_failing(True, "Throttling")  # the refresher cannot replace them meanwhile
+    clock.now = held.expiration - MIN_REMAINING  # exactly 30 minutes left: get must decide
+    assert cache.fresh(ORDERS) is None
+    clock.now = held.expiration + timedelta(seconds=1)
+    assert cache.fresh(ORDERS) is None
+
+
+async def test_serialized_answer_is_the_message_once_per_set_and_forgotten_with_it(
+    with_messages, sts: MotoSts, clock: FakeClock, updates: Updates
+) -> None:
+    cache, messages = with_messages
+    cache.acquire(ORDERS)
+    await eventually(lambda: cache.peek(ORDERS) is not None)
+    first = cache.peek(ORDERS)
+    wire = messages.serialized(ORDERS, first)
+    assert wire == messages.message(ORDERS, first).SerializeToString()
+    assert messages.serialized(ORDERS, first) is wire  # serialized once
+
+    clock.now = first.expiration - timedelta(minutes=34)  # due for refresh
+    await eventually(lambda: len(updates.of(ORDERS)) == 2)
+    second = cache.peek(ORDERS)
+    assert second is not None and second.access_key_id != first.access_key_id
+    again = kiam_pb2.Credentials.FromString(messages.serialized(ORDERS, second))
+    assert again.access_key_id == second.access_key_id
+    # Asked for the old set by name, it is built afresh, never taken for the held one.
+    assert messages.serialized(ORDERS, first) == wire and ORDERS in messages
+    assert messages.serialized(ORDERS, first) is not wire
 
     sts.set_failing(True, "Throttling")  # no refresh: the credentials run out
     clock.advance(timedelta(hours=2))
