@@ -262,7 +262,11 @@ async def run(section: Section, options) -> None:
         "over the nodes), until each has reached its own node's stream (with streams) or the "
         "server's `podiam_pods_indexed` shows them all (without); the API server's own "
         "creating and encoding of the events included. Misrouted: pod states that reached "
-        "another node's stream (must be 0). Then deleted again, so every server measured lists "
+        "another node's stream (must be 0). Stream messages: the node-stream messages that "
+        "carried them (fewer than the events when changes coalesce); delivery p50/p99: from the "
+        "moment the pods are asked for to each one's arrival at its node's stream (the API "
+        "server's creating of the burst included). Then deleted again, so every server measured "
+        "lists "
         "the same cluster. Events per server CPU s: the same events over the CPU seconds the "
         "server used meanwhile — what one core of the server sustains, whatever the machine's "
         "other load.",
@@ -284,7 +288,7 @@ async def run(section: Section, options) -> None:
          "RSS MB", "peak RSS MB", "bytes/pod (RSS over 0 pods)", "node streams",
          "streams failed", "connect retries", "streams connected s", "KB/stream", "refresh p50 ms",
          "refresh p99 ms", "refresh max ms", "refresh all nodes s", "misrouted",
-         "watch events/s",
+         "stream messages", "delivery p50 ms", "delivery p99 ms", "watch events/s",
          "events per server CPU s",
          "unary calls/s", "bare calls/s", "ratio", "unary p99 ms", "bare p99 ms",
          "server CPU"],
@@ -449,6 +453,9 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         watched = {key: sum(r[key] for r in results) for key in ("delivered", "misrouted",
                                                                   "updates")}  # fmt: skip
         watched["seconds"] = max(r["seconds"] for r in results)
+        latencies = sorted(t for r in results for t in r["latencies"])
+        watched["delivery_p50_ms"] = procs.percentile(latencies, 0.5) * 1000
+        watched["delivery_p99_ms"] = procs.percentile(latencies, 0.99) * 1000
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -559,7 +566,7 @@ def _add_row(table, row: dict) -> None:
     watch_alone = f"{watch_alone:,.0f}" if watch_alone else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
-                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 19)  # fmt: skip
+                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 22)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
@@ -570,11 +577,18 @@ def _add_row(table, row: dict) -> None:
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
         *_refresh_cells(row.get("refresh")),
-        row["fanout"]["misrouted"] if "fanout" in row else "—",
+        *_fanout_cells(row.get("fanout")),
         row["watch_events_per_s"], row.get("watch_events_per_cpu_s", "—"), unary["cps"],
         bare["cps"], f"{row['unary_ratio']:.2f}x", unary["p99_ms"], bare["p99_ms"],
         f"{unary['served_cpu']:.2f}",
     )  # fmt: skip
+
+
+def _fanout_cells(fanout: dict | None) -> list:
+    if not fanout:
+        return ["—"] * 4
+    return [fanout["misrouted"], fanout["updates"], fanout["delivery_p50_ms"],
+            fanout["delivery_p99_ms"]]  # fmt: skip
 
 
 def _refresh_cells(refresh: dict | None) -> list:
