@@ -15,13 +15,15 @@ commands, one a line:
     watch <first> <count> <nodes>   pods first..first+count-1 of bench/kubeproc.py are about
                                     to be added: print ``watching``, wait until each has
                                     reached its own node's stream, and print ``watched
-                                    {"seconds", "delivered", "misrouted", "updates"}`` —
-                                    misrouted counts pod states that reached another node's
-                                    stream (there must be none), and ``dropped``/
-                                    ``dropped_causes``: the streams that have ended since
-                                    their snapshot, by gRPC status and details (there must be
-                                    none; "too_many_pings" would be the server's keepalive
-                                    enforcement refusing the agent's pings)
+                                    {"seconds", "delivered", "misrouted", "updates",
+                                    "latencies", "dropped", "dropped_causes"}`` — misrouted
+                                    counts pod states that reached another node's stream
+                                    (there must be none); latencies, the seconds from the
+                                    command to each pod's arrival; dropped/dropped_causes, the
+                                    streams that have ended since their snapshot, by gRPC
+                                    status and details (there must be none; "too_many_pings"
+                                    would be the server's keepalive enforcement refusing the
+                                    agent's pings)
     refresh <seconds> <path>        note which credentials each stream holds now, and wait up to
                                     <seconds> until every stream has been sent new credentials
                                     for each identity it held; write to <path> ``{host: [[
@@ -91,6 +93,8 @@ class Streams:
         self.delivered = 0
         self.misrouted = 0
         self.updates = 0
+        self.watch_started = 0.0
+        self.latencies: list[float] = []  # seconds from the watch command to each arrival
         self.done = asyncio.Event()
         # Each stream's credentials (identity key → AccessKeyId), and while a refresh command
         # runs: what each still waits for, and what arrived when.
@@ -147,6 +151,7 @@ class Streams:
                 if want != host:
                     self.misrouted += 1
                 self.delivered += 1
+                self.latencies.append(time.perf_counter() - self.watch_started)
             if self.expected == {} and self.delivered:
                 self.done.set()
 
@@ -222,6 +227,7 @@ async def run(spec: dict) -> None:
             }
             streams.expected = {ip: h for ip, h in expected.items() if h in streams.live}
             streams.delivered = streams.misrouted = streams.updates = 0
+            streams.watch_started, streams.latencies = started, []
             streams.done.clear()
             print("watching", flush=True)  # the caller adds the pods only now
             try:
@@ -234,6 +240,7 @@ async def run(spec: dict) -> None:
                 "misrouted": streams.misrouted,
                 "updates": streams.updates,
                 **streams.ended(),
+                "latencies": [round(t, 4) for t in streams.latencies],
             }
             print("watched " + json.dumps(result), flush=True)
         elif command[:1] == ["refresh"]:

@@ -266,7 +266,11 @@ async def run(section: Section, options) -> None:
         "over the nodes), until each has reached its own node's stream (with streams) or the "
         "server's `podiam_pods_indexed` shows them all (without); the API server's own "
         "creating and encoding of the events included. Misrouted: pod states that reached "
-        "another node's stream (must be 0). Then deleted again, so every server measured lists "
+        "another node's stream (must be 0). Stream messages: the node-stream messages that "
+        "carried them (fewer than the events when changes coalesce); delivery p50/p99: from the "
+        "moment the pods are asked for to each one's arrival at its node's stream (the API "
+        "server's creating of the burst included). Then deleted again, so every server measured "
+        "lists "
         "the same cluster. Events per server CPU s: the same events over the CPU seconds the "
         "server used meanwhile — what one core of the server sustains, whatever the machine's "
         "other load.",
@@ -289,7 +293,7 @@ async def run(section: Section, options) -> None:
          "streams failed", "streams dropped", "connect retries", "streams connected s",
          "KB/stream", "refresh p50 ms",
          "refresh p99 ms", "refresh max ms", "refresh all nodes s", "misrouted",
-         "watch events/s",
+         "stream messages", "delivery p50 ms", "delivery p99 ms", "watch events/s",
          "events per server CPU s",
          "unary calls/s", "bare calls/s", "ratio", "ratio per round", "unary p99 ms",
          "bare p99 ms", "server CPU", "CPU µs/call", "bare CPU µs/call"],
@@ -480,6 +484,9 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         watched["seconds"] = max(r["seconds"] for r in results)
         # Streams that ended after their snapshot, over the whole run (the watch comes last).
         dropped = _summed(r.get("dropped_causes", {}) for r in results)
+        latencies = sorted(t for r in results for t in r["latencies"])
+        watched["delivery_p50_ms"] = procs.percentile(latencies, 0.5) * 1000
+        watched["delivery_p99_ms"] = procs.percentile(latencies, 0.99) * 1000
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -599,7 +606,7 @@ def _add_row(table, row: dict) -> None:
     watch_alone = f"{watch_alone:,.0f}" if watch_alone else "—"
     if not row["pods"]:
         table.add(0, row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
-                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 23)  # fmt: skip
+                  row["start_s"], row["rss_mb"], row["peak_rss_mb"], *["—"] * 26)  # fmt: skip
         return
     unary, bare = row["unary"], row["bare"]
     table.add(
@@ -611,7 +618,7 @@ def _add_row(table, row: dict) -> None:
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
         *_refresh_cells(row.get("refresh")),
-        row["fanout"]["misrouted"] if "fanout" in row else "—",
+        *_fanout_cells(row.get("fanout")),
         row["watch_events_per_s"], row.get("watch_events_per_cpu_s", "—"), unary["cps"],
         bare["cps"], f"{row['unary_ratio']:.2f}x",
         " ".join(f"{r['ratio']:.2f}" for r in row.get("unary_rounds", ())),
@@ -626,6 +633,13 @@ def _cpu_cells(rounds: list[dict] | None) -> list:
         return ["—", "—"]
     return [procs.percentile(sorted(r[key] for r in rounds), 0.5)
             for key in ("cpu_us", "bare_cpu_us")]  # fmt: skip
+
+
+def _fanout_cells(fanout: dict | None) -> list:
+    if not fanout:
+        return ["—"] * 4
+    return [fanout["misrouted"], fanout["updates"], fanout["delivery_p50_ms"],
+            fanout["delivery_p99_ms"]]  # fmt: skip
 
 
 def _refresh_cells(refresh: dict | None) -> list:

@@ -233,6 +233,7 @@ class PodiamServer:
             messages=messages,
             fanout=fanout,
             node_binding=config.node_binding,
+            node_stream_linger=config.node_stream_linger.total_seconds(),
             denials=recorder,
             startup_taint=self.startup_taint,
             audit=self.audit,

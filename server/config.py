@@ -20,6 +20,10 @@ from server.sts_budget import DEFAULT_BURST, DEFAULT_QPS
 # STS limits on DurationSeconds.
 STS_MIN_DURATION = timedelta(minutes=15)
 STS_MAX_DURATION = timedelta(hours=12)
+# Node streams: see --node-stream-linger. The upper bound stays below the agents' own wait for a
+# pod they do not know yet (--pod-wait, 0.9s by default).
+DEFAULT_NODE_STREAM_LINGER = "50ms"
+MAX_NODE_STREAM_LINGER = timedelta(seconds=0.5)
 
 
 # A label/taint key: an optional DNS-subdomain prefix and "/", then a name (Kubernetes'
@@ -59,6 +63,7 @@ class ServerConfig:
     startup_taint: str | None
     prometheus_listen_addr: tuple[str, int] | None
     max_connection_age: timedelta
+    node_stream_linger: timedelta
     audit_log: str
     session_tags: bool
     transitive_session_tags: bool
@@ -221,6 +226,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         default="30s",
         help="after --max-connection-age, calls still open on the old connection (an agent's "
         "node stream, until the agent has moved it to a new one) are cut after this long",
+    )
+    flag(
+        "--node-stream-linger",
+        env="PODIAM_NODE_STREAM_LINGER",
+        type=duration,
+        default=DEFAULT_NODE_STREAM_LINGER,
+        help="the shortest time between two messages on one node stream: a change after a "
+        "quiet spell goes to the agent at once, the changes that follow it within this time go "
+        "together in one message (each message costs the server far more than a change; 0 "
+        "sends every change as it is applied). Agents wait up to their --pod-wait for a pod "
+        "they do not know yet, so keep it well below that",
     )
     flag(
         "--session-tags",
@@ -419,6 +435,8 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
             f"--startup-taint {startup_taint!r} is not a taint key (an optional DNS subdomain "
             "prefix and '/', then a name of up to 63 letters, digits, '-', '_' or '.')"
         )
+    if not timedelta(0) <= args.node_stream_linger <= MAX_NODE_STREAM_LINGER:
+        parser.error("--node-stream-linger must lie between 0 and 500ms")
     if args.transitive_session_tags and not args.session_tags:
         parser.error("--transitive-session-tags needs --session-tags")
     cluster_name = args.cluster_name.strip()
@@ -459,6 +477,7 @@ def _validate(parser: EnvDefaultsParser, args: argparse.Namespace) -> ServerConf
         prometheus_listen_addr=args.prometheus_listen_addr,
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
+        node_stream_linger=args.node_stream_linger,
         audit_log=args.audit_log.strip() or "-",
         session_tags=args.session_tags,
         transitive_session_tags=args.transitive_session_tags,

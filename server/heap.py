@@ -14,6 +14,11 @@ made later are collected as usual; the cost is that cyclic garbage among the fro
 not reclaimed while they stay frozen (the collection just before freezing leaves none then).
 ``unsettle``, when the server stops, hands them back, for processes that go on afterwards (the
 tests run many servers in one process).
+
+After the freeze the young generation is collected far less often (every 20,000 allocations
+net, not 700): a watch event allocates a few dozen short-lived objects, almost all freed by
+reference counting, and the collections in between were about 3 µs of every event (the server
+scale bench, 10,000 events) while finding next to nothing. ``unsettle`` restores the thresholds.
 """
 
 from __future__ import annotations
@@ -24,12 +29,21 @@ import time
 
 log = logging.getLogger(__name__)
 
+# gc.set_threshold after the freeze: young generation, then how many young collections make a
+# middle one, and middle ones an old one (CPython's defaults are 700, 10, 10).
+SETTLED_THRESHOLDS = (20_000, 20, 100)
+_thresholds: tuple[int, int, int] | None = None  # what settle replaced
+
 
 def settle() -> None:
     """Collect once, then take every object now alive out of future collections."""
     started = time.perf_counter()
+    global _thresholds
     gc.collect()
     gc.freeze()
+    if _thresholds is None:
+        _thresholds = gc.get_threshold()
+    gc.set_threshold(*SETTLED_THRESHOLDS)
     log.info(
         "froze %d long-lived objects out of garbage collection in %.2fs",
         gc.get_freeze_count(),
@@ -38,5 +52,9 @@ def settle() -> None:
 
 
 def unsettle() -> None:
-    """Hand the frozen objects back to the collector."""
+    """Hand the frozen objects back to the collector, with its thresholds as they were."""
+    global _thresholds
     gc.unfreeze()
+    if _thresholds is not None:
+        gc.set_threshold(*_thresholds)
+        _thresholds = None

@@ -111,6 +111,9 @@ class _EventHead(_Wire):
     object: Raw = field(default_factory=Raw)  # empty when absent
 
 
+_OBJECT_EVENTS = frozenset({"ADDED", "MODIFIED", "DELETED"})
+
+
 class Page(Generic[T]):
     """One page of a list: its items (wire structs, or dictionaries for a plain codec), the
     snapshot's resourceVersion and the token of the next page ("" on the last)."""
@@ -138,6 +141,16 @@ class Codec:
         self._event = msgspec.json.Decoder(_EventHead)
         self._any = msgspec.json.Decoder()
         self._one = msgspec.json.Decoder(wire) if wire is not None else self._any
+        # The common event (an object of the expected shape) in one pass; anything else takes
+        # the two-step path below.
+        self._typed = None
+        if wire is not None:
+            typed = msgspec.defstruct(
+                "_TypedEvent",
+                [("type", Any, None), ("object", wire | None, None)],
+                gc=False,
+            )
+            self._typed = msgspec.json.Decoder(typed)
         self._many = msgspec.json.Decoder(list[wire]) if wire is not None else self._any
 
     def page(self, body: bytes) -> Page:
@@ -169,6 +182,15 @@ class Codec:
         (no type, no object). ADDED, MODIFIED and DELETED objects are wire structs where they
         have the expected shape; everything else (ERROR's Status, BOOKMARK) is a dictionary.
         Raises ValueError for a line that is not JSON."""
+        if self._typed is not None:
+            try:
+                typed = self._typed.decode(line)
+            except msgspec.ValidationError:
+                pass  # not of the expected shape: decided below, as for any other event
+            else:
+                obj = typed.object
+                if obj is not None and typed.type in _OBJECT_EVENTS:
+                    return typed.type, obj, resource_version(obj)
         try:
             head = self._event.decode(line)
         except msgspec.ValidationError:

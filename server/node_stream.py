@@ -10,7 +10,9 @@ never asks the cache, and keeps no credentials of its own between messages.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
 
 from protos import kiam_pb2
@@ -46,23 +48,42 @@ class NodeStream:
         fanout: NodeFanout,
         host_ip: str,
         audit: ServedPods | None = None,
+        linger: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self._pods = pods
         self._fanout = fanout
         self._audit = audit
         self.host_ip = host_ip
         self._sent: set[str] = set()  # identity keys
+        # At most one message per ``linger`` seconds: a change after a quiet spell goes out at
+        # once, the changes that follow it within ``linger`` wait and go out together (each
+        # message costs the server far more than the changes in it; see --node-stream-linger).
+        self._linger = linger
+        self._clock = clock
+        self._sleep = sleep
 
     async def updates(self) -> AsyncIterator[kiam_pb2.NodeUpdate]:
         watch = self._fanout.subscribe(self.host_ip)
         try:
-            yield self._snapshot(watch)
+            snapshot = self._snapshot(watch)
+            sent = self._clock()
+            yield snapshot
+            del snapshot  # sent by now: the node's whole state is not held while waiting
             while True:
                 await watch.changed.wait()
                 if watch.closed:
                     return
+                if self._linger > 0:
+                    wait = sent + self._linger - self._clock()
+                    if wait > 0:
+                        await self._sleep(wait)  # what changes meanwhile joins this message
+                        if watch.closed:
+                            return
                 update = self._delta(watch)
                 if update is not None:
+                    sent = self._clock()
                     yield update
                 del update  # sent by now (see KiamService.WatchNode): not held while waiting
         finally:

@@ -10,8 +10,9 @@ local copy exact (an "informer"/"reflector" in client-go terms), feeding an ``Ob
                                   410 Gone means the history we need is lost: list again
         _list_pages               one full list, page by page (limit/continue), asking for
                                   the next page before decoding this one
-        _watch_events             one HTTP watch stream, as decoded events
-          _split_lines            raw bytes to lines, however long a line is
+        _watch_events             one HTTP watch stream, as batches of decoded events
+          _split_lines            raw bytes to lines, however long a line is, as batches:
+                                  every complete line already received
 
 It uses kubernetes_asyncio for configuration, authentication and URLs, but reads raw JSON
 (``_preload_content=False``): the generated model classes are slow and large, and 100,000 pods
@@ -157,9 +158,9 @@ class Reflector:
                 # before listing again, so a misbehaving server cannot make us spin.
                 await self._relist()
             try:
-                async with aclosing(self._watch_events()) as events:
-                    async for event in events:
-                        self._apply(event)
+                async with aclosing(self._watch_events()) as batches:
+                    async for batch in batches:
+                        self._apply_batch(batch)
             except _Gone as gone:
                 log.info("%s watch: %s; listing again", self._resource, gone)
                 WATCH_RESTARTS.labels(resource=self._resource, reason="gone").inc()
@@ -238,8 +239,9 @@ class Reflector:
 
     # --- watching ---------------------------------------------------------------------------
 
-    async def _watch_events(self) -> AsyncIterator[tuple[str, Any, str | None] | None]:
-        """The events of one watch stream from our resourceVersion, until the stream ends."""
+    async def _watch_events(self) -> AsyncIterator[list[tuple[str, Any, str | None] | None]]:
+        """The events of one watch stream from our resourceVersion, until the stream ends, as
+        batches: the events of every complete line received so far."""
         response = await self._list(
             watch=True,
             allow_watch_bookmarks=True,
@@ -257,15 +259,31 @@ class Reflector:
             if response.status != 200:
                 _raise_for_status(response.status, await response.read())
             self._failures = 0
-            async for line in _split_lines(response.content):
-                try:
-                    event = self._codec.event(line)
-                except ValueError:
-                    log.warning("%s watch: skipping a line that is not JSON", self._resource)
-                    continue
-                yield event
+            decode = self._codec.event
+            async for lines in _split_lines(response.content):
+                batch = []
+                for line in lines:
+                    try:
+                        batch.append(decode(line))
+                    except ValueError:
+                        log.warning("%s watch: skipping a line that is not JSON", self._resource)
+                yield batch
         finally:
             response.close()  # never reuse a connection left mid-stream
+
+    def _apply_batch(self, batch: list[tuple[str, Any, str | None] | None]) -> None:
+        """Every event already received, applied in one step before the loop moves on: a node
+        stream woken by the first of them finds the rest of its node's changes there too, so a
+        backlog coalesces by itself. Counted once per batch and type."""
+        counted: dict[str, int] = {}
+        try:
+            for event in batch:
+                if event is not None:
+                    counted[event[0]] = counted.get(event[0], 0) + 1
+                self._apply(event)
+        finally:
+            for kind, count in counted.items():
+                _count_events(self._resource, kind, count)
 
     def _apply(self, event: tuple[str, Any, str | None] | None) -> None:
         """One decoded watch event: (type, object, the object's resourceVersion), None when
@@ -274,7 +292,6 @@ class Reflector:
             log.warning("%s watch: skipping a malformed event", self._resource)
             return
         kind, obj, version = event
-        _count_event(self._resource, kind)
         if kind == "ERROR":
             # The API server ends a watch it cannot serve with an ERROR event carrying a
             # Status (always a dictionary here); 410 means our resourceVersion is older than
@@ -319,7 +336,7 @@ class Reflector:
 _EVENT_COUNTERS: dict[tuple[str, str], Any] = {}
 
 
-def _count_event(resource: str, kind: str) -> None:
+def _count_events(resource: str, kind: str, count: int) -> None:
     # The labelled child is looked up once per (resource, type): at 20,000 events a second the
     # lookup by label cost more than applying an event.
     counter = _EVENT_COUNTERS.get((resource, kind))
@@ -327,27 +344,35 @@ def _count_event(resource: str, kind: str) -> None:
         counter = _EVENT_COUNTERS[(resource, kind)] = WATCH_EVENTS.labels(
             resource=resource, type=kind
         )
-    counter.inc()
+    counter.inc(count)
 
 
-async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """Lines of a newline-delimited stream, however long. (StreamReader.readline refuses lines
-    above its buffer limit, and one pod with large annotations can exceed it.)"""
+async def _split_lines(stream: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """Lines of a newline-delimited stream, however long, in batches: each batch every complete
+    line received so far (the last line may be unterminated when the stream ends). Never an
+    empty batch. (StreamReader.readline refuses lines above its buffer limit, and one pod with
+    large annotations can exceed it.)"""
     partial: list[bytes] = []
     async for chunk in stream.iter_any():
+        lines = []
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
-            partial.append(chunk[start:end])
-            line = b"".join(partial)
-            partial.clear()
+            if partial:
+                partial.append(chunk[start:end])
+                line = b"".join(partial)
+                partial.clear()
+            else:
+                line = chunk[start:end]
             if line and not line.isspace():
-                yield line
+                lines.append(line)
             start = end + 1
         if start < len(chunk):
             partial.append(chunk[start:])
+        if lines:
+            yield lines
     line = b"".join(partial)
     if line and not line.isspace():
-        yield line
+        yield [line]
 
 
 def _raise_for_status(status: int, body: bytes) -> None:

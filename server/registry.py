@@ -103,6 +103,8 @@ class Registry:
         self._denials = denials
         self._allowed_accounts = allowed_accounts
         self._index = PodIndex()
+        # Read when scraped, not set on every change: one lock less per watch event.
+        metrics.PODS_INDEXED.set_function(self._index.__len__)
         # The index's own dictionary, read directly by the hot lookup.
         self.pods = self._index.pods
         self._grants: dict[PodKey, Grant] = {}
@@ -192,14 +194,12 @@ class Registry:
     # ---- pods -------------------------------------------------------------------------------
 
     def _upsert_pod_object(self, obj: Pod | dict[str, Any]) -> PodKey:
-        key = self._put_pod_object(obj)
-        metrics.PODS_INDEXED.set(len(self._index))
-        return key
+        return self._put_pod_object(obj)
 
     def _upsert_pod_page(
         self, objects: Sequence[Pod | dict[str, Any]], on_error: Callable[[Any], None]
     ) -> list[PodKey]:
-        """A page of a list, in one step: every pod stored, the gauge set once."""
+        """A page of a list, in one step."""
         keys = []
         put = self._put_pod_object
         for obj in objects:
@@ -207,22 +207,19 @@ class Registry:
                 keys.append(put(obj))
             except Exception:
                 on_error(obj)
-        metrics.PODS_INDEXED.set(len(self._index))
         return keys
 
     def _put_pod_object(self, obj: Pod | dict[str, Any]) -> PodKey:
         pod = pod_from_object(obj)
         key = pod.key
         # A finished pod's IP may already be reused; it is of no further interest.
-        self._store_pod(key, None if is_finished(pod.phase) else pod, count=False)
+        self._store_pod(key, None if is_finished(pod.phase) else pod)
         return key
 
     def _delete_pod_key(self, key: PodKey) -> None:
         self._store_pod(key, None)
 
-    def _store_pod(
-        self, key: PodKey, new: PodRecord | None, *, regrant: bool = False, count: bool = True
-    ) -> None:
+    def _store_pod(self, key: PodKey, new: PodRecord | None, *, regrant: bool = False) -> None:
         old = self._index.get(key)
         if new == old and not regrant:
             return
@@ -249,8 +246,6 @@ class Registry:
                 self._on_pod_active(new)
         self._publish(old, new, ips, uses)
         self._report_denial(old, old_grant, new, grant)
-        if count:
-            metrics.PODS_INDEXED.set(len(self._index))
 
     def _report_denial(
         self,

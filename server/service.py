@@ -80,8 +80,10 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         audit: AuditTrail | None = None,
         token_pods: TokenPods | None = None,
         allowed_accounts: frozenset[str] = frozenset(),
+        node_stream_linger: float = 0.0,
     ) -> None:
         self._token_pods = token_pods
+        self._node_stream_linger = node_stream_linger
         self._audit = audit
         self._allowed_accounts = allowed_accounts
         self._registry = registry
@@ -147,7 +149,11 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         log.info("node stream opened for %s", host_ip)
         metrics.REQUESTS.tally("WatchNode", "OK")
         stream = NodeStream(
-            pods=self._registry, fanout=self._fanout, host_ip=host_ip, audit=self._audit
+            pods=self._registry,
+            fanout=self._fanout,
+            host_ip=host_ip,
+            audit=self._audit,
+            linger=self._node_stream_linger,
         )
         try:
             async for update in stream.updates():

@@ -206,6 +206,29 @@ async def test_added_modified_and_deleted_pods_reach_the_sink(kube: KubeApiServe
     assert sink.deleted == ["default/goes"]
 
 
+def watch_events(kind: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "podiam_kube_watch_events_total", {"resource": "pods", "type": kind}
+        )
+        or 0.0
+    )
+
+
+async def test_every_watch_event_is_counted_by_type_when_they_arrive_together(
+    kube: KubeApiServer, api: ApiClient
+):
+    add_pods(kube, "old-0", "old-1")
+    sink = RecordingSink()
+    async with reflecting(kube, api, sink):
+        added, deleted = watch_events("ADDED"), watch_events("DELETED")
+        add_pods(kube, *(f"burst-{n}" for n in range(20)))  # one write: a batch of 20 lines
+        kube.delete_pod("default", "old-0")
+        await eventually(lambda: "default/burst-19" in sink.names() and sink.deleted)
+        await eventually(lambda: watch_events("ADDED") == added + 20)
+        assert watch_events("DELETED") == deleted + 1
+
+
 async def test_dropped_watch_resumes_from_last_version_without_relisting(
     kube: KubeApiServer, api: ApiClient
 ):

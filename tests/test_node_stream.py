@@ -59,10 +59,36 @@ def identity(role: str, pod: str) -> RoleIdentity:
     return RoleIdentity(BASE + role, f"podiam-{pod}")
 
 
+class Lull:
+    """The stream's clock, moved by the test, and its sleep, which lasts until the test ends it:
+    a linger observed without waiting for real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.asked: list[float] = []  # each sleep the stream began, in seconds
+        self._over = asyncio.Event()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self._over.clear()
+        await self._over.wait()
+        self.now += seconds
+
+    async def sleeping(self) -> None:
+        """Until the stream has begun a sleep."""
+        await eventually(lambda: bool(self.asked))
+
+    def end(self) -> None:
+        self._over.set()
+
+
 class Node:
     """A registry and fan-out, and one agent's stream on NODE."""
 
-    def __init__(self, holder=None) -> None:
+    def __init__(self, holder=None, *, lull: Lull | None = None, linger: float = 0.0) -> None:
         self.messages = CredentialMessages()
         self.fanout = NodeFanout(self.messages)
         self.registry = Registry(
@@ -72,7 +98,10 @@ class Node:
             changes=self.fanout,
         )
         self.registry.namespace_sink.upsert(namespace_object("apps", "app-.*"))
-        self.stream = NodeStream(pods=self.registry, fanout=self.fanout, host_ip=NODE)
+        timing = {"clock": lull.clock, "sleep": lull.sleep} if lull is not None else {}
+        self.stream = NodeStream(
+            pods=self.registry, fanout=self.fanout, host_ip=NODE, linger=linger, **timing
+        )
         self.updates = self.stream.updates()
 
     def pod(self, name: str, role: str | None, *, ip: str, host_ip: str = NODE) -> dict:
@@ -139,6 +168,57 @@ async def test_a_burst_of_changes_is_one_message(node: Node) -> None:
         node.pod(f"burst-{n}", "app-burst", ip=f"10.1.2.{n}")
     update = await node.next()
     assert set(pods_of(update)) == {f"10.1.2.{n}" for n in range(5)}
+
+
+async def test_with_a_linger_a_change_after_a_quiet_spell_goes_out_at_once() -> None:
+    lull = Lull()
+    node = Node(lull=lull, linger=0.05)
+    try:
+        await node.next()
+        lull.now += 0.06  # longer than the linger since the snapshot
+        node.pod("lone", "app-lone", ip="10.1.2.50")
+        update = await node.next()
+        assert set(pods_of(update)) == {"10.1.2.50"}
+        assert lull.asked == []  # sent without waiting
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_the_changes_that_follow_a_message_go_out_as_one() -> None:
+    lull = Lull()
+    node = Node(lull=lull, linger=0.05)
+    try:
+        await node.next()
+        lull.now += 1
+        node.pod("first", "app-burst", ip="10.1.2.60")
+        assert set(pods_of(await node.next())) == {"10.1.2.60"}
+
+        node.pod("second", "app-burst", ip="10.1.2.61")
+        following = asyncio.ensure_future(node.next())
+        await lull.sleeping()  # without a linger, the second pod would be on its way already
+        assert lull.asked == [pytest.approx(0.05)]
+        node.pod("third", "app-burst", ip="10.1.2.62")
+        await asyncio.sleep(0)
+        node.pod("fourth", "app-burst", ip="10.1.2.63")
+        lull.end()
+        update = await following
+        assert set(pods_of(update)) == {"10.1.2.61", "10.1.2.62", "10.1.2.63"}
+    finally:
+        await node.updates.aclose()
+
+
+async def test_a_stream_lingering_ends_when_the_fan_out_closes() -> None:
+    lull = Lull()
+    node = Node(lull=lull, linger=0.05)
+    await node.next()
+    node.pod("late", "app-late", ip="10.1.2.70")
+    ending = asyncio.ensure_future(node.next())
+    await lull.sleeping()
+    node.fanout.close()
+    lull.end()
+    with pytest.raises(StopAsyncIteration):
+        await ending
+    assert not node.fanout.watching
 
 
 async def test_credentials_are_pushed_when_announced_refreshed_and_withdrawn(node: Node) -> None:

@@ -65,6 +65,12 @@ def test_every_flag_has_an_environment_twin():
     assert config.prometheus_listen_addr is None
 
 
+def test_node_streams_linger_50ms_by_default_and_can_send_every_change_at_once():
+    assert parse(*BASE).node_stream_linger == timedelta(milliseconds=50)
+    config = parse(*BASE, environ={"PODIAM_NODE_STREAM_LINGER": "0"})
+    assert config.node_stream_linger == timedelta(0)
+
+
 def test_a_flag_wins_over_its_environment_twin():
     config = parse(*BASE, "--session-name", "flag", environ={"PODIAM_SESSION_NAME": "env"})
     assert config.session_name == "flag"
@@ -90,6 +96,7 @@ def test_durations_accept_units(text, seconds):
         (["--log-level", "loud"], "invalid log level"),
         (["--allowed-account", "1234"], "not a 12-digit AWS account id"),
         (["--allowed-account", "12345678901a"], "not a 12-digit AWS account id"),
+        (["--node-stream-linger", "600ms"], "between 0 and 500ms"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(capsys, args, message):
