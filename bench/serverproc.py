@@ -18,6 +18,7 @@ import aiohttp
 from bench import procs
 from certs.tls import TlsFiles
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, MotoSts
+from tests.support.scrape import unlabelled_value
 from tests.support.server import BASE_ARN
 
 _SERVING = re.compile(r"serving gRPC on [^:]+:(\d+)")
@@ -108,11 +109,7 @@ class ServerProcess:
     async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
         """An unlabelled metric's value from the server's /metrics, 0 while it has none."""
         async with session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
-            text = await response.text()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return 0.0
+            return unlabelled_value(await response.text(), name)
 
     async def stop(self) -> None:
         await procs.stop(self.process)

@@ -25,6 +25,7 @@ from agent.refusal import Refused
 from agent.state import NodeState
 from tests.support.agent import NODE, pod_session, running_agent
 from tests.support.pods import add_pod
+from tests.support.scrape import unlabelled_value
 from tests.support.server import indexed, running_server
 from tests.support.waiting import eventually
 
@@ -41,11 +42,7 @@ def namespaces():
 async def _counter(agent, name: str) -> float:
     async with pod_session("127.0.0.1") as http:
         async with http.get(f"http://127.0.0.1:{agent.metrics_port}/metrics") as response:
-            text = await response.text()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+            return unlabelled_value(await response.text(), name)
 
 
 # Each connection is recycled a second after it opens and cut a second after its GOAWAY: a

@@ -404,13 +404,18 @@ async def with_messages(make_cache: Callable[..., CredentialCache], updates: Upd
     return make_cache(on_update=on_update), messages
 
 
+async def _held(cache: CredentialCache, identity: RoleIdentity) -> AwsCredentials:
+    """``identity`` acquired, once the cache holds its first credentials."""
+    cache.acquire(identity)
+    await eventually(lambda: cache.peek(identity) is not None)
+    return cache.peek(identity)
+
+
 async def test_wire_message_is_built_once_per_set_and_dropped_when_refreshed(
     with_messages, sts: MotoSts, clock: FakeClock, updates: Updates
 ) -> None:
     cache, messages = with_messages
-    cache.acquire(ORDERS)
-    await eventually(lambda: cache.peek(ORDERS) is not None)
-    first = cache.peek(ORDERS)
+    first = await _held(cache, ORDERS)
     message = messages.message(ORDERS, first)
     assert messages.message(ORDERS, first) is message and ORDERS in messages
 
@@ -462,9 +467,7 @@ async def test_serialized_answer_is_the_message_once_per_set_and_forgotten_with_
     with_messages, sts: MotoSts, clock: FakeClock, updates: Updates
 ) -> None:
     cache, messages = with_messages
-    cache.acquire(ORDERS)
-    await eventually(lambda: cache.peek(ORDERS) is not None)
-    first = cache.peek(ORDERS)
+    first = await _held(cache, ORDERS)
     wire = messages.serialized(ORDERS, first)
     assert wire == messages.message(ORDERS, first).SerializeToString()
     assert messages.serialized(ORDERS, first) is wire  # serialized once
