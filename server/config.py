@@ -22,7 +22,10 @@ STS_MIN_DURATION = timedelta(minutes=15)
 STS_MAX_DURATION = timedelta(hours=12)
 # Node streams: see --node-stream-linger. The upper bound stays below the agents' own wait for a
 # pod they do not know yet (--pod-wait, 0.9s by default).
-DEFAULT_NODE_STREAM_LINGER = "50ms"
+# Off: a linger holds back removals as well, and until a pod's removal reaches its agent the
+# agent still answers for it (a deleted pod's token, an IP about to be reused): with 50 ms,
+# tests/test_token_credentials.py failed in every run.
+DEFAULT_NODE_STREAM_LINGER = "0s"
 MAX_NODE_STREAM_LINGER = timedelta(seconds=0.5)
 
 
