@@ -239,7 +239,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         "quiet spell goes to the agent at once, the changes that follow it within this time go "
         "together in one message (each message costs the server far more than a change; 0 "
         "sends every change as it is applied). Agents wait up to their --pod-wait for a pod "
-        "they do not know yet, so keep it well below that",
+        "they do not know yet, so keep it well below that. Off by default: it holds back "
+        "removals too, and until a pod's removal arrives its agent still answers for it",
     )
     flag(
         "--session-tags",
