@@ -31,7 +31,7 @@ from server.kubeconfig import KubeConfigError, check_api_reachable, load_api_cli
 from server.pods import UNFINISHED_PODS
 from server.reflector import Reflector
 from server.registry import Registry
-from server.service import KiamService, add_to_server
+from server.service import SERVICE_NAME, KiamService, add_to_server
 from server.sessions import SessionNameFrom, session_namer, session_tagger
 from server.startup_taint import StartupTaintRemover
 from server.sts import StsGateway
@@ -41,8 +41,6 @@ from server.token_review import TokenReviewer
 from server.webhook import InjectSettings, ReloadingContext, webhook_app
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "kiam.KiamService"
 
 # gRPC's core keeps the calls that have arrived but that grpc.aio has not yet taken (it takes
 # them one at a time, on the event loop that also builds every node stream's snapshot) in a

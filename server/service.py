@@ -323,6 +323,10 @@ class KiamService(kiam_pb2_grpc.KiamServiceServicer):
         return found.pod, found.grant
 
 
+# As the protocol names it: what gRPC routes by, and what the health service reports on.
+SERVICE_NAME = kiam_pb2.DESCRIPTOR.services_by_name["KiamService"].full_name
+
+
 class _Handlers:
     """Stands in for a server to take the method handlers the generated registration builds."""
 
@@ -347,11 +351,8 @@ def add_to_server(service: KiamService, server: grpc.aio.Server) -> None:
         request_deserializer=kiam_pb2.GetPodCredentialsRequest.FromString,
         response_serializer=None,
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-
-
-SERVICE = "kiam.KiamService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def is_local(ip: str | None) -> bool:
