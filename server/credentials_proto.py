@@ -86,19 +86,20 @@ class CredentialMessages:
         """``creds`` as a message: the one kept when they are the held credentials, else one
         built for this call alone (credentials fetched for an identity nobody acquired are
         handed out once and never kept)."""
-        held = self._held.get(identity)
-        if held is not None and held.creds is creds:
-            return held.message()
-        return build_message(creds)
+        held = self._kept(identity, creds)
+        return held.message() if held is not None else build_message(creds)
 
     def serialized(self, identity: RoleIdentity, creds: AwsCredentials) -> bytes:
         """``message(identity, creds)`` serialized: the bytes the unary RPC answers with, kept
         with the message (and forgotten with it) when ``creds`` are the held credentials, so
         a call for held credentials serializes nothing."""
+        held = self._kept(identity, creds)
+        return held.serialized() if held is not None else build_message(creds).SerializeToString()
+
+    def _kept(self, identity: RoleIdentity, creds: AwsCredentials) -> _Held | None:
+        """What is kept for ``identity`` when ``creds`` are its held credentials, else None."""
         held = self._held.get(identity)
-        if held is not None and held.creds is creds:
-            return held.serialized()
-        return build_message(creds).SerializeToString()
+        return held if held is not None and held.creds is creds else None
 
     def clear(self) -> None:
         self._held.clear()
