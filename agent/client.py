@@ -380,7 +380,7 @@ class StreamFollower:
                 await asyncio.sleep(self._idle_seconds)
                 continue
             except grpc.aio.AioRpcError as error:
-                reason, failures = f"{error.code().name}: {error.details()}", failures + 1
+                reason, failures = _why(error), failures + 1
             except _Stalled as error:
                 reason, failures = str(error), failures + 1
             server = str(self.endpoint) if self.endpoint is not None else self._server
