@@ -202,3 +202,62 @@ def test_realscale_compares_the_real_api_with_the_double_at_the_same_pods(tmp_pa
         assert row["streams"] == row["node_streams_metric"] == 4
         assert row["snapshot_pods"] == 12
         assert row["delivered_pods"] == 5
+
+
+async def test_kubeproc_rollout_replaces_pods_through_their_lifecycles_in_waves(tmp_path):
+    """bench/kubeproc.py ``rollout``: the pods added first replaced by new ones, wave by wave,
+    each pod through its lifecycle's events, as a pod watch with podiam's selector sees them."""
+    import asyncio
+
+    import aiohttp
+
+    from server.pods import UNFINISHED_PODS
+    from tests.support.kubeapi import DEFAULT_TOKEN
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.kubeproc", "--pods", "10", "--nodes", "3",
+        "--local-pods", "0", "--kubeconfig", str(tmp_path / "kubeconfig"),
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def command(text: str) -> bytes:
+        process.stdin.write(text.encode() + b"\n")
+        await process.stdin.drain()
+        return await asyncio.wait_for(process.stdout.readline(), 30)
+
+    try:
+        url = (await asyncio.wait_for(process.stdout.readline(), 60)).split()[1].decode()
+        assert (await command("add 4")).startswith(b"added 4")
+        headers = {"Authorization": f"Bearer {DEFAULT_TOKEN}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{url}/api/v1/pods", params={"limit": "1"}) as response:
+                version = (await response.json())["metadata"]["resourceVersion"]
+            query = {"watch": "true", "resourceVersion": version, "fieldSelector": UNFINISHED_PODS}
+            async with session.get(f"{url}/api/v1/pods", params=query) as response:
+                rolled = json.loads((await command("rollout 4 3"))[len(b"rolled") :])
+                lines = [await response.content.readline() for _ in range(rolled["events"])]
+        events = [json.loads(line) for line in lines]
+        assert rolled["count"] == 4 and rolled["events"] == 24 and len(rolled["waves"]) == 2
+        steps = [(e["type"], e["object"]["metadata"]["name"]) for e in events]
+        new, old = ["pod-14", "pod-15", "pod-16"], ["pod-10", "pod-11", "pod-12"]
+        first_wave = (
+            [("ADDED", n) for n in new] + [("MODIFIED", n) for n in new] * 2
+            + [("MODIFIED", n) for n in old] * 2 + [("DELETED", n) for n in old]
+        )  # fmt: skip
+        assert steps[:18] == first_wave
+        assert steps[18:] == [("ADDED", "pod-17"), ("MODIFIED", "pod-17"), ("MODIFIED", "pod-17"),
+                              ("MODIFIED", "pod-13"), ("MODIFIED", "pod-13"),
+                              ("DELETED", "pod-13")]  # fmt: skip
+        started = events[6]["object"]  # pod-14, started on its node with its IP
+        assert started["status"]["podIP"] == "10.64.0.14"
+        assert started["status"]["hostIP"] == "10.1.0.3"  # node 14 % 3 = 2
+        assert (await command("remove 4")).startswith(b"removed 4")
+        # No added pod left: the next ones are numbered from the start again.
+        assert (await command("add 1")).startswith(b"added 1")
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{url}/api/v1/pods") as response:
+                names = {p["metadata"]["name"] for p in (await response.json())["items"]}
+        assert names == {f"pod-{k}" for k in range(11)}
+    finally:
+        process.kill()
+        await process.wait()
