@@ -32,11 +32,12 @@ commands, one a line:
                                     {"streams", "waiting"}`` — waiting: the streams still
                                     missing some when the time ran out (and ``dropped``/
                                     ``dropped_causes`` as for watch)
-    lifecycle <old> <new> <count> <nodes> <path>
+    lifecycle <old> <new> <count> <nodes> <path> [<seconds>]
                                     pods new..new+count-1 are about to replace pods
                                     old..old+count-1 (bench/kubeproc.py ``rollout``): print
                                     ``following``, wait until each new pod's state and each
-                                    old pod's removal has reached its own node's stream, write
+                                    old pod's removal has reached its own node's stream (or
+                                    <seconds>, 600 if not given, have passed), write
                                     to <path> ``{ip: arrival}`` (time.time()), and print
                                     ``followed {"seconds", "states", "removals", "misrouted",
                                     "updates", "missing"}`` (misrouted: a state or removal of
@@ -248,7 +249,7 @@ async def follow_lifecycle(streams: Streams, words: list[str]) -> dict:
     started = time.perf_counter()
     print("following", flush=True)  # the caller starts the rollout only now
     try:
-        await asyncio.wait_for(lifecycle.done.wait(), 600)
+        await asyncio.wait_for(lifecycle.done.wait(), float(words[5]) if words[5:] else 600)
     except TimeoutError:
         pass  # reported as missing
     finally:

@@ -2,7 +2,33 @@
 another, so the resident memory measured is the server's alone. For each cluster size: the
 initial sync (list of namespaces and pods until gRPC is served), resident memory, watch events
 processed per second, and unary GetPodCredentials calls/s against a bare grpc.aio servicer with
-the same mutual TLS, measured in the same run."""
+the same mutual TLS, measured in the same run.
+
+Watch events come in two mixes. The burst adds pods already Running with an IP, so every event
+changes a node's state and costs a node-stream message: the worst case. The rollout is what a
+cluster's churn sends. Captured from the real control plane (tests/support/controlplane.py:
+kube-apiserver, the scheduler, the controller manager's Deployment and ReplicaSet controllers,
+kwok with tests/controlplane/kwok-stages.yaml), a Deployment of 3 pods rolled out (maxSurge 1)
+then deleted, watched with podiam's field selector (``status.phase!=Failed,...!=Succeeded``):
+every pod, old or new, went through the same six events —
+
+    ADDED     Pending, no node, no IPs                 (ReplicaSet controller)  record: new
+    MODIFIED  spec.nodeName, PodScheduled condition    (scheduler's binding)    record: same
+    MODIFIED  Running, hostIP, podIP, conditions, containerStatuses, startTime
+                                                       (kwok as the kubelet)   record: changed
+    MODIFIED  deletionTimestamp, deletionGracePeriodSeconds 30, generation 2
+                                                       (graceful delete)        record: same
+    MODIFIED  deletionGracePeriodSeconds 0, deletionTimestamp now
+                                                       (kwok: containers gone)  record: same
+    DELETED                                            (kwok)                   record: gone
+
+— so podiam's record (server/pods.py ``pod_from_object``) changes on 3 of 6, and a node's state
+(what its stream carries: the pod's IP and grant) on 2 of 6: the start and the deletion. The
+ADDED of a pod with no IP is kept but concerns no node. (A real kubelet writes more statuses
+than kwok's one-step stages: ContainerCreating before Running, Ready a probe later, containers
+terminated on deletion; each of those changes no field podiam reads except the phase, so a
+real node's mix has more events that change nothing, not fewer.) bench/kubeproc.py
+``rollout`` replays exactly these writes on the test double at scale."""
 
 from __future__ import annotations
 
@@ -312,6 +338,19 @@ async def run(section: Section, options) -> None:
         "the same cluster. Events per server CPU s: the same events over the CPU seconds the "
         "server used meanwhile — what one core of the server sustains, whatever the machine's "
         "other load.",
+        f"watch events by mix: the burst above, and a rollout of {options.lifecycle_pods:,} "
+        "pods: as many pods added first (not measured), then replaced by new ones in waves of "
+        f"{ROLLOUT_WAVE} (`bench/kubeproc.py rollout`), each pod through the six watch events "
+        "the real control plane writes (the module's docstring: created Pending, bound, "
+        "started; the old ones marked for deletion, marked with no grace period, deleted), "
+        f"{EVENTS_PER_REPLACEMENT} events per pod replaced, of which 2 change a node's state. "
+        "Events: those the server took (its `podiam_kube_watch_events_total` for pods, which "
+        "must equal what the API server wrote); timed from the rollout's start until the "
+        "server has taken every event and, with streams, every new pod's state and every old "
+        "pod's removal has reached its own node's stream (state-changing events: those "
+        "arrivals; misrouted: one of them on another node's stream; missing: never arrived); "
+        "delivery p50/p99 from the moment the API server had written a wave's change to its "
+        "arrival. API watch alone: the same rollout to the bare watch.",
         f"unary: {options.unary_calls} GetPodCredentials calls, {options.unary_concurrency} "
         "concurrent, over one mutual-TLS channel from a client process on the other core; the "
         "baseline is a bare grpc.aio servicer (`bench/grpcbare.py`) with the same TLS answering "
@@ -577,7 +616,9 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
     }
 
 
-async def _stream_lifecycle(server: _Server, clients, size: int, options) -> dict:
+async def _stream_lifecycle(
+    server: _Server, clients, size: int, options, *, wait: float = 600.0
+) -> dict:
     """The watch-event rate of a rollout (see the notes): ``lifecycle_pods`` pods added (not
     measured), then replaced by as many new ones, each pod through the events the real control
     plane writes, until the server has taken every event and each state change has reached
@@ -592,7 +633,7 @@ async def _stream_lifecycle(server: _Server, clients, size: int, options) -> dic
     paths = [work / f"arrivals-{k}.json" for k in range(len(clients))]
     old, new = size, size + count  # the pods' numbers (bench/kubeproc.py)
     for client, path in zip(clients, paths, strict=True):
-        client.stdin.write(f"lifecycle {old} {new} {count} {nodes} {path}\n".encode())
+        client.stdin.write(f"lifecycle {old} {new} {count} {nodes} {path} {wait}\n".encode())
         await client.stdin.drain()
     await asyncio.gather(*(_line(c, b"following", 60) for c in clients))
     profilers = await _profile_phase(server, "lifecycle")
@@ -601,9 +642,9 @@ async def _stream_lifecycle(server: _Server, clients, size: int, options) -> dic
         started = time.perf_counter()
         cpu_started = procs.cpu_seconds(server.process.pid)
         rolled = await kube.rollout(count)
-        followed = await asyncio.gather(*(_line(c, b"followed", 900) for c in clients))
+        followed = await asyncio.gather(*(_line(c, b"followed", wait + 60) for c in clients))
         # Every event taken, those that changed no node's state too.
-        deadline = time.perf_counter() + 600
+        deadline = time.perf_counter() + wait
         while (events := await _pod_events(server, session) - seen) < rolled["events"]:
             if time.perf_counter() > deadline:
                 raise RuntimeError("the server did not take every event of the rollout")
