@@ -40,9 +40,11 @@ commands, one a line:
                                     <seconds>, 600 if not given, have passed), write
                                     to <path> ``{ip: arrival}`` (time.time()), and print
                                     ``followed {"seconds", "states", "removals", "misrouted",
-                                    "updates", "missing"}`` (misrouted: a state or removal of
-                                    one of them on another node's stream; updates: the stream
-                                    messages meanwhile) and dropped/dropped_causes as for watch
+                                    "updates", "missing", "lost"}`` (misrouted: a state or
+                                    removal of one of them on another node's stream; lost:
+                                    those of streams that ended meanwhile, no longer awaited;
+                                    updates: the stream messages meanwhile) and
+                                    dropped/dropped_causes as for watch
     quit
 
 The time runs from reading the command to the last pod's arrival, so it includes the API
@@ -52,6 +54,7 @@ server creating the pods and sending the events, the server applying them, and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -247,11 +250,20 @@ async def follow_lifecycle(streams: Streams, words: list[str]) -> dict:
 
     lifecycle = streams.lifecycle = Lifecycle(expected(new), expected(old))
     started = time.perf_counter()
+    deadline = started + (float(words[5]) if words[5:] else 600)
     print("following", flush=True)  # the caller starts the rollout only now
+    lost = 0  # expected on a stream that ended meanwhile: they cannot arrive
     try:
-        await asyncio.wait_for(lifecycle.done.wait(), float(words[5]) if words[5:] else 600)
-    except TimeoutError:
-        pass  # reported as missing
+        while not lifecycle.done.is_set() and time.perf_counter() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lifecycle.done.wait(), 0.5)
+            for expected_ in (lifecycle.states, lifecycle.removals):
+                gone = [ip for ip, host in expected_.items() if host not in streams.live]
+                for ip in gone:
+                    del expected_[ip]
+                lost += len(gone)
+            if not lifecycle.states and not lifecycle.removals:
+                lifecycle.done.set()
     finally:
         streams.lifecycle = None
     await asyncio.to_thread(Path(words[4]).write_text, json.dumps(lifecycle.arrivals))
@@ -260,6 +272,7 @@ async def follow_lifecycle(streams: Streams, words: list[str]) -> dict:
         "states": lifecycle.arrived_states,
         "removals": lifecycle.arrived_removals,
         "missing": len(lifecycle.states) + len(lifecycle.removals),
+        "lost": lost,
         "misrouted": lifecycle.misrouted,
         "updates": lifecycle.updates,
         **streams.ended(),

@@ -348,7 +348,8 @@ async def run(section: Section, options) -> None:
         "must equal what the API server wrote); timed from the rollout's start until the "
         "server has taken every event and, with streams, every new pod's state and every old "
         "pod's removal has reached its own node's stream (state-changing events: those "
-        "arrivals; misrouted: one of them on another node's stream; missing: never arrived); "
+        "arrivals; misrouted: one of them on another node's stream; missing: never arrived on a "
+        "live stream, and those of streams that ended meanwhile, no longer awaited, beside it); "
         "delivery p50/p99 from the moment the API server had written a wave's change to its "
         "arrival (when the API server writes faster than the server takes the events, this is "
         "mostly the backlog's wait); API wrote s: how long the API server took to write them "
@@ -680,6 +681,7 @@ async def _stream_lifecycle(
         "events_per_cpu_s": events / cpu if cpu else 0.0,
         "state_changing": sum(f["states"] + f["removals"] for f in followed),
         "missing": sum(f["missing"] for f in followed),
+        "lost": sum(f["lost"] for f in followed),  # on streams that ended meanwhile
         "misrouted": sum(f["misrouted"] for f in followed),
         "updates": sum(f["updates"] for f in followed),
         "delivery_p50_ms": procs.percentile(latencies, 0.5) * 1000,
@@ -880,8 +882,14 @@ def _add_mix_rows(table, row: dict, options) -> None:
             lifecycle["events_per_cpu_s"],
             lifecycle.get("updates", "—"), lifecycle.get("delivery_p50_ms", "—"),
             lifecycle.get("delivery_p99_ms", "—"), lifecycle.get("misrouted", "—"),
-            lifecycle.get("missing", "—"),
+            _missing_cell(lifecycle),
         )  # fmt: skip
+
+
+def _missing_cell(lifecycle: dict):
+    """Missing arrivals, and those no longer awaited because their stream ended meanwhile."""
+    missing, lost = lifecycle.get("missing", "—"), lifecycle.get("lost")
+    return f"{missing:,} (+{lost:,} on streams that ended)" if lost else missing
 
 
 def _mix_fanout_cells(fanout: dict | None, options) -> list:
