@@ -24,11 +24,12 @@ every pod, old or new, went through the same six events —
 
 — so podiam's record (server/pods.py ``pod_from_object``) changes on 3 of 6, and a node's state
 (what its stream carries: the pod's IP and grant) on 2 of 6: the start and the deletion. The
-ADDED of a pod with no IP is kept but concerns no node. (A real kubelet writes more statuses
-than kwok's one-step stages: ContainerCreating before Running, Ready a probe later, containers
-terminated on deletion; each of those changes no field podiam reads except the phase, so a
-real node's mix has more events that change nothing, not fewer.) bench/kubeproc.py
-``rollout`` replays exactly these writes on the test double at scale."""
+ADDED of a pod with no IP is kept but concerns no node. (Not captured here: a real kubelet
+writes more statuses than kwok's one-step stage — hostIP and ContainerCreating before the IP,
+Ready after a probe, containers terminated, perhaps a finished phase that the field selector
+turns into the DELETED; still only the IP's arrival and the pod's end change what a node's
+stream carries, so a real node sends more events per pod, not more state changes.)
+bench/kubeproc.py ``rollout`` replays exactly the captured writes on the test double."""
 
 from __future__ import annotations
 
