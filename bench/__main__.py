@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale = parser.add_argument_group("scale: server")
     scale.add_argument("--scale-pods", type=_ints, help="cluster sizes, e.g. 10000,50000,100000")
     scale.add_argument("--watch-events", type=int, help="pods added after the sync, as events")
+    scale.add_argument(
+        "--lifecycle-pods",
+        type=int,
+        help="pods a rollout replaces, each through its lifecycle's watch events (0: none)",
+    )
     scale.add_argument("--unary-calls", type=int, help="GetPodCredentials calls per measurement")
     scale.add_argument("--unary-concurrency", type=int, help="concurrent unary calls")
     scale.add_argument("--scale-nodes", type=int, help="nodes the pods spread over")
@@ -147,6 +152,7 @@ _FULL = {
     "scale_pods": [10000, 50000, 100000],
     "real_scale": "1000x110,5000x22",
     "watch_events": 10000,
+    "lifecycle_pods": 30000,
     "unary_calls": 5000,
     "unary_concurrency": 32,
     "scale_nodes": 5000,
@@ -188,6 +194,7 @@ _QUICK = {
     "scale_pods": [10000],
     "real_scale": "20x5",
     "watch_events": 2000,
+    "lifecycle_pods": 3000,
     "unary_calls": 1500,
     "unary_concurrency": 32,
     "scale_nodes": 500,

@@ -32,6 +32,19 @@ commands, one a line:
                                     {"streams", "waiting"}`` — waiting: the streams still
                                     missing some when the time ran out (and ``dropped``/
                                     ``dropped_causes`` as for watch)
+    lifecycle <old> <new> <count> <nodes> <path> [<seconds>]
+                                    pods new..new+count-1 are about to replace pods
+                                    old..old+count-1 (bench/kubeproc.py ``rollout``): print
+                                    ``following``, wait until each new pod's state and each
+                                    old pod's removal has reached its own node's stream (or
+                                    <seconds>, 600 if not given, have passed), write
+                                    to <path> ``{ip: arrival}`` (time.time()), and print
+                                    ``followed {"seconds", "states", "removals", "misrouted",
+                                    "updates", "missing", "lost"}`` (misrouted: a state or
+                                    removal of one of them on another node's stream; lost:
+                                    those of streams that ended meanwhile, no longer awaited;
+                                    updates: the stream messages meanwhile) and
+                                    dropped/dropped_causes as for watch
     quit
 
 The time runs from reading the command to the last pod's arrival, so it includes the API
@@ -41,6 +54,7 @@ server creating the pods and sending the events, the server applying them, and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -102,6 +116,7 @@ class Streams:
         self.awaited: dict[str, dict[str, str]] = {}
         self.arrivals: dict[str, list[tuple[str, float]]] = {}
         self.refreshed = asyncio.Event()
+        self.lifecycle: Lifecycle | None = None  # while a lifecycle command runs
 
     async def follow(self, stub: kiam_pb2_grpc.KiamServiceStub, host: str) -> None:
         failures = 0
@@ -144,6 +159,8 @@ class Streams:
                     self.all_snapshots.set()
                 continue
             self.updates += 1
+            if self.lifecycle is not None:
+                self.lifecycle.arrived(host, update)
             for state in update.pods:
                 want = self.expected.pop(state.ip, None)
                 if want is None:
@@ -186,6 +203,80 @@ class Streams:
     def ended(self) -> dict:
         """The streams that have ended since their snapshot, and why."""
         return {"dropped": sum(self.dropped.values()), "dropped_causes": dict(self.dropped)}
+
+
+class Lifecycle:
+    """What a rollout (bench/kubeproc.py ``rollout``) must bring the streams: each new pod's
+    state on its node's stream, each old pod's IP removed from its node's stream."""
+
+    def __init__(self, states: dict[str, str], removals: dict[str, str]) -> None:
+        self.states, self.removals = states, removals  # IP → the host that must get it
+        self.home = {**states, **removals}  # kept, for what arrives anywhere after delivery
+        self.arrivals: dict[str, float] = {}
+        self.arrived_states = self.arrived_removals = self.misrouted = self.updates = 0
+        self.done = asyncio.Event()
+        if not states and not removals:
+            self.done.set()
+
+    def arrived(self, host: str, update) -> None:
+        self.updates += 1
+        for expected, ips in ((self.states, (s.ip for s in update.pods)),
+                              (self.removals, update.removed_ips)):  # fmt: skip
+            for ip in ips:
+                home = self.home.get(ip)
+                if home is not None and home != host:
+                    self.misrouted += 1
+                if expected.get(ip) != host:
+                    continue
+                del expected[ip]
+                self.arrivals[ip] = time.time()
+                if expected is self.states:
+                    self.arrived_states += 1
+                else:
+                    self.arrived_removals += 1
+        if not self.states and not self.removals:
+            self.done.set()
+
+
+async def follow_lifecycle(streams: Streams, words: list[str]) -> dict:
+    old, new, count, nodes = (int(word) for word in words[:4])
+
+    # Only pods on nodes whose stream is live can arrive (see "failed" in ready).
+    def expected(first: int) -> dict[str, str]:
+        hosts = (
+            (kubeproc.pod_ip(k), kubeproc.node_ip(k % nodes)) for k in range(first, first + count)
+        )
+        return {ip: host for ip, host in hosts if host in streams.live}
+
+    lifecycle = streams.lifecycle = Lifecycle(expected(new), expected(old))
+    started = time.perf_counter()
+    deadline = started + (float(words[5]) if words[5:] else 600)
+    print("following", flush=True)  # the caller starts the rollout only now
+    lost = 0  # expected on a stream that ended meanwhile: they cannot arrive
+    try:
+        while not lifecycle.done.is_set() and time.perf_counter() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lifecycle.done.wait(), 0.5)
+            for expected_ in (lifecycle.states, lifecycle.removals):
+                gone = [ip for ip, host in expected_.items() if host not in streams.live]
+                for ip in gone:
+                    del expected_[ip]
+                lost += len(gone)
+            if not lifecycle.states and not lifecycle.removals:
+                lifecycle.done.set()
+    finally:
+        streams.lifecycle = None
+    await asyncio.to_thread(Path(words[4]).write_text, json.dumps(lifecycle.arrivals))
+    return {
+        "seconds": time.perf_counter() - started,
+        "states": lifecycle.arrived_states,
+        "removals": lifecycle.arrived_removals,
+        "missing": len(lifecycle.states) + len(lifecycle.removals),
+        "lost": lost,
+        "misrouted": lifecycle.misrouted,
+        "updates": lifecycle.updates,
+        **streams.ended(),
+    }
 
 
 async def run(spec: dict) -> None:
@@ -247,6 +338,10 @@ async def run(spec: dict) -> None:
             result = await streams.refresh(float(command[1]))
             await asyncio.to_thread(Path(command[2]).write_text, json.dumps(streams.arrivals))
             print("refreshed " + json.dumps(result), flush=True)
+        elif command[:1] == ["lifecycle"]:
+            print(
+                "followed " + json.dumps(await follow_lifecycle(streams, command[1:])), flush=True
+            )
         elif command[:1] == ["quit"]:
             break
     for task in tasks:

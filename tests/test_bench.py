@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bench.__main__ import FAULTS, SECTIONS, parse_options
@@ -202,3 +203,144 @@ def test_realscale_compares_the_real_api_with_the_double_at_the_same_pods(tmp_pa
         assert row["streams"] == row["node_streams_metric"] == 4
         assert row["snapshot_pods"] == 12
         assert row["delivered_pods"] == 5
+
+
+async def test_kubeproc_rollout_replaces_pods_through_their_lifecycles_in_waves(tmp_path):
+    """bench/kubeproc.py ``rollout``: the pods added first replaced by new ones, wave by wave,
+    each pod through its lifecycle's events, as a pod watch with podiam's selector sees them."""
+    import asyncio
+
+    import aiohttp
+
+    from server.pods import UNFINISHED_PODS
+    from tests.support.kubeapi import DEFAULT_TOKEN
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.kubeproc", "--pods", "10", "--nodes", "3",
+        "--local-pods", "0", "--kubeconfig", str(tmp_path / "kubeconfig"),
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+
+    async def command(text: str) -> bytes:
+        process.stdin.write(text.encode() + b"\n")
+        await process.stdin.drain()
+        return await asyncio.wait_for(process.stdout.readline(), 30)
+
+    try:
+        url = (await asyncio.wait_for(process.stdout.readline(), 60)).split()[1].decode()
+        assert (await command("add 4")).startswith(b"added 4")
+        headers = {"Authorization": f"Bearer {DEFAULT_TOKEN}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{url}/api/v1/pods", params={"limit": "1"}) as response:
+                version = (await response.json())["metadata"]["resourceVersion"]
+            query = {"watch": "true", "resourceVersion": version, "fieldSelector": UNFINISHED_PODS}
+            async with session.get(f"{url}/api/v1/pods", params=query) as response:
+                rolled = json.loads((await command("rollout 4 3"))[len(b"rolled") :])
+                lines = [await response.content.readline() for _ in range(rolled["events"])]
+        events = [json.loads(line) for line in lines]
+        assert rolled["count"] == 4 and rolled["events"] == 24 and len(rolled["waves"]) == 2
+        steps = [(e["type"], e["object"]["metadata"]["name"]) for e in events]
+        new, old = ["pod-14", "pod-15", "pod-16"], ["pod-10", "pod-11", "pod-12"]
+        first_wave = (
+            [("ADDED", n) for n in new] + [("MODIFIED", n) for n in new] * 2
+            + [("MODIFIED", n) for n in old] * 2 + [("DELETED", n) for n in old]
+        )  # fmt: skip
+        assert steps[:18] == first_wave
+        assert steps[18:] == [("ADDED", "pod-17"), ("MODIFIED", "pod-17"), ("MODIFIED", "pod-17"),
+                              ("MODIFIED", "pod-13"), ("MODIFIED", "pod-13"),
+                              ("DELETED", "pod-13")]  # fmt: skip
+        started = events[6]["object"]  # pod-14, started on its node with its IP
+        assert started["status"]["podIP"] == "10.64.0.14"
+        assert started["status"]["hostIP"] == "10.1.0.3"  # node 14 % 3 = 2
+        assert (await command("remove 4")).startswith(b"removed 4")
+        # No added pod left: the next ones are numbered from the start again.
+        assert (await command("add 1")).startswith(b"added 1")
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.get(f"{url}/api/v1/pods") as response:
+                names = {p["metadata"]["name"] for p in (await response.json())["items"]}
+        assert names == {f"pod-{k}" for k in range(11)}
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_rollout_bench_sees_each_state_change_reach_its_own_nodes_stream(tmp_path):
+    """The scale section's rollout measurement with node streams, tiny: podiam-server takes
+    every event the API server wrote, and every new pod's state and old pod's removal — two
+    of each pod's six events — is seen by the simulated agent of that pod's node only."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bench import kubeproc, procs, server_scale
+    from certs.authority import generate_bundle, write_bundle
+    from tests.support.moto_sts import MotoSts
+
+    pods, nodes, replaced = 120, 6, 40
+    tls = tmp_path / "tls"
+    write_bundle(generate_bundle(), tls)
+    sts = MotoSts()
+    await asyncio.to_thread(sts.start)
+    kube = server_scale._Kube(pods, nodes, tmp_path)
+    await kube.start()
+    server = server_scale._Server(kube, sts, tls)
+    clients = []
+    try:
+        await server.start()
+        hosts = [kubeproc.node_ip(n) for n in range(nodes)]
+        for part in (hosts[:3], hosts[3:]):
+            client = await procs.spawn(["-m", "bench.nodestreams"], core=None,
+                                       stdin=asyncio.subprocess.PIPE)  # fmt: skip
+            clients.append(client)
+            spec = {"target": f"localhost:{server.port}", "tls": str(tls), "hosts": part}
+            client.stdin.write(json.dumps(spec).encode() + b"\n")
+            await client.stdin.drain()
+        for client in clients:
+            assert (await server_scale._line(client, b"ready", 60))["failed"] == 0
+        options = SimpleNamespace(lifecycle_pods=replaced, scale_nodes=nodes)
+
+        rolled = await server_scale._stream_lifecycle(server, clients, pods, options, wait=30)
+
+        assert rolled["written"] == rolled["events"] == 6 * replaced
+        assert rolled["state_changing"] == 2 * replaced
+        assert rolled["missing"] == rolled["misrouted"] == 0
+        assert 0 < rolled["updates"] <= 2 * replaced
+        assert rolled["delivery_p99_ms"] >= rolled["delivery_p50_ms"] > 0
+        # The cluster is back as it was: the next server measured lists the same pods.
+        async with aiohttp.ClientSession() as session:
+            assert await server.metric(session, "podiam_pods_indexed") == pods
+    finally:
+        for client in clients:
+            await procs.stop(client)
+        await server.stop()
+        await kube.stop()
+        await asyncio.to_thread(sts.stop)
+
+
+def test_scale_section_reports_the_burst_and_the_rollout_as_two_watch_event_mixes(tmp_path):
+    out, data = tmp_path / "report.md", tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--sections", "scale",
+            "--scale-pods", "300", "--scale-nodes", "10", "--scale-streams", "0",
+            "--watch-events", "20", "--lifecycle-pods", "30", "--unary-calls", "50",
+            "--repeat", "1", "--out", str(out), "--json", str(data),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(data.read_text())
+    (section,) = report["sections"]
+    mixes = next(t for t in section["tables"] if t["title"] == "watch events by mix")
+    by_mix = {row[2]: dict(zip(mixes["columns"], row, strict=True)) for row in mixes["rows"]}
+    burst = by_mix["pods added Running (each event changes a node's state)"]
+    rollout = by_mix["pod lifecycle (rollout)"]
+    assert burst["events"] == 20
+    assert rollout["events"] == 6 * 30  # every event the API server wrote, taken
+    (row,) = [r for r in section["data"]["rows"] if r["pods"]]
+    assert row["lifecycle"]["events"] == row["lifecycle"]["written"] == 180
+    checks = {check["name"]: check for check in report["checks"]}
+    judged = checks["watch events/s, pod lifecycle (rollout) (largest size)"]
+    assert judged["target"] == "≥ 20,000"
+    assert judged["ok"] == (row["lifecycle"]["events_per_s"] >= 20000)
+    worst = checks["watch events/s, every event changes a node's state (largest size)"]
+    assert worst["target"] == "measured"

@@ -22,6 +22,7 @@ from kubernetes_asyncio import config, watch
 from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api, VersionApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from server.pods import UNFINISHED_PODS, pod_from_object
 from tests.support.kubeapi import KubeApiServer
 
 
@@ -454,3 +455,44 @@ async def test_injected_failures_answer_once_each(kube: KubeApiServer, core: Cor
             await core.read_node("n6")
         assert error.value.status == 503
     assert (await core.read_node("n6")).metadata.name == "n6"
+
+
+async def test_a_pods_lifecycle_reaches_a_watch_as_the_real_control_plane_writes_it(
+    kube: KubeApiServer, core: CoreV1Api
+):
+    """A Deployment's pod as kube-apiserver, the scheduler and kwok write it (captured for
+    bench/server_scale.py): six events through podiam's field selector, of which podiam's
+    record of the pod changes on three — created, started, deleted."""
+    start = kube.store.rv
+    kube.add_pod("default", "web-1", phase="Pending", annotations={"iam.amazonaws.com/role": "app"})
+    kube.bind_pod("default", "web-1", "node-1")
+    kube.start_pod("default", "web-1", ip="10.0.0.1", host_ip="192.168.1.1")
+    kube.mark_pod_deleted("default", "web-1", 30)
+    kube.mark_pod_deleted("default", "web-1", 0)
+    kube.delete_pod("default", "web-1")
+
+    events = await watch_lines(core, 6, resource_version=str(start), field_selector=UNFINISHED_PODS)
+
+    seen = []
+    for event in events:
+        pod = event["object"]
+        metadata, spec, status = pod["metadata"], pod["spec"], pod["status"]
+        seen.append((
+            event["type"], spec.get("nodeName"), status["phase"], status.get("podIP"),
+            status.get("hostIP"), [c["type"] for c in status.get("conditions", [])],
+            metadata.get("deletionGracePeriodSeconds"), "deletionTimestamp" in metadata,
+            metadata.get("generation", 1),
+        ))  # fmt: skip
+    ready = ["Initialized", "ContainersReady", "Ready", "PodScheduled"]
+    assert seen == [
+        ("ADDED", None, "Pending", None, None, [], None, False, 1),
+        ("MODIFIED", "node-1", "Pending", None, None, ["PodScheduled"], None, False, 1),
+        ("MODIFIED", "node-1", "Running", "10.0.0.1", "192.168.1.1", ready, None, False, 1),
+        ("MODIFIED", "node-1", "Running", "10.0.0.1", "192.168.1.1", ready, 30, True, 2),
+        ("MODIFIED", "node-1", "Running", "10.0.0.1", "192.168.1.1", ready, 0, True, 2),
+        ("DELETED", "node-1", "Running", "10.0.0.1", "192.168.1.1", ready, 0, True, 2),
+    ]
+    records = [pod_from_object(event["object"]) for event in events]
+    changed = [n for n in range(1, 5) if records[n] != records[n - 1]]
+    assert changed == [2]  # of the MODIFIED events, only the start changes what podiam keeps
+    assert records[2].active and not records[0].active

@@ -383,6 +383,10 @@ def timestamp(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _now() -> str:
+    return timestamp(int(time.time()))
+
+
 def with_kind(resource: str, obj: Object) -> Object:
     """Objects carry kind and apiVersion everywhere except as items of a list."""
     return {"kind": KINDS[resource], "apiVersion": "v1", **obj}
@@ -664,6 +668,57 @@ class KubeApiServer:
 
     def delete_pod(self, namespace: str, name: str) -> Object:
         return copy.deepcopy(self.store.remove("pods", (namespace, name)))
+
+    # --- a pod's life as the control plane writes it ---------------------------------------
+    # As kube-apiserver, the scheduler and kwok write a Deployment's pod (seen through a watch
+    # with podiam's field selector; bench/server_scale.py's notes): created Pending and
+    # unscheduled (add_pod with phase="Pending" and no IPs), bound to a node, started (IPs,
+    # Running, Ready), marked for deletion with its grace period, marked again with none once
+    # its containers stopped, then deleted. These write the steps between, sharing what did not
+    # change with the stored object (never mutated) and returning nothing, so that a benchmark
+    # can replay a rollout of tens of thousands of pods at the rate of a real API server.
+
+    def bind_pod(self, namespace: str, name: str, node_name: str) -> None:
+        """The scheduler's binding: spec.nodeName and the PodScheduled condition."""
+        pod = self.store.get("pods", (namespace, name))
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}
+        self.store.replace("pods", {
+            **pod, "metadata": dict(pod["metadata"]),
+            "spec": {**pod["spec"], "nodeName": node_name},
+            "status": {**pod["status"], "conditions": [scheduled]},
+        })  # fmt: skip
+
+    def start_pod(self, namespace: str, name: str, *, ip: str, host_ip: str) -> None:
+        """The kubelet's report of a started pod: its IPs, Running, every condition True."""
+        pod = self.store.get("pods", (namespace, name))
+        now = _now()
+        conditions = [
+            {"type": kind, "status": "True", "lastTransitionTime": now}
+            for kind in ("Initialized", "ContainersReady", "Ready", "PodScheduled")
+        ]
+        containers = [
+            {"name": c["name"], "image": c["image"], "ready": True, "restartCount": 0,
+             "state": {"running": {"startedAt": now}}}
+            for c in pod["spec"].get("containers", ())
+        ]  # fmt: skip
+        status = {
+            "phase": "Running", "conditions": conditions, "containerStatuses": containers,
+            "hostIP": host_ip, "hostIPs": [{"ip": host_ip}], "podIP": ip, "podIPs": [{"ip": ip}],
+            "startTime": now,
+        }  # fmt: skip
+        self.store.replace("pods", {**pod, "metadata": dict(pod["metadata"]), "status": status})
+
+    def mark_pod_deleted(self, namespace: str, name: str, grace_seconds: int) -> None:
+        """A graceful delete (deletionTimestamp, deletionGracePeriodSeconds, the generation
+        bumped), or, with 0, the kubelet's final one once the containers have stopped."""
+        pod = self.store.get("pods", (namespace, name))
+        metadata = {
+            **pod["metadata"], "deletionGracePeriodSeconds": grace_seconds,
+            "deletionTimestamp": timestamp(int(time.time()) + grace_seconds),
+        }  # fmt: skip
+        if "deletionTimestamp" not in pod["metadata"]:
+            metadata["generation"] = metadata.get("generation", 1) + 1
+        self.store.replace("pods", {**pod, "metadata": metadata})
 
     def add_node(
         self,
