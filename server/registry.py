@@ -182,14 +182,19 @@ class Registry:
     def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]:
         """What the agent of ``host_ip`` should answer for ``ip``: (None, None) when no active
         pod of that node has it, (pod, None) when the IP is ambiguous."""
-        keys = self._index.holders(ip)
-        pods = [self.pods[key] for key in keys]
-        mine = [pod for pod in pods if pod.host_ip == host_ip]
-        if not mine:
-            return None, None
-        if len(pods) > 1:
-            return mine[0], None
-        return mine[0], self._grants[keys[0]]
+        # Asked for every IP of every node message: the sole holder (the common case) is looked
+        # up without building the holders' tuple or any list.
+        key = self._index.sole_holder(ip)
+        if key is not None:
+            pod = self.pods[key]
+            if pod.host_ip != host_ip:
+                return None, None
+            return pod, self._grants[key]
+        for key in self._index.holders(ip):  # none, or several: ambiguous
+            pod = self.pods[key]
+            if pod.host_ip == host_ip:
+                return pod, None
+        return None, None
 
     # ---- pods -------------------------------------------------------------------------------
 
