@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from protos import kiam_pb2
 from server.fanout import NodeFanout, NodeWatch
@@ -155,13 +155,11 @@ class NodeStream:
         state_on_node = self._pods.state_on_node
         host_ip = self.host_ip
         lingers = self._linger > 0
+        states, add_state = update.pods, self._add_state
         for ip in self._pods.node_ips(host_ip):
             pod, grant = state_on_node(ip, host_ip)
-            state = self._pod_state(ip, pod, grant)
-            if state is not None:
-                update.pods.append(state)
-                if lingers:
-                    self._held[ip] = (pod.uid, grant)
+            if add_state(states, ip, pod, grant) and lingers:
+                self._held[ip] = (pod.uid, grant)
         # Counted once here; from now on the registry's announcements keep the counts.
         watch.uses = self._pods.node_identity_uses(host_ip)
         watch.identities_changed = True
@@ -179,15 +177,14 @@ class NodeStream:
         state_on_node = self._pods.state_on_node
         host_ip = self.host_ip
         held = self._held if self._linger > 0 else None
+        states, add_state = update.pods, self._add_state
         for ip in sorted(ips):
             pod, grant = state_on_node(ip, host_ip)
-            state = self._pod_state(ip, pod, grant)
-            if state is None:
+            if not add_state(states, ip, pod, grant):
                 update.removed_ips.append(ip)
                 if held is not None:
                     held.pop(ip, None)
             else:
-                update.pods.append(state)
                 if grant is not None and grant.identity is not None:
                     served.append((pod, grant))
                 if held is not None:
@@ -202,23 +199,24 @@ class NodeStream:
             return None
         return update
 
-    def _pod_state(
-        self, ip: str, pod: PodRecord | None, grant: Grant | None
-    ) -> kiam_pb2.PodState | None:
-        """The state of ``ip`` as the registry's ``state_on_node`` gave it (pod, grant)."""
+    @staticmethod
+    def _add_state(states: Any, ip: str, pod: PodRecord | None, grant: Grant | None) -> bool:
+        """Add to ``states`` (an update's ``pods``) the state of ``ip`` as the registry's
+        ``state_on_node`` gave it (pod, grant), built in place (``add``, not a message
+        appended, which would be copied); False when no pod of the node has ``ip``."""
         if pod is None:
-            return None
+            return False
         if grant is None:
             # Carries the pod's role, so the agent answers "refused: ambiguous", never "no role".
-            return kiam_pb2.PodState(
+            states.add(
                 ip=ip,
                 uid=pod.uid,
                 role=pod.role,
                 denied=f"IP {ip} is held by several active pods; podiam refuses to guess",
                 reason=Reason.AMBIGUOUS_IP.value,
             )
-        if grant.denial is not None:
-            return kiam_pb2.PodState(
+        elif grant.denial is not None:
+            states.add(
                 ip=ip,
                 uid=pod.uid,
                 role=pod.role,
@@ -226,10 +224,12 @@ class NodeStream:
                 denied=grant.denial.message,
                 reason=grant.denial.reason.value,
             )
-        return kiam_pb2.PodState(
-            ip=ip, uid=pod.uid, role=pod.role, role_arn=grant.role_arn,
-            identity=grant.identity.key,
-        )  # fmt: skip
+        else:
+            states.add(
+                ip=ip, uid=pod.uid, role=pod.role, role_arn=grant.role_arn,
+                identity=grant.identity.key,
+            )  # fmt: skip
+        return True
 
     def _record_served(
         self, *, everyone: bool, served: Iterable[tuple[PodRecord, Grant]] = ()
