@@ -332,12 +332,21 @@ class Registry:
         changes = self._changes
         if not ips or changes is None:
             return
+        index, pods = self._index, self.pods
         for ip, before in zip(ips, uses, strict=True):
             # Every node with a pod on this IP may see its answer change (ambiguity too).
             hosts = {pod.host_ip for pod in (old, new) if pod is not None}
-            hosts.update(self.pods[key].host_ip for key in self._index.holders(ip))
+            sole = index.sole_holder(ip)  # the common case, found without a tuple
+            if sole is not None:
+                holder = pods[sole]
+                hosts.add(holder.host_ip)
+                identity = self._grants[sole].identity
+                after = None if identity is None else (holder.host_ip, identity)  # as _use
+            else:
+                for key in index.holders(ip):
+                    hosts.add(pods[key].host_ip)
+                after = None
             changes.ip_changed(ip, hosts)
-            after = self._use(ip)
             if after != before:
                 if before is not None:
                     changes.identity_used(before[0], before[1], -1)
