@@ -22,8 +22,14 @@ SERVED_CPU = 0
 LOAD_CPU = 1
 
 
+# The cores this machine gives the bench, read once at import: the bench pins itself to
+# LOAD_CPU at start (bench/__main__.py), and the cores read after that were that one alone, so
+# every process it started ran on the load core and the measured one's core stayed idle.
+_CPUS = sorted(os.sched_getaffinity(0))
+
+
 def cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+    return list(_CPUS)
 
 
 def cpu(which: int) -> int | None:

@@ -97,6 +97,46 @@ class RequestMetrics:
         return [requests, seconds]
 
 
+class SecondsHistogram:
+    """A Histogram without labels, counted as ``RequestMetrics`` counts: ``observe`` from the
+    event loop's thread alone, exposed as prometheus_client's Histogram would be."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self._name, self._help = name, help_text
+        self._bounds = (*sorted(buckets), INF)
+        self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
+        self._durations = _Durations(time.time(), len(self._bounds))
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        durations = self._durations
+        durations.buckets[bisect_left(self._bounds, seconds)] += 1
+        durations.sum += seconds
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._help, "histogram")]
+
+    def collect(self) -> list[Metric]:
+        name, durations = self._name, self._durations
+        family = Metric(name, self._help, "histogram")
+        cumulative = 0
+        for bound, hits in zip(self._bound_labels, list(durations.buckets), strict=True):
+            cumulative += hits
+            family.add_sample(name + "_bucket", {"le": bound}, float(cumulative))
+        family.add_sample(name + "_count", {}, float(cumulative))
+        family.add_sample(name + "_sum", {}, durations.sum)
+        if metrics_module._use_created:
+            family.add_sample(name + "_created", {}, durations.created)
+        return [family]
+
+
 @dataclass(slots=True)
 class _Count:
     created: float

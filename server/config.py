@@ -22,9 +22,10 @@ STS_MIN_DURATION = timedelta(minutes=15)
 STS_MAX_DURATION = timedelta(hours=12)
 # Node streams: see --node-stream-linger. The upper bound stays below the agents' own wait for a
 # pod they do not know yet (--pod-wait, 0.9s by default).
-# Off: a linger holds back removals as well, and until a pod's removal reaches its agent the
-# agent still answers for it (a deleted pod's token, an IP about to be reused): with 50 ms,
-# tests/test_token_credentials.py failed in every run.
+# Off: the bursts measured coalesce without it. It holds back only what gives an answer; what
+# takes one away (a removal, a reused IP, a denial, withdrawn credentials) goes at once. (When it
+# held back removals as well, the agent still answered a deleted pod's token: with 50 ms,
+# tests/test_token_credentials.py failed in every run; tests/test_token_linger.py.)
 DEFAULT_NODE_STREAM_LINGER = "0s"
 MAX_NODE_STREAM_LINGER = timedelta(seconds=0.5)
 
@@ -235,12 +236,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> EnvDefaultsParser:
         env="PODIAM_NODE_STREAM_LINGER",
         type=duration,
         default=DEFAULT_NODE_STREAM_LINGER,
-        help="the shortest time between two messages on one node stream: a change after a "
-        "quiet spell goes to the agent at once, the changes that follow it within this time go "
-        "together in one message (each message costs the server far more than a change; 0 "
-        "sends every change as it is applied). Agents wait up to their --pod-wait for a pod "
-        "they do not know yet, so keep it well below that. Off by default: it holds back "
-        "removals too, and until a pod's removal arrives its agent still answers for it",
+        help="the shortest time between two messages on one node stream that only add "
+        "answers: a change after a quiet spell goes to the agent at once, the new pods and "
+        "credentials that follow it within this time go together in one message (each message "
+        "costs the server far more than a change; 0 sends every change as it is applied). What "
+        "takes an answer away (a pod gone, its IP reused, a pod now denied or ambiguous, "
+        "credentials withdrawn) is never held back, and takes what waits with it. Agents wait "
+        "up to their --pod-wait for a pod they do not know yet, so keep it well below that",
     )
     flag(
         "--session-tags",

@@ -38,6 +38,12 @@ class RoleIdentity:
         digest = hashlib.sha256("\0".join(fields).encode()).hexdigest()
         object.__setattr__(self, "key", digest[:24])
 
+    def __hash__(self) -> int:
+        # The key is made of every compared field, and a string keeps its hash: the one the
+        # dataclass would make hashes the fields' tuple on every lookup, and identities are
+        # looked up several times per watch event (cache, fan-out, credential messages).
+        return hash(self.key)
+
 
 @dataclass(frozen=True, slots=True)
 class AwsCredentials:

@@ -7,7 +7,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY
 
 from certs.tls import TlsFiles, expiry_times
-from runtime.request_metrics import RequestMetrics
+from runtime.request_metrics import RequestMetrics, SecondsHistogram
 
 # Counted without locks (runtime/request_metrics.py): prometheus_client's Counter and Histogram
 # were a fifth of podiam's own work per GetPodCredentials. ``count`` for unary RPCs
@@ -117,7 +117,8 @@ WEBHOOK_REVIEWS = Counter(
     "unchanged, bad-request).",
     ["outcome"],
 )
-POD_FIRST_CREDENTIALS = Histogram(
+# Observed once per new pod served, on the node streams' path: counted without locks too.
+POD_FIRST_CREDENTIALS = SecondsHistogram(
     "podiam_pod_first_credentials_seconds",
     "Time from the server first seeing a new pod active and permitted a role to its credentials "
     "first going out to its node's agent or to the pod.",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from protos import kiam_pb2
 from server.fanout import NodeFanout, NodeWatch
@@ -24,6 +24,10 @@ from server.policy import Grant, Reason
 
 class ServedPods(Protocol):
     """Where the stream records each pod it hands an identity with credentials (the audit)."""
+
+    def recorded(self, pod: PodRecord, identity: RoleIdentity) -> bool:
+        """Whether ``pod`` was recorded as served ``identity`` already."""
+        ...
 
     def pod_served(self, pod: PodRecord, identity: RoleIdentity, access_key_id: str) -> None: ...
 
@@ -57,6 +61,13 @@ class NodeStream:
         self._audit = audit
         self.host_ip = host_ip
         self._sent: set[str] = set()  # identity keys
+        # With a linger only: what the agent holds for each IP it was sent, as (pod uid, grant),
+        # to tell a change that takes an answer away (sent at once) from one that may wait;
+        # the changed IPs set aside to wait; and whether the linger since the last message is
+        # over.
+        self._held: dict[str, tuple[str, Grant | None]] = {}
+        self._waiting: set[str] = set()
+        self._lingered = False
         # At most one message per ``linger`` seconds: a change after a quiet spell goes out at
         # once, the changes that follow it within ``linger`` wait and go out together (each
         # message costs the server far more than the changes in it; see --node-stream-linger).
@@ -66,6 +77,7 @@ class NodeStream:
 
     async def updates(self) -> AsyncIterator[kiam_pb2.NodeUpdate]:
         watch = self._fanout.subscribe(self.host_ip)
+        waking: asyncio.Future | None = None
         try:
             snapshot = self._snapshot(watch)
             sent = self._clock()
@@ -75,73 +87,136 @@ class NodeStream:
                 await watch.changed.wait()
                 if watch.closed:
                     return
-                if self._linger > 0:
-                    wait = sent + self._linger - self._clock()
-                    if wait > 0:
-                        await self._sleep(wait)  # what changes meanwhile joins this message
-                        if watch.closed:
-                            return
+                if self._linger > 0 and not self._lingered and self._may_wait(watch, sent):
+                    # Nothing that takes an answer away: what changes until the linger is over
+                    # joins this message (anything that does goes out at once, with it).
+                    if waking is None:
+                        waking = asyncio.ensure_future(
+                            self._linger_over(watch, sent + self._linger - self._clock())
+                        )
+                    continue
+                if waking is not None:
+                    waking.cancel()
+                    waking = None
+                self._lingered = False
                 update = self._delta(watch)
                 if update is not None:
                     sent = self._clock()
                     yield update
                 del update  # sent by now (see KiamService.WatchNode): not held while waiting
         finally:
+            if waking is not None:
+                waking.cancel()
             self._fanout.unsubscribe(watch)
+
+    async def _linger_over(self, watch: NodeWatch, seconds: float) -> None:
+        await self._sleep(seconds)
+        self._lingered = True
+        watch.changed.set()
+
+    def _may_wait(self, watch: NodeWatch, sent: float) -> bool:
+        """Whether what changed may wait for the linger to be over: it is not over yet, and
+        nothing that changed takes an answer away from the agent — an IP it holds that now
+        names another pod, no pod, several, or its pod with another grant; an identity it
+        holds that no pod uses any more or that has no credentials now. (Until such a change
+        reaches it, the agent would keep answering for the pod that is gone.) What may wait
+        is set aside, so that each change is looked at once here."""
+        if self._clock() >= sent + self._linger:
+            return False
+        if watch.identities_changed and self._sent:
+            wanted = {identity.key for identity in watch.uses or ()}
+            if not self._sent <= wanted:
+                return False
+        if watch.dirty_identities:
+            for identity in watch.serving:
+                key = identity.key
+                if (
+                    key in watch.dirty_identities
+                    and key in self._sent
+                    and self._fanout.credentials(identity) is None
+                ):
+                    return False
+        held = self._held
+        state_on_node = self._pods.state_on_node
+        for ip in watch.dirty_ips:
+            answer = held.get(ip)
+            if answer is None:
+                continue  # the agent holds nothing for it: nothing to take away
+            pod, grant = state_on_node(ip, self.host_ip)
+            if pod is None or (pod.uid, grant) != answer:
+                return False
+        self._waiting |= watch.dirty_ips
+        watch.dirty_ips = set()
+        watch.changed.clear()
+        return True
 
     def _snapshot(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate:
         update = kiam_pb2.NodeUpdate(reset=True, synced=True)
-        for ip in self._pods.node_ips(self.host_ip):
-            state = self._pod_state(ip, *self._pods.state_on_node(ip, self.host_ip))
-            if state is not None:
-                update.pods.append(state)
+        state_on_node = self._pods.state_on_node
+        host_ip = self.host_ip
+        lingers = self._linger > 0
+        states, add_state = update.pods, self._add_state
+        for ip in self._pods.node_ips(host_ip):
+            pod, grant = state_on_node(ip, host_ip)
+            if add_state(states, ip, pod, grant) and lingers:
+                self._held[ip] = (pod.uid, grant)
         # Counted once here; from now on the registry's announcements keep the counts.
-        watch.uses = self._pods.node_identity_uses(self.host_ip)
+        watch.uses = self._pods.node_identity_uses(host_ip)
         watch.identities_changed = True
         self._sync_credentials(watch, update, refreshed=set())
-        self._record_served(update, everyone=True)
+        self._record_served(everyone=True)
         return update
 
     def _delta(self, watch: NodeWatch) -> kiam_pb2.NodeUpdate | None:
         ips, refreshed = watch.take()
+        if self._waiting:
+            ips |= self._waiting
+            self._waiting = set()
         update = kiam_pb2.NodeUpdate()
         served: list[tuple[PodRecord, Grant]] = []
+        state_on_node = self._pods.state_on_node
+        host_ip = self.host_ip
+        held = self._held if self._linger > 0 else None
+        states, add_state = update.pods, self._add_state
         for ip in sorted(ips):
-            pod, grant = self._pods.state_on_node(ip, self.host_ip)
-            state = self._pod_state(ip, pod, grant)
-            if state is None:
+            pod, grant = state_on_node(ip, host_ip)
+            if not add_state(states, ip, pod, grant):
                 update.removed_ips.append(ip)
+                if held is not None:
+                    held.pop(ip, None)
             else:
-                update.pods.append(state)
                 if grant is not None and grant.identity is not None:
                     served.append((pod, grant))
+                if held is not None:
+                    held[ip] = (pod.uid, grant)
         first_sent = self._sync_credentials(watch, update, refreshed=refreshed)
         # A refresh alone changes no pod's identity: its pods were recorded when the identity's
         # credentials first went out, so only a first sending looks at every pod again.
-        self._record_served(update, everyone=first_sent, served=served)
+        self._record_served(everyone=first_sent, served=served)
         if not (
             update.pods or update.removed_ips or update.credentials or update.removed_identities
         ):
             return None
         return update
 
-    def _pod_state(
-        self, ip: str, pod: PodRecord | None, grant: Grant | None
-    ) -> kiam_pb2.PodState | None:
-        """The state of ``ip`` as the registry's ``state_on_node`` gave it (pod, grant)."""
+    @staticmethod
+    def _add_state(states: Any, ip: str, pod: PodRecord | None, grant: Grant | None) -> bool:
+        """Add to ``states`` (an update's ``pods``) the state of ``ip`` as the registry's
+        ``state_on_node`` gave it (pod, grant), built in place (``add``, not a message
+        appended, which would be copied); False when no pod of the node has ``ip``."""
         if pod is None:
-            return None
+            return False
         if grant is None:
             # Carries the pod's role, so the agent answers "refused: ambiguous", never "no role".
-            return kiam_pb2.PodState(
+            states.add(
                 ip=ip,
                 uid=pod.uid,
                 role=pod.role,
                 denied=f"IP {ip} is held by several active pods; podiam refuses to guess",
                 reason=Reason.AMBIGUOUS_IP.value,
             )
-        if grant.denial is not None:
-            return kiam_pb2.PodState(
+        elif grant.denial is not None:
+            states.add(
                 ip=ip,
                 uid=pod.uid,
                 role=pod.role,
@@ -149,38 +224,40 @@ class NodeStream:
                 denied=grant.denial.message,
                 reason=grant.denial.reason.value,
             )
-        return kiam_pb2.PodState(
-            ip=ip, uid=pod.uid, role=pod.role, role_arn=grant.role_arn,
-            identity=grant.identity.key,
-        )  # fmt: skip
+        else:
+            states.add(
+                ip=ip, uid=pod.uid, role=pod.role, role_arn=grant.role_arn,
+                identity=grant.identity.key,
+            )  # fmt: skip
+        return True
 
     def _record_served(
-        self,
-        update: kiam_pb2.NodeUpdate,
-        *,
-        everyone: bool,
-        served: Iterable[tuple[PodRecord, Grant]] = (),
+        self, *, everyone: bool, served: Iterable[tuple[PodRecord, Grant]] = ()
     ) -> None:
-        """Tell the audit which pods the agent can now serve: those in this update whose
-        identity's credentials it holds (``served``: the update's pods with their grants), and
-        — when credentials went out — every pod on the node (credentials may reach the agent
-        after the pod did). The audit keeps one record per pod, so repeats cost a dictionary
-        lookup."""
-        if self._audit is None:
+        """Tell the audit which pods the agent can now serve: those just sent whose identity's
+        credentials it holds (``served``: the update's pods with their grants), and — when
+        credentials went out — every pod on the node (credentials may reach the agent after
+        the pod did). The audit keeps one record per pod: a pod it has recorded with that
+        identity costs a dictionary lookup, before the credentials are looked up."""
+        audit = self._audit
+        if audit is None:
             return
         if everyone:
             state_on_node = self._pods.state_on_node
             served = [
                 state_on_node(ip, self.host_ip) for ip in list(self._pods.node_ips(self.host_ip))
             ]
+        sent = self._sent
+        credentials = self._fanout.credentials
         for pod, grant in served:
-            if pod is None or grant is None or grant.identity is None:
+            if pod is None or grant is None:
                 continue
-            if grant.identity.key not in self._sent:
+            identity = grant.identity
+            if identity is None or identity.key not in sent or audit.recorded(pod, identity):
                 continue
-            message = self._fanout.credentials(grant.identity)
+            message = credentials(identity)
             if message is not None:
-                self._audit.pod_served(pod, grant.identity, message.access_key_id)
+                audit.pod_served(pod, identity, message.access_key_id)
 
     def _sync_credentials(
         self, watch: NodeWatch, update: kiam_pb2.NodeUpdate, *, refreshed: set[str]

@@ -182,14 +182,19 @@ class Registry:
     def state_on_node(self, ip: str, host_ip: str) -> tuple[PodRecord | None, Grant | None]:
         """What the agent of ``host_ip`` should answer for ``ip``: (None, None) when no active
         pod of that node has it, (pod, None) when the IP is ambiguous."""
-        keys = self._index.holders(ip)
-        pods = [self.pods[key] for key in keys]
-        mine = [pod for pod in pods if pod.host_ip == host_ip]
-        if not mine:
-            return None, None
-        if len(pods) > 1:
-            return mine[0], None
-        return mine[0], self._grants[keys[0]]
+        # Asked for every IP of every node message: the sole holder (the common case) is looked
+        # up without building the holders' tuple or any list.
+        key = self._index.sole_holder(ip)
+        if key is not None:
+            pod = self.pods[key]
+            if pod.host_ip != host_ip:
+                return None, None
+            return pod, self._grants[key]
+        for key in self._index.holders(ip):  # none, or several: ambiguous
+            pod = self.pods[key]
+            if pod.host_ip == host_ip:
+                return pod, None
+        return None, None
 
     # ---- pods -------------------------------------------------------------------------------
 
@@ -327,12 +332,21 @@ class Registry:
         changes = self._changes
         if not ips or changes is None:
             return
+        index, pods = self._index, self.pods
         for ip, before in zip(ips, uses, strict=True):
             # Every node with a pod on this IP may see its answer change (ambiguity too).
             hosts = {pod.host_ip for pod in (old, new) if pod is not None}
-            hosts.update(self.pods[key].host_ip for key in self._index.holders(ip))
+            sole = index.sole_holder(ip)  # the common case, found without a tuple
+            if sole is not None:
+                holder = pods[sole]
+                hosts.add(holder.host_ip)
+                identity = self._grants[sole].identity
+                after = None if identity is None else (holder.host_ip, identity)  # as _use
+            else:
+                for key in index.holders(ip):
+                    hosts.add(pods[key].host_ip)
+                after = None
             changes.ip_changed(ip, hosts)
-            after = self._use(ip)
             if after != before:
                 if before is not None:
                     changes.identity_used(before[0], before[1], -1)

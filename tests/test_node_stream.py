@@ -207,6 +207,112 @@ async def test_with_a_linger_the_changes_that_follow_a_message_go_out_as_one() -
         await node.updates.aclose()
 
 
+async def lingering(lull: Lull) -> Node:
+    """A stream with a linger, its snapshot read, a pod "held" on 10.1.2.80 (the agent serves
+    it) sent after a quiet spell, and a message just sent, so the linger runs from now."""
+    node = Node(lull=lull, linger=0.05)
+    await node.next()
+    lull.now += 1
+    node.pod("held", "app-held", ip="10.1.2.80")
+    assert set(pods_of(await node.next())) == {"10.1.2.80"}
+    return node
+
+
+async def within_the_linger(node: Node) -> kiam_pb2.NodeUpdate:
+    """The next message, which must come while the linger has not run out (the test never
+    ends the Lull's sleep): a change that takes an answer away does not wait."""
+    return await asyncio.wait_for(anext(node.updates), 2)
+
+
+async def test_with_a_linger_a_deleted_pods_ip_is_removed_at_once() -> None:
+    lull = Lull()
+    node = await lingering(lull)
+    try:
+        node.delete(pod_object("apps", "held", role="app-held", ip="10.1.2.80", host_ip=NODE))
+        update = await within_the_linger(node)
+        assert list(update.removed_ips) == ["10.1.2.80"]
+        assert lull.asked == []
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_a_removal_takes_the_waiting_additions_with_it() -> None:
+    lull = Lull()
+    node = await lingering(lull)
+    try:
+        node.pod("new", "app-new", ip="10.1.2.81")
+        following = asyncio.ensure_future(within_the_linger(node))
+        await lull.sleeping()  # the addition waits for the linger...
+        assert not following.done()
+        node.delete(pod_object("apps", "held", role="app-held", ip="10.1.2.80", host_ip=NODE))
+        update = await following  # ...until a removal goes out, and it goes along
+        assert list(update.removed_ips) == ["10.1.2.80"]
+        assert set(pods_of(update)) == {"10.1.2.81"}
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_an_ip_taken_by_another_pod_is_sent_at_once() -> None:
+    lull = Lull()
+    node = await lingering(lull)
+    try:
+        node.delete(pod_object("apps", "held", role="app-held", ip="10.1.2.80", host_ip=NODE))
+        node.pod("successor", "app-successor", ip="10.1.2.80")
+        update = await within_the_linger(node)
+        state = pods_of(update)["10.1.2.80"]
+        assert state.identity == identity("app-successor", "successor").key
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_a_pod_that_becomes_denied_is_sent_at_once() -> None:
+    lull = Lull()
+    node = await lingering(lull)
+    try:
+        node.pod("held", "not-permitted", ip="10.1.2.80")  # its role changed: denied now
+        update = await within_the_linger(node)
+        state = pods_of(update)["10.1.2.80"]
+        assert state.denied and not state.identity
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_withdrawn_credentials_are_removed_at_once() -> None:
+    lull = Lull()
+    node = await lingering(lull)
+    held = identity("app-held", "held")
+    try:
+        node.fanout.credentials_changed(held, credentials("held"))
+        following = asyncio.ensure_future(node.next())
+        await lull.sleeping()  # credentials given: they may wait for the linger
+        lull.end()
+        assert creds_of(await following) == {held.key: "ASIAHELD"}
+
+        node.fanout.credentials_changed(held, None)  # withdrawn: that may not wait
+        update = await within_the_linger(node)
+        assert list(update.removed_identities) == [held.key]
+        assert len(lull.asked) == 1
+    finally:
+        await node.updates.aclose()
+
+
+async def test_with_a_linger_an_identity_no_pod_uses_is_removed_at_once() -> None:
+    lull = Lull()
+    node = Node(lull=lull, linger=0.05)
+    held = identity("app-held", "held")
+    node.fanout.credentials_changed(held, credentials("held"))
+    obj = node.pod("held", "app-held", ip="10.1.2.80")
+    try:
+        snapshot = await node.next()
+        assert creds_of(snapshot) == {held.key: "ASIAHELD"}
+        node.delete(obj)  # right after the snapshot: well within the linger
+        update = await within_the_linger(node)
+        assert list(update.removed_ips) == ["10.1.2.80"]
+        assert list(update.removed_identities) == [held.key]
+    finally:
+        await node.updates.aclose()
+
+
 async def test_a_stream_lingering_ends_when_the_fan_out_closes() -> None:
     lull = Lull()
     node = Node(lull=lull, linger=0.05)

@@ -67,10 +67,10 @@ async def real(control_plane: ControlPlane) -> AsyncIterator[RealCluster]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def podiam(real: RealCluster, moto_sts, tls_dirs):
+async def podiam(real: RealCluster, moto_sts, tls_dirs, server_flags):
     async with podiam_server(
         real.kubeconfig, moto_sts, tls_dirs,
-        extra=["--token-credentials", "--webhook-bind", "127.0.0.1:0"],
+        extra=["--token-credentials", "--webhook-bind", "127.0.0.1:0", *server_flags],
     ) as server:  # fmt: skip
         yield server
 
