@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime.logs import JsonFormatter
@@ -54,11 +53,10 @@ class AuditTrail:
         # Pod uid → the identity key it was last recorded with: the one record per pod. The uid
         # string is the PodRecord's own, so this costs one dictionary slot per pod.
         self._served: dict[str, str] = {}
-        self._fixed: dict[str, object] | None = None  # see _write
 
     def credentials_obtained(self, identity: RoleIdentity, credentials: AwsCredentials) -> None:
         tags = dict(identity.tags)
-        self._write(
+        self._log.info(
             "audit: credentials obtained: identity=%s role=%s session=%s access_key_id=%s "
             "expiration=%s tags=%s",
             identity.key,
@@ -85,7 +83,7 @@ class AuditTrail:
         if pod.uid not in self._served and self._on_first_served is not None:
             self._on_first_served(pod)
         self._served[pod.uid] = identity.key
-        self._write(
+        self._log.info(
             "audit: pod served: %s/%s uid=%s node=%s identity=%s access_key_id=%s",
             pod.namespace,
             pod.name,
@@ -110,40 +108,6 @@ class AuditTrail:
         would write nothing)."""
         return self._served.get(pod.uid) == identity.key
 
-    def _write(self, msg: str, *args: object, extra: Mapping[str, object]) -> None:
-        """``self._log.info(msg, *args, extra=extra)``, with the same record, for less: a new
-        pod's audit line is written for every pod the node streams serve, and making its
-        LogRecord was a third of what the line cost. Where the process log was set up as
-        runtime/logs.py does (no caller, thread or process in a record), every record of this
-        logger has the same attributes but for the message, its arguments, the time and the
-        fields, so the others are copied from the first record made the usual way."""
-        log = self._log
-        if not log.isEnabledFor(logging.INFO):
-            return
-        if (
-            logging._srcfile
-            or logging.logThreads
-            or logging.logProcesses
-            or logging.logMultiprocessing
-            or logging.getLogRecordFactory() is not logging.LogRecord
-        ):
-            log.info(msg, *args, extra=extra)
-            return
-        fixed = self._fixed
-        if fixed is None:
-            fixed = self._fixed = _fixed_attributes(log)
-        now = time.time()
-        record = _LOG_RECORD_NEW(logging.LogRecord)
-        attributes = record.__dict__
-        attributes.update(fixed)
-        attributes["msg"] = msg
-        attributes["args"] = args
-        attributes["created"] = now
-        attributes["msecs"] = int((now - int(now)) * 1000) + 0.0  # as LogRecord works it out
-        attributes["relativeCreated"] = (now - logging._startTime) * 1000
-        attributes.update(extra)
-        log.handle(record)
-
     def pod_gone(self, pod: PodRecord) -> None:
         self._served.pop(pod.uid, None)
 
@@ -152,17 +116,3 @@ class AuditTrail:
             self._log.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
-
-
-_LOG_RECORD_NEW = object.__new__
-# What differs between two records of one logger at one level (see AuditTrail._write).
-_VARYING = frozenset({"msg", "args", "created", "msecs", "relativeCreated"})
-
-
-def _fixed_attributes(log: logging.Logger) -> dict[str, object]:
-    """The attributes every INFO record of ``log`` without exception shares, from one made as
-    ``Logger._log`` makes it when no caller is looked up."""
-    record = log.makeRecord(
-        log.name, logging.INFO, "(unknown file)", 0, "", (), None, "(unknown function)"
-    )
-    return {key: value for key, value in vars(record).items() if key not in _VARYING}
