@@ -35,7 +35,7 @@ REFRESH_SESSION, REFRESH_BEFORE = "31m", "30m"
 REFRESH_WAIT = 150.0  # seconds: over two refresh rounds
 REFRESH_QUIET = 20.0  # seconds without a new credential set (and its deliveries): between rounds
 # The simulated agents' processes (all on the load core): a few, so that no one process holds
-# thousands of connections.
+# thousands of connections (--scale-agent-processes).
 AGENT_PROCESSES = 4
 _OBTAINED = re.compile(r"^(\S+ \S+) .*audit: credentials obtained: .*access_key_id=(\S+)")
 
@@ -244,7 +244,8 @@ async def run(section: Section, options) -> None:
         "lines (what the sync costs, whatever else the shared machine was running). RSS and "
         "peak RSS (VmRSS, VmHWM) from /proc, 1 s after serving.",
         f"node streams: {options.scale_streams:,} simulated agents (`bench/nodestreams.py`, "
-        f"{AGENT_PROCESSES} processes on the other core, one WatchNode stream per node, each over "
+        f"{_agent_processes(options)} processes on the other core, one WatchNode stream per node, "
+        "each over "
         "a TCP connection of its own as real agents hold them, with the real agent's channel "
         "options — keepalive pings every 5 s, which the server's keepalive enforcement "
         "accepts 4 s apart and more; the server runs with "
@@ -347,10 +348,13 @@ async def run(section: Section, options) -> None:
         pings = sum(n for cause, n in dropped.items() if "too_many_pings" in cause.lower())
         causes = "; ".join(f"{n:,} {cause}" for cause, n in sorted(
             dropped.items(), key=lambda item: -item[1])[:3])  # fmt: skip
+        phases = "; ".join(f"{name} {n:,}" for name, n in
+                           largest.get("streams_dropped_phases", {}).items())  # fmt: skip
         section.check("node streams ended after connecting (keepalive pings every 5 s)",
                       "0 (none for too_many_pings)",
                       f"{sum(dropped.values()):,} ({pings:,} too_many_pings)"
-                      + (f": {causes}" if causes else ""),
+                      + (f": {causes}" if causes else "") + (f"; by phase: {phases}" if phases
+                      else "") + f"; {largest.get('streams_moves', 0):,} moves at a GOAWAY",
                       not dropped)  # fmt: skip
         section.check("credentials refresh reaching every node that needs it", "measured",
                       f"{refresh['nodes']:,} nodes, {refresh['waiting']:,} still waiting",
@@ -437,12 +441,14 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
     nodes = options.scale_nodes
     streams = min(options.scale_streams, nodes)
     hosts = [kubeproc.node_ip(n) for n in range(streams)]
-    share = -(-streams // AGENT_PROCESSES)
+    share = -(-streams // _agent_processes(options))
     slices = [hosts[k : k + share] for k in range(0, streams, share)]
     before, _ = procs.rss_mb(server.process.pid)
     clients = []
+    phases: list[tuple[str, float]] = []  # (phase, time.time() it began), for the stream losses
     try:
         started = time.perf_counter()
+        phases.append(("connect storm", time.time()))
         for part in slices:
             spec = {"target": f"localhost:{server.port}", "tls": str(tls), "hosts": part,
                     "cpu": procs.cpu(procs.LOAD_CPU)}  # fmt: skip
@@ -458,9 +464,10 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         failed = sum(r["failed"] for r in readies)
         if failed:
             print(f"bench: node streams failed: {readies}", file=sys.stderr, flush=True)
+        phases.append(("connected", time.time()))
         await asyncio.sleep(1.0)
         after, _ = procs.rss_mb(server.process.pid)
-        refresh = await _refresh_delivery(server, clients)
+        refresh = await _refresh_delivery(server, clients, phases)
         # Pods added on nodes that have streams only: node k % nodes for k from size on.
         count = options.watch_events
         await _tell(clients, f"watch {size} {count} {nodes}")
@@ -475,6 +482,7 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
             await asyncio.sleep(0.5)
         started = time.perf_counter()
         cpu_started = procs.cpu_seconds(server.process.pid)
+        phases.append(("watch burst", time.time()))
         await server.kube.add(count)
         results = await asyncio.gather(*(_line(c, b"watched", 600) for c in clients))
         seconds = time.perf_counter() - started
@@ -482,14 +490,13 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         watched = {key: sum(r[key] for r in results) for key in ("delivered", "misrouted",
                                                                   "updates")}  # fmt: skip
         watched["seconds"] = max(r["seconds"] for r in results)
-        # Streams that ended after their snapshot, over the whole run (the watch comes last).
-        dropped = _summed(r.get("dropped_causes", {}) for r in results)
         latencies = sorted(t for r in results for t in r["latencies"])
         watched["delivery_p50_ms"] = procs.percentile(latencies, 0.5) * 1000
         watched["delivery_p99_ms"] = procs.percentile(latencies, 0.99) * 1000
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
+        phases.append(("removal", time.time()))
         await server.kube.remove(count)
         async with aiohttp.ClientSession() as session:
             deadline = time.perf_counter() + 600
@@ -497,6 +504,10 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
                 if time.perf_counter() > deadline:
                     raise RuntimeError("the server did not drop the removed pods")
                 await asyncio.sleep(0.1)
+        # The losses and moves over the whole run, each placed in the phase it happened in.
+        await _tell(clients, "status")
+        statuses = await asyncio.gather(*(_line(c, b"status", 60) for c in clients))
+        losses = _by_phase(phases, (at for s in statuses for at, _ in s["dropped_at"]))
         await _tell(clients, "quit")
     finally:
         for client in clients:
@@ -509,13 +520,30 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         "streams_retries": sum(r.get("retries", 0) for r in readies),
         "streams_retry_causes": _summed(r.get("retry_causes", {}) for r in readies),
         "stream_bytes": (after - before) * 1024 * 1024 / streams,
-        "streams_dropped": sum(dropped.values()),
-        "streams_dropped_causes": dropped,
+        "streams_dropped": sum(s["dropped"] for s in statuses),
+        "streams_dropped_causes": _summed(s["dropped_causes"] for s in statuses),
+        "streams_dropped_phases": losses,
+        "streams_moves": sum(s["moves"] for s in statuses),
+        "streams_live": sum(s["live"] for s in statuses),
         "refresh": refresh,
         "watch_events_per_s": count / seconds,
         "watch_events_per_cpu_s": count / cpu if cpu else 0.0,
         "fanout": watched,
     }
+
+
+def _agent_processes(options) -> int:
+    return getattr(options, "scale_agent_processes", None) or AGENT_PROCESSES
+
+
+def _by_phase(phases: list[tuple[str, float]], times) -> dict[str, int]:
+    """How many of ``times`` (time.time()) fell in each phase (a phase lasts until the next
+    begins)."""
+    counts = {name: 0 for name, _ in phases}
+    for moment in times:
+        within = [name for name, began in phases if began <= moment]
+        counts[within[-1] if within else phases[0][0]] += 1
+    return {name: n for name, n in counts.items() if n}
 
 
 def _cpu_per_call_us(result: dict) -> float:
@@ -539,7 +567,7 @@ async def _tell(clients, command: str) -> None:
         await client.stdin.drain()
 
 
-async def _refresh_delivery(server: _Server, clients) -> dict:
+async def _refresh_delivery(server: _Server, clients, phases: list) -> dict:
     """The next round of refreshes, from each new set's announcement in the server's log to its
     arrival on every stream that holds its identity (see the note on refresh delivery)."""
     work = Path(tempfile.mkdtemp(prefix="podiam-bench-refresh-"))
@@ -552,6 +580,7 @@ async def _refresh_delivery(server: _Server, clients) -> dict:
             break
         await asyncio.sleep(0.5)
     paths = [work / f"arrivals-{k}.json" for k in range(len(clients))]
+    phases.append(("refresh round", time.time()))
     for client, path in zip(clients, paths, strict=True):
         client.stdin.write(f"refresh {REFRESH_WAIT} {path}\n".encode())
         await client.stdin.drain()
@@ -613,7 +642,7 @@ def _add_row(table, row: dict) -> None:
         row["pods"], row["server"], alone, watch_alone, row["sync_s"], row["sync_cpu_s"],
         row["start_s"],
         row["rss_mb"], row["peak_rss_mb"], row["per_pod_bytes"], row.get("streams", "—"),
-        row.get("streams_failed", "—"), row.get("streams_dropped", "—"),
+        row.get("streams_failed", "—"), _dropped_cell(row),
         row.get("streams_retries", "—"),
         row.get("streams_connect_s", "—"),
         f"{row['stream_bytes'] / 1024:.1f}" if "stream_bytes" in row else "—",
@@ -625,6 +654,15 @@ def _add_row(table, row: dict) -> None:
         unary["p99_ms"], bare["p99_ms"], f"{unary['served_cpu']:.2f}",
         *_cpu_cells(row.get("unary_rounds")),
     )  # fmt: skip
+
+
+def _dropped_cell(row: dict):
+    """The streams lost after their snapshot, and in which phases (each one reconnected)."""
+    if "streams_dropped" not in row:
+        return "—"
+    phases = row.get("streams_dropped_phases") or {}
+    where = ", ".join(f"{name} {n:,}" for name, n in phases.items())
+    return f"{row['streams_dropped']:,}" + (f" ({where})" if where else "")
 
 
 def _cpu_cells(rounds: list[dict] | None) -> list:
