@@ -2,7 +2,8 @@
 agent does: a server recycling its connections (--max-connection-age) moves every stream to a
 new connection without losing it, and a server restart loses each stream once and reconnects it,
 so a bench run of any length measures all of its nodes. Real podiam servers, real mutual TLS,
-the simulated agents in their own process."""
+the simulated agents in their own process. And bench/ping_storm.py's reading of gRPC's ping
+trace, which says whose side a timed-out keepalive ping waited on."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import sys
 from contextlib import asynccontextmanager
 
+from bench.ping_storm import trace_pings
 from bench.procs import REPO, env, free_port
 from tests.support.server import running_server
 from tests.support.waiting import eventually
@@ -109,3 +111,31 @@ async def test_simulated_agents_reconnect_after_a_server_restart_and_count_each_
     # One loss per stream, each reconnected; a restart is no recycle.
     assert back["dropped"] == len(HOSTS), back
     assert back["moves"] == 0
+
+
+def test_ping_trace_tells_a_late_server_read_from_a_late_agent_read(tmp_path):
+    # gRPC's own trace lines (GRPC_TRACE=http2_ping,http_keepalive), two pings never answered
+    # in time: the server reads the first 2.5 s after the agent wrote it (the server's lateness);
+    # it reads and answers the second at once, and the agent never reads that answer (the
+    # agent's). A third, sent at the end of the run, is not judged.
+    agent = tmp_path / "agents0.log"
+    server = tmp_path / "server.log"
+    agent.write_text(
+        "I1202 06:00:00.000000 1 writing.cc:144] CLIENT[0xa]: Ping 11 sent [x]: more\n"
+        "I1202 06:00:00.001000 1 chttp2_transport.cc:1319] CLIENT[0xa]: Finish write\n"
+        "I1202 06:00:10.000000 1 writing.cc:144] CLIENT[0xb]: Ping 22 sent [x]: more\n"
+        "I1202 06:00:10.001000 1 chttp2_transport.cc:1319] CLIENT[0xb]: Finish write\n"
+        "I1202 06:00:20.000000 1 writing.cc:144] CLIENT[0xc]: Ping 33 sent [x]: more\n"
+    )
+    server.write_text(
+        "I1202 06:00:02.501000 2 frame_ping.cc:106] SERVER[0x1]: received ping 11: now=@1ms\n"
+        "I1202 06:00:02.502000 2 chttp2_transport.cc:1304] SERVER[0x1]: Write 17 bytes\n"
+        "I1202 06:00:10.002000 2 frame_ping.cc:106] SERVER[0x2]: received ping 22: now=@1ms\n"
+        "I1202 06:00:10.003000 2 chttp2_transport.cc:1304] SERVER[0x2]: Write 17 bytes\n"
+    )
+    pings = trace_pings([server, agent])
+    assert pings["pings"] == 3 and pings["timed out"] == 2
+    assert pings["server: written to read"]["timed out, s"] == [0.001, 2.5]
+    assert pings["server: read to ACK written"]["timed out, s"] == [0.001, 0.001]
+    # Neither answer was read by the agent (it closed the connection at its timeout).
+    assert pings["agent: ACK written to read"]["timed out, s"] == []
