@@ -102,25 +102,32 @@ class _Leg:
     """One WatchNode call over a channel of its own, read by ``Streams._read``."""
 
     def __init__(self, streams: Streams, host: str, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
+        self.channel: grpc.aio.Channel | None = channel
         self.call = kiam_pb2_grpc.KiamServiceStub(channel).WatchNode(
             kiam_pb2.WatchNodeRequest(host_ip=host)
         )
         self.synced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.drained: asyncio.Future | None = None  # done at the GOAWAY, once synced
         self.succeeded = False  # whether a successor was opened for it (one per leg)
+        self.errored, self.cause = False, ""  # how the call ended, once closed
         self.task = asyncio.ensure_future(streams._read(host, self))
 
-    def error(self) -> BaseException | None:
-        return None if self.task.cancelled() else self.task.exception()
-
     async def close(self) -> None:
+        """Ends the call and the channel, noting how the call had ended (``cause``)."""
+        if self.channel is None:
+            return
         for future in (self.task, self.drained):
             if future is not None and not future.done():
                 future.cancel()
         self.call.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        error = None if self.task.cancelled() else self.task.exception()
+        self.errored, self.cause = error is not None, _cause(error)
         await self.channel.close()
+        # A closed grpc.aio channel keeps its connection until the channel object is freed, and
+        # the call's error holds it (its traceback holds the frame reading the call): a storm's
+        # retries left thousands of connections open until the cyclic collector ran.
+        self.channel = self.call = self.task = self.drained = None
 
 
 class Streams:
@@ -169,20 +176,19 @@ class Streams:
                 leg = await self._hold(host, leg, open_channel)
             finally:
                 await leg.close()
-            error = leg.error()
             if leg.synced.done():
-                self._lost(host, error)
-                failures = 1 if error is not None else 0
+                self._lost(host, leg.cause)
+                failures = 1 if leg.errored else 0
             elif host in self.synced_hosts:
                 self.reconnect_retries += 1  # a reconnect that failed before its snapshot
                 failures += 1
             elif time.perf_counter() < self.give_up_at:
                 # A connect storm costs time, not nodes.
                 self.retries += 1
-                self.retry_causes[_cause(error)] += 1
+                self.retry_causes[leg.cause] += 1
                 failures += 1
             else:
-                self.failed.append(f"{host}: {_cause(error)}")
+                self.failed.append(f"{host}: {leg.cause}")
                 if self.snapshots + len(self.failed) >= len(self.hosts):
                     self.all_snapshots.set()
                 return
@@ -217,8 +223,8 @@ class Streams:
                     if successor is None:
                         return current
                     # Cut before its successor was synced: the successor is the reconnect.
-                    self._lost(host, current.error())
                     await current.close()
+                    self._lost(host, current.cause)
                     current, successor = successor, None
                     continue
                 if (
@@ -235,6 +241,8 @@ class Streams:
 
     def _retire_later(self, leg: _Leg) -> None:
         async def retire() -> None:
+            if leg.task is None:
+                return  # already closed
             try:
                 await asyncio.wait_for(asyncio.shield(leg.task), HANDOVER_OVERLAP)
             except (TimeoutError, grpc.aio.AioRpcError):
@@ -246,8 +254,7 @@ class Streams:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def _lost(self, host: str, error: BaseException | None) -> None:
-        cause = _cause(error)
+    def _lost(self, host: str, cause: str) -> None:
         self.dropped[cause] += 1
         self.dropped_at.append((round(time.time(), 3), cause))
         self.live.discard(host)
