@@ -498,7 +498,7 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         # The losses and moves over the whole run, each placed in the phase it happened in.
         await _tell(clients, "status")
         statuses = await asyncio.gather(*(_line(c, b"status", 60) for c in clients))
-        losses = _by_phase(phases, (at for s in statuses for at, _ in s["dropped_at"]))
+        losses = by_phase(phases, (at for s in statuses for at, _ in s["dropped_at"]))
         await _tell(clients, "quit")
     finally:
         for client in clients:
@@ -560,7 +560,7 @@ def _agent_processes(options) -> int:
     return getattr(options, "scale_agent_processes", None) or AGENT_PROCESSES
 
 
-def _by_phase(phases: list[tuple[str, float]], times) -> dict[str, int]:
+def by_phase(phases: list[tuple[str, float]], times) -> dict[str, int]:
     """How many of ``times`` (time.time()) fell in each phase (a phase lasts until the next
     begins)."""
     counts = {name: 0 for name, _ in phases}

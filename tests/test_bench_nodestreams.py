@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from bench.ping_storm import trace_pings
 from bench.procs import REPO, env, free_port
+from bench.server_scale import by_phase
 from tests.support.server import running_server
 from tests.support.waiting import eventually
 
@@ -139,3 +140,9 @@ def test_ping_trace_tells_a_late_server_read_from_a_late_agent_read(tmp_path):
     assert pings["server: read to ACK written"]["timed out, s"] == [0.001, 0.001]
     # Neither answer was read by the agent (it closed the connection at its timeout).
     assert pings["agent: ACK written to read"]["timed out, s"] == []
+
+
+def test_scale_bench_places_each_lost_stream_in_the_phase_it_was_lost_in():
+    phases = [("connect storm", 100.0), ("connected", 130.0), ("watch burst", 200.0)]
+    lost_at = [101.0, 129.9, 130.0, 250.0]
+    assert by_phase(phases, lost_at) == {"connect storm": 2, "connected": 1, "watch burst": 1}
