@@ -207,8 +207,8 @@ class Streams:
                     waits.add(current.drained)
                 if successor is not None:
                     waits |= {successor.task, successor.synced}
-                else:
-                    waits.add(current.synced)
+                elif not current.synced.done():
+                    waits.add(current.synced)  # (a done one would make this loop spin)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if successor is not None and successor.synced.done():
                     self.moves += 1
