@@ -37,10 +37,11 @@ FIRST_UPDATE_SECONDS = 10.0
 # Keepalive pings (answered by gRPC's core, no Python on either side) every 5 s, 2 s to answer:
 # a node cut off from the servers (a partition: nothing refuses, packets just vanish) learns it
 # within 7 s — its node streams end, and new pods are refused at once with a reason instead of
-# waiting out their --pod-wait. The servers accept pings 4 s apart (server/app.py).
+# waiting out their --pod-wait. The servers accept pings 4 s apart (server/app.py). Public: the
+# bench's simulated agents (bench/nodestreams.py) open their channels with the same options.
 KEEPALIVE_MS = 5_000
 KEEPALIVE_TIMEOUT_MS = 2_000
-_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     # gRPC's core waits this long for any ping's answer (a minute by default), whatever the
@@ -81,7 +82,7 @@ def open_pinned_channel(endpoint: Endpoint, tls: TlsFiles) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(
         endpoint.target,
         channel_credentials(tls),
-        options=[("grpc.ssl_target_name_override", endpoint.name), *_CHANNEL_OPTIONS],
+        options=[("grpc.ssl_target_name_override", endpoint.name), *CHANNEL_OPTIONS],
     )
 
 
@@ -93,7 +94,7 @@ def open_channel(server_address: str, tls: TlsFiles) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(
         _main_target(addresses),
         channel_credentials(tls),
-        options=[("grpc.lb_policy_name", "round_robin"), *_CHANNEL_OPTIONS],
+        options=[("grpc.lb_policy_name", "round_robin"), *CHANNEL_OPTIONS],
     )
 
 

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-streams", type=int, help="simulated agents, one node stream each (0: none)"
     )
     scale.add_argument(
+        "--scale-agent-processes", type=int,
+        help="processes the simulated agents are spread over (all on the load core)",
+    )  # fmt: skip
+    scale.add_argument(
         "--scale-baseline",
         metavar="REV",
         help="also measure podiam-server as of this git revision (before/after in one run)",
@@ -157,6 +161,7 @@ _FULL = {
     "unary_concurrency": 32,
     "scale_nodes": 5000,
     "scale_streams": 5000,
+    "scale_agent_processes": None,  # bench/server_scale.py AGENT_PROCESSES
     "scale_baseline": None,
     "scale_profile": None,
     "fault_pods": 4,
