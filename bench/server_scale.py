@@ -41,6 +41,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -136,40 +137,32 @@ class _Kube:
     async def watch_alone(self, count: int) -> dict:
         """The API server's own share of the watch-event rate (bench/kubewatch.py), from the
         server's core: ``count`` pods added while a bare client watches, then removed."""
+        result = await self._bare_watch(count, lambda: self.add(count))
+        await self.remove(count)
+        return result
+
+    async def lifecycle_alone(self, count: int) -> dict:
+        """``watch_alone`` for a rollout of ``count`` pods (added first, unwatched)."""
+        await self.add(count)
+        result = await self._bare_watch(count * EVENTS_PER_REPLACEMENT, lambda: self.rollout(count))
+        await self.remove(count)
+        return result
+
+    async def _bare_watch(self, events: int, write: Callable[[], Awaitable]) -> dict:
+        """What a bare client on the server's core counts while ``write`` makes ``events``."""
         process = await procs.spawn(
-            ["-m", "bench.kubewatch", "--url", self.url, "--count", str(count)],
+            ["-m", "bench.kubewatch", "--url", self.url, "--count", str(events)],
             core=procs.cpu(procs.SERVED_CPU),
         )
         try:
             line = await asyncio.wait_for(process.stdout.readline(), 60)
             if line.strip() != b"watching":
                 raise RuntimeError("the bare watch did not start")
-            await self.add(count)
+            await write()
             line = await asyncio.wait_for(process.stdout.readline(), 600)
             await process.wait()
         finally:
             await procs.stop(process)
-        await self.remove(count)
-        return json.loads(line)
-
-    async def lifecycle_alone(self, count: int) -> dict:
-        """``watch_alone`` for a rollout of ``count`` pods (added first, unwatched)."""
-        await self.add(count)
-        process = await procs.spawn(
-            ["-m", "bench.kubewatch", "--url", self.url,
-             "--count", str(count * EVENTS_PER_REPLACEMENT)],
-            core=procs.cpu(procs.SERVED_CPU),
-        )  # fmt: skip
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), 60)
-            if line.strip() != b"watching":
-                raise RuntimeError("the bare watch did not start")
-            await self.rollout(count)
-            line = await asyncio.wait_for(process.stdout.readline(), 600)
-            await process.wait()
-        finally:
-            await procs.stop(process)
-        await self.remove(count)
         return json.loads(line)
 
     async def stop(self) -> None:
