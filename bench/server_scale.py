@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -581,9 +582,7 @@ async def _node_streams(server: _Server, size: int, tls: Path, options) -> dict:
         latencies = sorted(t for r in results for t in r["latencies"])
         watched["delivery_p50_ms"] = procs.percentile(latencies, 0.5) * 1000
         watched["delivery_p99_ms"] = procs.percentile(latencies, 0.99) * 1000
-        for profiler in profilers:
-            profiler.send_signal(signal.SIGINT)
-            await profiler.wait()
+        await _stop_profilers(profilers)
         phases.append(("removal", time.time()))
         await server.kube.remove(count)
         await _until_indexed(server, size)
@@ -640,24 +639,12 @@ async def _stream_lifecycle(
         client.stdin.write(f"lifecycle {old} {new} {count} {nodes} {path} {wait}\n".encode())
         await client.stdin.drain()
     await asyncio.gather(*(_line(c, b"following", 60) for c in clients))
-    profilers = await _profile_phase(server, "lifecycle")
-    async with aiohttp.ClientSession() as session:
-        seen = await _pod_events(server, session)
-        started = time.perf_counter()
-        cpu_started = procs.cpu_seconds(server.process.pid)
-        rolled = await kube.rollout(count)
-        followed = await asyncio.gather(*(_line(c, b"followed", wait + 60) for c in clients))
-        # Every event taken, those that changed no node's state too.
-        deadline = time.perf_counter() + wait
-        while (events := await _pod_events(server, session) - seen) < rolled["events"]:
-            if time.perf_counter() > deadline:
-                raise RuntimeError("the server did not take every event of the rollout")
-            await asyncio.sleep(0.01)
-        seconds = time.perf_counter() - started
-        cpu = procs.cpu_seconds(server.process.pid) - cpu_started
-    for profiler in profilers:
-        profiler.send_signal(signal.SIGINT)
-        await profiler.wait()
+    rate, rolled, followed = await _timed_rollout(
+        server,
+        count,
+        wait=wait,
+        during=lambda: asyncio.gather(*(_line(c, b"followed", wait + 60) for c in clients)),
+    )
     # Delivery: from the moment the API server had written a wave's change (new pods started,
     # old pods deleted) to its arrival at the node's stream.
     written: dict[str, float] = {}
@@ -673,12 +660,7 @@ async def _stream_lifecycle(
     await kube.remove(count)
     await _until_indexed(server, size)
     return {
-        "events": events,
-        "written": rolled["events"],
-        "written_s": rolled["seconds"],  # the API server's writing of them, in its own loop
-        "seconds": seconds,
-        "events_per_s": events / seconds,
-        "events_per_cpu_s": events / cpu if cpu else 0.0,
+        **rate,
         "state_changing": sum(f["states"] + f["removals"] for f in followed),
         "missing": sum(f["missing"] for f in followed),
         "lost": sum(f["lost"] for f in followed),  # on streams that ended meanwhile
@@ -691,35 +673,55 @@ async def _stream_lifecycle(
 
 async def _lifecycle_rate(server: _Server, size: int, count: int) -> dict:
     """``_stream_lifecycle`` without node streams: until the server has taken every event."""
-    kube = server.kube
-    await kube.add(count)
+    await server.kube.add(count)
     await _until_indexed(server, size + count)
+    rate, _, _ = await _timed_rollout(server, count)
+    await server.kube.remove(count)
+    await _until_indexed(server, size)
+    return rate
+
+
+async def _timed_rollout(
+    server: _Server,
+    count: int,
+    *,
+    wait: float = 600.0,
+    during: Callable[[], Awaitable[Any]] | None = None,
+) -> tuple[dict, dict, Any]:
+    """A rollout of ``count`` pods, timed (and profiled, when profiling) until the server has
+    taken every event, those that changed no node's state too; ``during`` is awaited within
+    the timing, once the API server has written the rollout. Returns the rate, what the API
+    server reported of its writing, and what ``during`` gave."""
     profilers = await _profile_phase(server, "lifecycle")
     async with aiohttp.ClientSession() as session:
         seen = await _pod_events(server, session)
         started = time.perf_counter()
         cpu_started = procs.cpu_seconds(server.process.pid)
-        rolled = await kube.rollout(count)
-        deadline = time.perf_counter() + 600
+        rolled = await server.kube.rollout(count)
+        result = await during() if during is not None else None
+        deadline = time.perf_counter() + wait
         while (events := await _pod_events(server, session) - seen) < rolled["events"]:
             if time.perf_counter() > deadline:
                 raise RuntimeError("the server did not take every event of the rollout")
             await asyncio.sleep(0.01)
         seconds = time.perf_counter() - started
         cpu = procs.cpu_seconds(server.process.pid) - cpu_started
-    for profiler in profilers:
-        profiler.send_signal(signal.SIGINT)
-        await profiler.wait()
-    await kube.remove(count)
-    await _until_indexed(server, size)
-    return {
+    await _stop_profilers(profilers)
+    rate = {
         "events": events,
         "written": rolled["events"],
-        "written_s": rolled["seconds"],
+        "written_s": rolled["seconds"],  # the API server's writing of them, in its own loop
         "seconds": seconds,
         "events_per_s": events / seconds,
         "events_per_cpu_s": events / cpu if cpu else 0.0,
     }
+    return rate, rolled, result
+
+
+async def _stop_profilers(profilers) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+        await profiler.wait()
 
 
 async def _profile_phase(server: _Server, phase: str) -> list:
