@@ -181,7 +181,7 @@ async def test_user_data_and_the_nodes_credentials_are_never_proxied(
         assert NODE_ACCESS_KEY not in answer.body and NODE_ROLE not in answer.body, answer
     # The agent saw the pod's own address (DNAT keeps it; only traffic to the LAN is
     # masqueraded), which is how it tells pods apart.
-    assert f"GET /latest/user-data from {pod.ip} refused" in podiam.agent(1).log()
+    assert await podiam.agent(1).logged(f"GET /latest/user-data from {pod.ip} refused")
 
 
 async def test_allow_listed_metadata_paths_are_answered_by_the_real_metadata_service(
@@ -268,7 +268,7 @@ async def test_new_nodes_lose_only_their_startup_taint_once_their_agent_intercep
         name = node.node_name
         await eventually(lambda n=name: kube.taints(n) == [NODE_GROUP_TAINT], timeout=15)
         assert dnat_rules(node), f"{node.node_name} lost its taint without a DNAT rule"
-        assert "reported node " + node.node_name + " ready" in podiam.agent(node).log()
+        assert await podiam.agent(node).logged("reported node " + node.node_name + " ready")
     reasons = {
         (e["involvedObject"]["kind"], e["involvedObject"]["name"], e["reason"]) for e in kube.events
     }

@@ -289,7 +289,7 @@ async def test_sdk_default_chain_in_a_pod_gets_only_its_own_role(
         lines = lines_of(result.stdout)
         assert all("access_key_id" not in line and "arn" not in line for line in lines), said
         # The SDK did ask the agent, and was refused.
-        assert f"from {pod.ip} refused" in podiam.agent(worker).log(), said + podiam.logs()
+        assert await podiam.agent(worker).logged(f"from {pod.ip} refused"), said + podiam.logs()
         return
 
     assert result.returncode == 0, said + podiam.logs()

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,17 @@ class PodiamProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    async def logged(self, text: str) -> bool:
+        """Whether ``text`` appears in the log within 10 s. Podiam writes INFO lines
+        at the end of the event loop's turn (runtime/logs.py), so a client can hold the answer
+        a line describes before the line is in the file."""
+        deadline = time.monotonic() + 10.0
+        while text not in self.log():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def start(self) -> None:
         """Start the process and return once it is ready (see ``ready``)."""
