@@ -50,8 +50,8 @@ from agent.routes import MetadataRoutes
 from agent.state import NodeState
 from agent.streams import NodeStreams
 from agent.tokens import TokenAuthority, key_for_node
-from runtime.gc_pauses import GC_PAUSES
 from certs.tls import TlsConfigError, TlsFiles
+from runtime.gc_pauses import GC_PAUSES
 from runtime.process import StartupError
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
-from runtime.process import StartupError
 from runtime.gc_pauses import GC_PAUSES
+from runtime.process import StartupError
 from server import heap, metrics
 from server.arn import ArnError, RoleResolver, detect_base_arn
 from server.audit import AuditTrail
