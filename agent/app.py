@@ -51,6 +51,7 @@ from agent.state import NodeState
 from agent.streams import NodeStreams
 from agent.tokens import TokenAuthority, key_for_node
 from certs.tls import TlsConfigError, TlsFiles
+from runtime.gc_pauses import GC_PAUSES
 from runtime.process import StartupError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class PodiamAgent:
         self._listening = asyncio.Event()
 
     async def start(self) -> None:
+        GC_PAUSES.install()
         config = self.config
         ready_file = config.ready_file
         if ready_file is not None:

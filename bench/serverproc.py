@@ -37,6 +37,7 @@ class ServerProcess:
     ) -> None:  # fmt: skip
         self.kubeconfig, self.sts, self.tls = kubeconfig, sts, tls
         self.args = list(args)
+        self.module = "server"  # what `python -m` runs: a subclass may wrap the server
         self.cwd = cwd or procs.REPO
         self.start_timeout = start_timeout
         self.process: asyncio.subprocess.Process | None = None
@@ -55,7 +56,7 @@ class ServerProcess:
         self.marks["spawn"] = time.perf_counter()
         self.process = await procs.spawn(
             [
-                "-m", "server", "--bind", "127.0.0.1:0",
+                "-m", self.module, "--bind", "127.0.0.1:0",
                 "--cert", str(files.cert), "--key", str(files.key), "--ca", str(files.ca),
                 "--kubeconfig", str(self.kubeconfig),
                 "--role-base-arn", BASE_ARN, "--region", "us-east-1",

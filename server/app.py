@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from certs.tls import TlsConfigError, TlsFiles, server_credentials
+from runtime.gc_pauses import GC_PAUSES
 from runtime.process import StartupError
 from server import heap, metrics
 from server.arn import ArnError, RoleResolver, detect_base_arn
@@ -172,6 +173,7 @@ class PodiamServer:
             reviewer = TokenReviewer(api, audience=config.token_audience)
             self.token_pods = TokenPods(reviewer, registry, api)
         # Before the first list, so that a server stuck listing shows (podiam_server_synced 0).
+        GC_PAUSES.install()  # the sync's collections too
         self._serve_metrics()
         await self._sync(api, registry)
         metrics.SYNCED.set(1)
