@@ -20,11 +20,10 @@ from bisect import bisect_left
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client import metrics as metrics_module
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import INF, floatToGoString
 
-from runtime.request_metrics import _Durations
+from runtime.request_metrics import Durations, add_histogram
 
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -45,7 +44,7 @@ class GcPauses:
         self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
         now = time.time()
         # Every generation from the start, so that a dashboard sees 0 rather than no series.
-        self._durations = tuple(_Durations(now, len(self._bounds)) for _ in range(3))
+        self._durations = tuple(Durations(now, len(self._bounds)) for _ in range(3))
         self._started = 0.0
         registry.register(self)
 
@@ -71,18 +70,9 @@ class GcPauses:
         return [Metric(self._name, self._help, "histogram")]
 
     def collect(self) -> list[Metric]:
-        name, created = self._name, metrics_module._use_created
-        family = Metric(name, self._help, "histogram")
+        family = Metric(self._name, self._help, "histogram")
         for generation, durations in enumerate(self._durations):
-            labels = {"generation": str(generation)}
-            cumulative = 0
-            for bound, hits in zip(self._bound_labels, list(durations.buckets), strict=True):
-                cumulative += hits
-                family.add_sample(name + "_bucket", {**labels, "le": bound}, float(cumulative))
-            family.add_sample(name + "_count", labels, float(cumulative))
-            family.add_sample(name + "_sum", labels, durations.sum)
-            if created:
-                family.add_sample(name + "_created", labels, durations.created)
+            add_histogram(family, {"generation": str(generation)}, self._bound_labels, durations)
         return [family]
 
 

@@ -44,7 +44,7 @@ class RequestMetrics:
         self._bounds = (*sorted(buckets), INF)
         self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
         self._counts: dict[tuple[object, object], _Count] = {}
-        self._durations: dict[object, _Durations] = {}
+        self._durations: dict[object, Durations] = {}
         registry.register(self)
 
     def count(self, first: object, second: object, seconds: float) -> None:
@@ -52,7 +52,7 @@ class RequestMetrics:
         self.tally(first, second)
         durations = self._durations.get(first)
         if durations is None:
-            durations = self._durations[first] = _Durations(time.time(), len(self._bounds))
+            durations = self._durations[first] = Durations(time.time(), len(self._bounds))
         # The first bucket whose bound is at least ``seconds`` (the last is +Inf).
         durations.buckets[bisect_left(self._bounds, seconds)] += 1
         durations.sum += seconds
@@ -82,18 +82,7 @@ class RequestMetrics:
         seconds = Metric(self._seconds, self._seconds_help, "histogram")
         label = self._labels[0]
         for first, durations in list(self._durations.items()):
-            cumulative = 0
-            for bound, hits in zip(self._bound_labels, list(durations.buckets), strict=True):
-                cumulative += hits
-                seconds.add_sample(
-                    self._seconds + "_bucket", {label: str(first), "le": bound}, float(cumulative)
-                )
-            seconds.add_sample(self._seconds + "_count", {label: str(first)}, float(cumulative))
-            seconds.add_sample(self._seconds + "_sum", {label: str(first)}, durations.sum)
-            if created:
-                seconds.add_sample(
-                    self._seconds + "_created", {label: str(first)}, durations.created
-                )
+            add_histogram(seconds, {label: str(first)}, self._bound_labels, durations)
         return [requests, seconds]
 
 
@@ -112,7 +101,7 @@ class SecondsHistogram:
         self._name, self._help = name, help_text
         self._bounds = (*sorted(buckets), INF)
         self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
-        self._durations = _Durations(time.time(), len(self._bounds))
+        self._durations = Durations(time.time(), len(self._bounds))
         registry.register(self)
 
     def observe(self, seconds: float) -> None:
@@ -124,17 +113,24 @@ class SecondsHistogram:
         return [Metric(self._name, self._help, "histogram")]
 
     def collect(self) -> list[Metric]:
-        name, durations = self._name, self._durations
-        family = Metric(name, self._help, "histogram")
-        cumulative = 0
-        for bound, hits in zip(self._bound_labels, list(durations.buckets), strict=True):
-            cumulative += hits
-            family.add_sample(name + "_bucket", {"le": bound}, float(cumulative))
-        family.add_sample(name + "_count", {}, float(cumulative))
-        family.add_sample(name + "_sum", {}, durations.sum)
-        if metrics_module._use_created:
-            family.add_sample(name + "_created", {}, durations.created)
+        family = Metric(self._name, self._help, "histogram")
+        add_histogram(family, {}, self._bound_labels, self._durations)
         return [family]
+
+
+def add_histogram(
+    family: Metric, labels: dict[str, str], bound_labels: Sequence[str], durations: Durations
+) -> None:
+    """One labelled histogram's samples, as prometheus_client's Histogram writes them."""
+    name = family.name
+    cumulative = 0
+    for bound, hits in zip(bound_labels, list(durations.buckets), strict=True):
+        cumulative += hits
+        family.add_sample(name + "_bucket", {**labels, "le": bound}, float(cumulative))
+    family.add_sample(name + "_count", labels, float(cumulative))
+    family.add_sample(name + "_sum", labels, durations.sum)
+    if metrics_module._use_created:
+        family.add_sample(name + "_created", labels, durations.created)
 
 
 @dataclass(slots=True)
@@ -144,7 +140,7 @@ class _Count:
 
 
 @dataclass(slots=True)
-class _Durations:
+class Durations:
     created: float
     size: int
     buckets: list[int] = field(init=False)
