@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import gc
 import time
-from bisect import bisect_left
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import INF, floatToGoString
 
-from runtime.request_metrics import Durations, add_histogram
+from runtime.request_metrics import SecondsHistogram
 
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -39,14 +36,11 @@ class GcPauses:
         buckets: Sequence[float] = BUCKETS,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
-        self._name, self._help = name, help_text
-        self._bounds = (*sorted(buckets), INF)
-        self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
-        now = time.time()
-        # Every generation from the start, so that a dashboard sees 0 rather than no series.
-        self._durations = tuple(Durations(now, len(self._bounds)) for _ in range(3))
+        self._histogram = SecondsHistogram(
+            name, help_text, buckets=buckets, label=("generation", ("0", "1", "2")),
+            registry=registry,
+        )  # fmt: skip
         self._started = 0.0
-        registry.register(self)
 
     def install(self) -> None:
         """Start timing collections (idempotent: the agent and server may both call it)."""
@@ -61,19 +55,7 @@ class GcPauses:
         if phase == "start":
             self._started = time.perf_counter()
             return
-        seconds = time.perf_counter() - self._started
-        durations = self._durations[info["generation"]]
-        durations.buckets[bisect_left(self._bounds, seconds)] += 1
-        durations.sum += seconds
-
-    def describe(self) -> list[Metric]:
-        return [Metric(self._name, self._help, "histogram")]
-
-    def collect(self) -> list[Metric]:
-        family = Metric(self._name, self._help, "histogram")
-        for generation, durations in enumerate(self._durations):
-            add_histogram(family, {"generation": str(generation)}, self._bound_labels, durations)
-        return [family]
+        self._histogram.observe(time.perf_counter() - self._started, info["generation"])
 
 
 GC_PAUSES = GcPauses(

@@ -87,8 +87,10 @@ class RequestMetrics:
 
 
 class SecondsHistogram:
-    """A Histogram without labels, counted as ``RequestMetrics`` counts: ``observe`` from the
-    event loop's thread alone, exposed as prometheus_client's Histogram would be."""
+    """A Histogram counted as ``RequestMetrics`` counts: ``observe`` from one thread at a time
+    (or from inside the garbage collector, which holds the GIL), exposed as prometheus_client's
+    Histogram would be. Unlabelled, or with one label whose values are all known at the start
+    (every series is then exposed from the start, a dashboard sees 0 rather than nothing)."""
 
     def __init__(
         self,
@@ -96,16 +98,24 @@ class SecondsHistogram:
         help_text: str,
         *,
         buckets: Sequence[float],
+        label: tuple[str, Sequence[str]] | None = None,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self._name, self._help = name, help_text
         self._bounds = (*sorted(buckets), INF)
         self._bound_labels = tuple(floatToGoString(bound) for bound in self._bounds)
-        self._durations = Durations(time.time(), len(self._bounds))
+        now = time.time()
+        if label is None:
+            self._labels: tuple[dict[str, str], ...] = ({},)
+        else:
+            key, values = label
+            self._labels = tuple({key: value} for value in values)
+        self._durations = tuple(Durations(now, len(self._bounds)) for _ in self._labels)
         registry.register(self)
 
-    def observe(self, seconds: float) -> None:
-        durations = self._durations
+    def observe(self, seconds: float, series: int = 0) -> None:
+        """One observation, into the ``series``-th value of the label (0 when unlabelled)."""
+        durations = self._durations[series]
         durations.buckets[bisect_left(self._bounds, seconds)] += 1
         durations.sum += seconds
 
@@ -114,7 +124,8 @@ class SecondsHistogram:
 
     def collect(self) -> list[Metric]:
         family = Metric(self._name, self._help, "histogram")
-        add_histogram(family, {}, self._bound_labels, self._durations)
+        for labels, durations in zip(self._labels, self._durations, strict=True):
+            add_histogram(family, labels, self._bound_labels, durations)
         return [family]
 
 
