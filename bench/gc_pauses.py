@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench import procs
@@ -32,12 +33,8 @@ class _Probed(_Server):
     def __init__(self, kube: _Kube, sts: MotoSts, tls: Path, probe: Path):
         super().__init__(kube, sts, tls)
         self.module = "bench.gc_probe"
+        self.env["PODIAM_GC_PROBE"] = str(probe)
         self.probe = probe
-
-    async def spawn(self) -> None:
-        # procs.spawn passes the bench's environment on (procs.env), this with it.
-        os.environ["PODIAM_GC_PROBE"] = str(self.probe)
-        await super().spawn()
 
 
 def _lines(probe: Path) -> list[dict]:
@@ -64,45 +61,47 @@ def _summary(lines: list[dict], since: float, until: float) -> dict:
     return result
 
 
-async def _variant(args, work: Path, sts: MotoSts, tls: Path) -> dict:
-    label = "freeze once"
+async def _measure(args, work: Path, sts: MotoSts, tls: Path) -> dict:
     kube = _Kube(0, args.nodes, work)
     await kube.start()
     await kube.add(args.pods)
-    probe = work / f"probe-{label.replace(' ', '-')}.jsonl"
-    server = _Probed(kube, sts, tls, probe)
+    server = _Probed(kube, sts, tls, work / "probe.jsonl")
     rounds = []
     try:
         await server.start()
         await _until_indexed(server, args.pods)
         await asyncio.sleep(2.0)
         rss_synced, _ = procs.rss_mb(server.process.pid)
-        for replacement in range(1, args.replacements + 1):
-            since = time.time()
+
+        async def replace() -> float:
             rate, _, _ = await _timed_rollout(server, args.pods)
-            until = time.time()
-            await asyncio.sleep(1.5)  # the probe's last line for the window
-            row = _summary(_lines(probe), since, until)
-            row.update(replacement=replacement, seconds=rate["seconds"],
-                       rss_mb=procs.rss_mb(server.process.pid)[0])  # fmt: skip
-            rounds.append(row)
-            print(f"gc_pauses: {label} {json.dumps(row)}", flush=True)
+            return rate["seconds"]
+
+        for replacement in range(1, args.replacements + 1):
+            rounds.append(await _round(server, str(replacement), replace))
         for burst in range(1, args.bursts + 1):
-            since = time.time()
-            rate = await _burst(server, args.burst, args.pods + burst * args.burst)
-            until = time.time()
-            await asyncio.sleep(1.5)
-            row = _summary(_lines(probe), since, until)
-            row.update(replacement=f"b{burst}", seconds=rate,
-                       rss_mb=procs.rss_mb(server.process.pid)[0])  # fmt: skip
-            rounds.append(row)
-            print(f"gc_pauses: {label} {json.dumps(row)}", flush=True)
+            indexed = args.pods + burst * args.burst
+            rounds.append(
+                await _round(server, f"b{burst}", lambda n=indexed: _burst(server, args.burst, n))
+            )
     finally:
         await server.stop()
         await kube.stop()
-    final = [line for line in _lines(probe) if "final_collect" in line]
-    return {"label": label, "rss_synced_mb": rss_synced, "rounds": rounds,
+    final = [line for line in _lines(server.probe) if "final_collect" in line]
+    return {"rss_synced_mb": rss_synced, "rounds": rounds,
             "final_collect": final[-1]["final_collect"] if final else None}  # fmt: skip
+
+
+async def _round(server: _Probed, name: str, churn: Callable[[], Awaitable[float]]) -> dict:
+    """One round of churn, with the collections and the loop lag the probe saw during it."""
+    since = time.time()
+    seconds = await churn()
+    until = time.time()
+    await asyncio.sleep(1.5)  # the probe's last line for the window
+    row = _summary(_lines(server.probe), since, until)
+    row.update(replacement=name, seconds=seconds, rss_mb=procs.rss_mb(server.process.pid)[0])
+    print(f"gc_pauses: {json.dumps(row)}", flush=True)
+    return row
 
 
 async def _burst(server: _Probed, count: int, indexed: int) -> float:
@@ -114,7 +113,7 @@ async def _burst(server: _Probed, count: int, indexed: int) -> float:
 
 
 def _print(result: dict, pods: int) -> None:
-    print(f"\n{result['label']}: {pods:,} pods, RSS after sync and settle "
+    print(f"\n{pods:,} pods, RSS after sync and settle "
           f"{result['rss_synced_mb']:.0f} MB; objects gc.collect() found after the server "
           f"stopped and unfroze: {result['final_collect']}")  # fmt: skip
     print("  repl  secs   gen0 n/p50/max ms     gen1 n/p50/max ms     gen2 n/p50/max ms"
@@ -135,13 +134,11 @@ async def run(args) -> None:
     sts = MotoSts()
     await asyncio.to_thread(sts.start)
     try:
-        results = []
-        results.append(await _variant(args, work, sts, tls))
+        result = await _measure(args, work, sts, tls)
     finally:
         await asyncio.to_thread(sts.stop)
     print(f"\nload average at the end: {os.getloadavg()}")
-    for result in results:
-        _print(result, args.pods)
+    _print(result, args.pods)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ class ServerProcess:
         self.kubeconfig, self.sts, self.tls = kubeconfig, sts, tls
         self.args = list(args)
         self.module = "server"  # what `python -m` runs: a subclass may wrap the server
+        self.env: dict[str, str] = {}  # and tell its wrapper more through the environment
         self.cwd = cwd or procs.REPO
         self.start_timeout = start_timeout
         self.process: asyncio.subprocess.Process | None = None
@@ -71,6 +72,7 @@ class ServerProcess:
                 "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
                 "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
                 "AWS_EC2_METADATA_DISABLED": "true",
+                **self.env,
             },
             cwd=self.cwd,
         )  # fmt: skip

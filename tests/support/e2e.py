@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from tests.support.kubeapi import KubeApiServer
 from tests.support.moto_sts import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, MotoSts
 from tests.support.netns import Cluster, Fetched, Node, Pod
 from tests.support.objects import PERMITTED, ROLE
+from tests.support.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_ARN = "arn:aws:iam::123456789012:role/"
@@ -152,11 +152,10 @@ class PodiamProcess:
         """Whether ``text`` appears in the log within 10 s. Podiam writes INFO lines
         at the end of the event loop's turn (runtime/logs.py), so a client can hold the answer
         a line describes before the line is in the file."""
-        deadline = time.monotonic() + 10.0
-        while text not in self.log():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
+        try:
+            await eventually(lambda: text in self.log(), timeout=10, interval=0.02)
+        except AssertionError:
+            return False
         return True
 
     async def start(self) -> None:
